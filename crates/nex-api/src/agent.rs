@@ -1,0 +1,189 @@
+//! The node ↔ agent protocol spoken on the node's internal NATS server (REFERENCE §4).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::NatsConnectionConfig;
+
+/// Header naming the subject a trigger message really arrived on.
+pub const HEADER_TRIGGER_SUBJECT: &str = "x-nex-trigger-subject";
+/// Header with the function's run time in nanoseconds.
+pub const HEADER_RUNTIME_NS: &str = "x-nex-runtime-ns";
+/// Header carrying a function failure's reason on the error reply to the requester.
+pub const HEADER_ERROR: &str = "x-nex-error";
+
+/// Environment variables through which a process-tier agent gets its metadata.
+pub mod env {
+    /// `false` in the process tier.
+    pub const SANDBOX: &str = "NEX_SANDBOX";
+    /// The workload (agent) id.
+    pub const WORKLOAD_ID: &str = "NEX_WORKLOADID";
+    /// Host of the internal NATS server.
+    pub const NODE_NATS_HOST: &str = "NEX_NODE_NATS_HOST";
+    /// Port of the internal NATS server.
+    pub const NODE_NATS_PORT: &str = "NEX_NODE_NATS_PORT";
+    /// The agent's nkey user seed.
+    pub const NODE_NATS_NKEY_SEED: &str = "NEX_NODE_NATS_NKEY_SEED";
+}
+
+/// What an agent needs to find its node: REFERENCE §4.2 `MachineMetadata`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineMetadata {
+    pub vmid: String,
+    pub node_nats_host: String,
+    pub node_nats_port: u16,
+    #[serde(default)]
+    pub node_nats_nkey: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `hostint.<id>.handshake` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HandshakeRequest {
+    pub id: String,
+    pub start_time: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `agentint.<id>.deploy` body: the workload after the node validated it (plaintext environment).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentDeployRequest {
+    #[serde(default)]
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(default)]
+    pub essential: bool,
+    #[serde(default)]
+    pub hash: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub retried_at: Option<String>,
+    #[serde(default)]
+    pub retry_count: Option<u32>,
+    #[serde(default)]
+    pub total_bytes: u64,
+    #[serde(default)]
+    pub trigger_subjects: Vec<String>,
+    #[serde(default)]
+    pub trigger_connection: Option<NatsConnectionConfig>,
+    #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub workload_type: String,
+    #[serde(default)]
+    pub host_services: Option<NatsConnectionConfig>,
+    /// Per-call limits for functions (our addition; absent means the agent's defaults).
+    #[serde(default)]
+    pub function_limits: Option<FunctionLimits>,
+    /// Where the node already put the artifact, when agent and node share a file system.
+    #[serde(default)]
+    pub local_path: Option<String>,
+}
+
+/// Limits applied to every function call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionLimits {
+    /// Wall-clock deadline of one call.
+    pub timeout_ms: u64,
+    /// Memory a call may use (linear memory for wasm, heap for JS).
+    pub memory_mib: u64,
+}
+
+impl Default for FunctionLimits {
+    fn default() -> Self {
+        FunctionLimits {
+            timeout_ms: 5000,
+            memory_mib: 64,
+        }
+    }
+}
+
+impl AgentDeployRequest {
+    /// The agent-side validation of REFERENCE §4.3; errors joined by newlines.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errs = Vec::new();
+        if self.namespace.is_empty() {
+            errs.push("namespace is required");
+        }
+        if self.workload_name.is_empty() {
+            errs.push("workload name is required");
+        }
+        let t = crate::workload_type::canonical(&self.workload_type);
+        if self.essential && t != crate::workload_type::NATIVE {
+            errs.push("essential flag is not supported for workload type");
+        }
+        if self.hash.is_empty() {
+            errs.push("hash is required");
+        }
+        if self.total_bytes == 0 {
+            errs.push("total bytes is required");
+        }
+        if self.workload_type.is_empty() {
+            errs.push("workload type is required");
+        }
+        if crate::workload_type::is_function(&t) && self.trigger_subjects.is_empty() {
+            errs.push("at least one trigger subject is required for this workload type");
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
+    }
+}
+
+/// `agentint.<id>.deploy` reply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeployResponse {
+    pub accepted: bool,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Levels of agent log entries (the agent's own numbering, REFERENCE §6.3).
+pub mod level {
+    /// Errors, and workload stderr.
+    pub const ERROR: i32 = 2;
+    /// Warnings.
+    pub const WARN: i32 = 3;
+    /// Information, and workload stdout.
+    pub const INFO: i32 = 4;
+    /// Debug detail.
+    pub const DEBUG: i32 = 5;
+
+    /// The slog-style string used on `$NEX.logs.>` for an agent level.
+    pub fn as_str(level: i32) -> &'static str {
+        match level {
+            i32::MIN..=ERROR => "ERROR",
+            WARN => "WARN",
+            INFO => "INFO",
+            _ => "DEBUG",
+        }
+    }
+}
+
+/// `hostint.<id>.logs` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    pub source: String,
+    #[serde(default)]
+    pub level: i32,
+    pub text: String,
+}
+
+/// Data of the agent's `workload_deployed` / `workload_undeployed` events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadStatusEvent {
+    pub workload_name: String,
+    #[serde(default)]
+    pub code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

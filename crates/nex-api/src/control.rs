@@ -1,0 +1,308 @@
+//! The control API on the user's NATS (`$NEX.*`): request and reply shapes of REFERENCE §3.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Response type strings carried in every envelope.
+pub mod response_type {
+    /// AUCTION replies.
+    pub const AUCTION: &str = "io.nats.nex.v1.auction_response";
+    /// INFO replies.
+    pub const INFO: &str = "io.nats.nex.v1.info_response";
+    /// PING and WPING replies.
+    pub const PING: &str = "io.nats.nex.v1.ping_response";
+    /// DEPLOY replies.
+    pub const RUN: &str = "io.nats.nex.v1.run_response";
+    /// STOP replies.
+    pub const STOP: &str = "io.nats.nex.v1.stop_response";
+    /// LAMEDUCK replies.
+    pub const LAMEDUCK: &str = "io.nats.nex.v1.lameduck_response";
+}
+
+/// Every control reply: `{"type","data","error"}`.
+///
+/// Nodes write `data: ""` on failure like Nex 0.2.x; readers accept `data` absent, `""` or an object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Envelope {
+    /// A success envelope carrying `data`.
+    pub fn ok<T: Serialize>(kind: &str, data: &T) -> Self {
+        Envelope {
+            kind: kind.to_string(),
+            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+            error: None,
+        }
+    }
+
+    /// A failure envelope (`data` is `""` as in Nex 0.2.x).
+    pub fn fail(kind: &str, error: impl Into<String>) -> Self {
+        Envelope {
+            kind: kind.to_string(),
+            data: serde_json::Value::String(String::new()),
+            error: Some(error.into()),
+        }
+    }
+
+    /// Serialized bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The error, or `data` decoded as `T`.
+    pub fn into_result<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        if let Some(e) = self.error.filter(|e| !e.is_empty()) {
+            return Err(e);
+        }
+        serde_json::from_value(self.data).map_err(|e| format!("malformed reply from node: {e}"))
+    }
+}
+
+/// Credentials for a connection the node opens on a workload's behalf.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NatsConnectionConfig {
+    #[serde(default)]
+    pub nats_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_user_jwt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_user_seed: Option<String>,
+}
+
+/// DEPLOY request body (REFERENCE §3.5).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeployRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(rename = "type")]
+    pub workload_type: String,
+    pub location: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub essential: bool,
+    pub workload_jwt: String,
+    #[serde(default)]
+    pub environment: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsdomain: Option<String>,
+    #[serde(default)]
+    pub sender_public_key: String,
+    #[serde(default)]
+    pub target_node: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trigger_subjects: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_connection: Option<NatsConnectionConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_services: Option<NatsConnectionConfig>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// DEPLOY reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunResponse {
+    pub started: bool,
+    pub id: String,
+    pub issuer: String,
+    pub name: String,
+}
+
+/// STOP request body (REFERENCE §3.7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StopRequest {
+    pub workload_id: String,
+    pub workload_jwt: String,
+    #[serde(default)]
+    pub target_node: String,
+}
+
+/// STOP reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StopResponse {
+    pub stopped: bool,
+    pub id: String,
+    pub issuer: String,
+    pub name: String,
+}
+
+/// PING / AUCTION reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PingResponse {
+    pub node_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nexus: String,
+    pub version: String,
+    pub uptime: String,
+    #[serde(default)]
+    pub target_xkey: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub running_machines: u64,
+}
+
+/// AUCTION request filters; every field optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AuctionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxed: Option<bool>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workload_types: Vec<String>,
+}
+
+/// One workload in a WPING reply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadPingMachineSummary {
+    pub id: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub workload_type: String,
+}
+
+/// WPING reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadPingResponse {
+    pub node_id: String,
+    #[serde(default)]
+    pub target_xkey: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    pub uptime: String,
+    #[serde(default)]
+    pub running_machines: Vec<WorkloadPingMachineSummary>,
+}
+
+/// Host memory in kB, from `/proc/meminfo`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemoryStat {
+    #[serde(rename = "total")]
+    pub mem_total: u64,
+    #[serde(rename = "free")]
+    pub mem_free: u64,
+    #[serde(rename = "available")]
+    pub mem_available: u64,
+}
+
+/// The workload part of an INFO machine entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadSummary {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub runtime: String,
+    #[serde(rename = "type")]
+    pub workload_type: String,
+    #[serde(default)]
+    pub hash: String,
+}
+
+/// One deployed workload in INFO.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineSummary {
+    pub id: String,
+    pub healthy: bool,
+    pub uptime: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub workload: WorkloadSummary,
+}
+
+/// INFO reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InfoResponse {
+    pub version: String,
+    pub uptime: String,
+    pub public_xkey: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStat>,
+    #[serde(default)]
+    pub machines: Vec<MachineSummary>,
+    #[serde(default)]
+    pub supported_workload_types: Vec<String>,
+    /// Warm agents waiting for work (0.3 addition).
+    #[serde(default)]
+    pub available_agents: u64,
+}
+
+/// LAMEDUCK reply data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LameDuckResponse {
+    pub node_id: String,
+    pub success: bool,
+}
+
+/// Optional LAMEDUCK request body (our addition): drain after `delay_ms`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LameDuckRequest {
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+/// Tag keys the node sets itself.
+pub mod tags {
+    /// Operating system of the node.
+    pub const OS: &str = "nex.os";
+    /// CPU architecture of the node.
+    pub const ARCH: &str = "nex.arch";
+    /// Number of CPUs.
+    pub const CPU_COUNT: &str = "nex.cpucount";
+    /// `true` when workloads run without a sandbox (process tier).
+    pub const UNSAFE: &str = "nex.unsafe";
+    /// `true` once the node is in lame duck mode.
+    pub const LAMEDUCK: &str = "nex.lameduck";
+    /// The isolation tier: `process`, `container` or `microvm`.
+    pub const SANDBOX: &str = "nex.sandbox";
+    /// Human-friendly node name.
+    pub const NODE_NAME: &str = "node_name";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_envelope_has_empty_string_data() {
+        let e = Envelope::fail(response_type::RUN, "nope");
+        let v: serde_json::Value = serde_json::from_slice(&e.to_bytes()).unwrap();
+        assert_eq!(v["data"], "");
+        assert_eq!(v["error"], "nope");
+        assert_eq!(v["type"], "io.nats.nex.v1.run_response");
+    }
+
+    #[test]
+    fn deploy_request_ignores_unknown_fields_and_omits_empty_ones() {
+        let r: DeployRequest = serde_json::from_str(
+            r#"{"type":"native","location":"nats://B/k","workload_jwt":"x","bogus":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.workload_type, "native");
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(!s.contains("argv") && !s.contains("essential") && !s.contains("trigger"));
+    }
+}

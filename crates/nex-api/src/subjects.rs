@@ -1,0 +1,157 @@
+//! Subject names of the control API and the internal protocol, and wildcard overlap.
+
+/// Prefix of every control subject.
+pub const API_PREFIX: &str = "$NEX";
+
+/// Trigger subjects that may never be used, whatever the node config says.
+pub const ALWAYS_DENIED_TRIGGERS: [&str; 3] = ["$SYS.>", "$JS.>", "$NEX.>"];
+
+/// Control subjects.
+pub mod control {
+    /// All nodes.
+    pub fn ping() -> String {
+        "$NEX.PING".into()
+    }
+    /// One node.
+    pub fn ping_node(node: &str) -> String {
+        format!("$NEX.PING.{node}")
+    }
+    /// Auction.
+    pub fn auction() -> String {
+        "$NEX.AUCTION".into()
+    }
+    /// Workload ping in `ns`, optionally for one workload id or name.
+    pub fn wping(ns: &str, workload: Option<&str>) -> String {
+        match workload {
+            Some(w) if !w.is_empty() => format!("$NEX.WPING.{ns}.{w}"),
+            _ => format!("$NEX.WPING.{ns}"),
+        }
+    }
+    /// Node info.
+    pub fn info(ns: &str, node: &str) -> String {
+        format!("$NEX.INFO.{ns}.{node}")
+    }
+    /// Deploy.
+    pub fn deploy(ns: &str, node: &str) -> String {
+        format!("$NEX.DEPLOY.{ns}.{node}")
+    }
+    /// Stop.
+    pub fn stop(ns: &str, node: &str) -> String {
+        format!("$NEX.STOP.{ns}.{node}")
+    }
+    /// Lame duck.
+    pub fn lameduck(node: &str) -> String {
+        format!("$NEX.LAMEDUCK.{node}")
+    }
+    /// Events of one type in one namespace.
+    pub fn events(ns: &str, event_type: &str) -> String {
+        format!("$NEX.events.{ns}.{event_type}")
+    }
+    /// Logs of one workload, always `{ns}.{node}.{workload_name}.{workload_id}` (W7).
+    pub fn logs(ns: &str, node: &str, workload_name: &str, workload_id: &str) -> String {
+        format!("$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}")
+    }
+}
+
+/// Internal subjects between a node and one agent.
+pub mod internal {
+    /// Agent → node handshake.
+    pub fn handshake(id: &str) -> String {
+        format!("hostint.{id}.handshake")
+    }
+    /// Agent → node logs.
+    pub fn logs(id: &str) -> String {
+        format!("hostint.{id}.logs")
+    }
+    /// Agent → node events.
+    pub fn events(id: &str, event_type: &str) -> String {
+        format!("hostint.{id}.events.{event_type}")
+    }
+    /// Agent → node host-service call.
+    pub fn rpc(id: &str, ns: &str, workload: &str, service: &str, method: &str) -> String {
+        format!("hostint.{id}.rpc.{ns}.{workload}.{service}.{method}")
+    }
+    /// Node → agent deploy.
+    pub fn deploy(id: &str) -> String {
+        format!("agentint.{id}.deploy")
+    }
+    /// Node → agent undeploy.
+    pub fn undeploy(id: &str) -> String {
+        format!("agentint.{id}.undeploy")
+    }
+    /// Node → agent liveness ping.
+    pub fn ping(id: &str) -> String {
+        format!("agentint.{id}.ping")
+    }
+    /// Node → agent function trigger.
+    pub fn trigger(id: &str) -> String {
+        format!("agentint.{id}.trigger")
+    }
+}
+
+/// True when `s` is a valid subject to subscribe to (wildcards allowed).
+pub fn is_valid_subscribe_subject(s: &str) -> bool {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace()) {
+        return false;
+    }
+    let toks: Vec<&str> = s.split('.').collect();
+    for (i, t) in toks.iter().enumerate() {
+        if t.is_empty() {
+            return false;
+        }
+        if t.contains('>') && (*t != ">" || i != toks.len() - 1) {
+            return false;
+        }
+        if t.contains('*') && *t != "*" {
+            return false;
+        }
+    }
+    true
+}
+
+/// True when some concrete subject could match both `a` and `b` (both may hold wildcards).
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let ta: Vec<&str> = a.split('.').collect();
+    let tb: Vec<&str> = b.split('.').collect();
+    let mut i = 0;
+    loop {
+        match (ta.get(i), tb.get(i)) {
+            (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
+            (Some(x), Some(y)) => {
+                if *x != "*" && *y != "*" && x != y {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_list_overlap() {
+        assert!(subjects_overlap("$SYS.this.is.a.test", "$SYS.>"));
+        assert!(subjects_overlap("$JS.foo.bar", "$JS.>"));
+        assert!(!subjects_overlap("bob.test", "$SYS.>"));
+        assert!(!subjects_overlap("bob.test", "$JS.>"));
+        assert!(subjects_overlap(">", "$NEX.>"));
+        assert!(subjects_overlap("*.foo", "$NEX.>"));
+        assert!(subjects_overlap("a.*.c", "a.b.*"));
+        assert!(!subjects_overlap("a.b", "a.b.c"));
+        assert!(!subjects_overlap("a.*", "b.>"));
+    }
+
+    #[test]
+    fn subject_validity() {
+        assert!(is_valid_subscribe_subject("a.*.>"));
+        assert!(!is_valid_subscribe_subject("a..b"));
+        assert!(!is_valid_subscribe_subject("a.>.b"));
+        assert!(!is_valid_subscribe_subject("a b"));
+        assert!(!is_valid_subscribe_subject(""));
+    }
+}
