@@ -1,1 +1,277 @@
-fn main() {}
+//! `nex-agent`: runs exactly one workload for a nex node.
+//!
+//! It reads its metadata, connects to the node's internal NATS server with its own nkey,
+//! handshakes, then serves `agentint.<id>.{deploy,undeploy,ping,trigger}` and reports logs and
+//! events on `hostint.<id>.*` (REFERENCE §4).
+
+mod metadata;
+mod providers;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use nex_api::agent::{
+    level, AgentDeployRequest, DeployResponse, HandshakeRequest, LogEntry, WorkloadStatusEvent,
+};
+use nex_api::subjects::internal;
+
+use providers::Provider;
+
+const CACHE_BUCKET: &str = "NEXCACHE";
+const CACHE_KEY: &str = "workload";
+
+/// The agent's connection and identity, shared by providers.
+pub struct Agent {
+    /// Workload id.
+    pub id: String,
+    /// Connection to the internal NATS server.
+    pub nc: async_nats::Client,
+    /// Directory for the artifact and temp files.
+    pub work_dir: PathBuf,
+}
+
+impl Agent {
+    /// Ships one log line to the node.
+    pub async fn log(&self, source: &str, lvl: i32, text: &str) {
+        let e = LogEntry {
+            source: source.to_string(),
+            level: lvl,
+            text: text.to_string(),
+        };
+        if let Ok(b) = serde_json::to_vec(&e) {
+            let _ = self.nc.publish(internal::logs(&self.id), b.into()).await;
+        }
+    }
+
+    /// Reports that the workload ended.
+    pub async fn workload_undeployed(&self, name: &str, code: i32, message: &str) {
+        let ev = WorkloadStatusEvent {
+            workload_name: name.to_string(),
+            code,
+            message: Some(message.to_string()),
+        };
+        if let Ok(b) = serde_json::to_vec(&ev) {
+            let _ = self
+                .nc
+                .publish(
+                    internal::events(&self.id, nex_api::events::event_type::WORKLOAD_UNDEPLOYED),
+                    b.into(),
+                )
+                .await;
+            let _ = self.nc.flush().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nex-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nex-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
+    let md = metadata::obtain()?;
+    let url = format!("nats://{}:{}", md.node_nats_host, md.node_nats_port);
+    let nc = async_nats::ConnectOptions::with_nkey(md.node_nats_nkey.clone())
+        .name(format!("nex-agent-{}", md.vmid))
+        .connect(&url)
+        .await
+        .with_context(|| format!("connecting to the node's internal NATS at {url}"))?;
+    let work_dir = std::env::var("NEX_AGENT_WORKDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    let agent = Arc::new(Agent {
+        id: md.vmid.clone(),
+        nc: nc.clone(),
+        work_dir,
+    });
+
+    let mut deploys = nc.subscribe(internal::deploy(&agent.id)).await?;
+    let mut undeploys = nc.subscribe(internal::undeploy(&agent.id)).await?;
+    let mut pings = nc.subscribe(internal::ping(&agent.id)).await?;
+    let mut triggers = nc.subscribe(internal::trigger(&agent.id)).await?;
+    nc.flush().await?;
+    handshake(&agent, &md.message).await?;
+
+    let provider: Arc<Mutex<Option<Arc<Provider>>>> = Arc::new(Mutex::new(None));
+    loop {
+        tokio::select! {
+            Some(m) = deploys.next() => {
+                let resp = deploy(&agent, &provider, &m.payload).await;
+                if let Some(r) = m.reply {
+                    let body = serde_json::to_vec(&resp).unwrap_or_default();
+                    let _ = nc.publish(r, body.into()).await;
+                }
+            }
+            Some(m) = undeploys.next() => {
+                let p = provider.lock().await.clone();
+                if let Some(p) = p {
+                    p.undeploy().await;
+                }
+                if let Some(r) = m.reply {
+                    let _ = nc.publish(r, Bytes::new()).await;
+                }
+                let _ = nc.flush().await;
+            }
+            Some(m) = pings.next() => {
+                if let Some(r) = m.reply {
+                    let _ = nc.publish(r, Bytes::from_static(b"OK")).await;
+                }
+            }
+            Some(m) = triggers.next() => {
+                let p = provider.lock().await.clone();
+                let nc = nc.clone();
+                tokio::spawn(async move { trigger(nc, p, m).await });
+            }
+            else => break,
+        }
+    }
+    Ok(())
+}
+
+async fn handshake(agent: &Agent, message: &str) -> Result<()> {
+    let req = HandshakeRequest {
+        id: agent.id.clone(),
+        start_time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        message: message.to_string(),
+    };
+    let body: Bytes = serde_json::to_vec(&req)?.into();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = tokio::time::timeout(
+            Duration::from_millis(500),
+            agent
+                .nc
+                .request(internal::handshake(&agent.id), body.clone()),
+        )
+        .await;
+        match r {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if Instant::now() > deadline => {
+                return Err(anyhow!("handshake failed: {e}"))
+            }
+            Err(_) if Instant::now() > deadline => return Err(anyhow!("handshake timed out")),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn deploy(
+    agent: &Arc<Agent>,
+    slot: &Mutex<Option<Arc<Provider>>>,
+    body: &[u8],
+) -> DeployResponse {
+    let reject = |m: String| DeployResponse {
+        accepted: false,
+        message: Some(m),
+    };
+    let req: AgentDeployRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return reject(format!("invalid deploy request: {e}")),
+    };
+    if let Err(e) = req.validate() {
+        return reject(e);
+    }
+    let mut slot = slot.lock().await;
+    if slot.is_some() {
+        return reject("this agent already runs a workload".into());
+    }
+    let path = match fetch_artifact(agent, &req).await {
+        Ok(p) => p,
+        Err(e) => return reject(format!("Failed to fetch workload: {e:#}")),
+    };
+    match Provider::deploy(agent.clone(), &req, path).await {
+        Ok(p) => {
+            *slot = Some(Arc::new(p));
+            DeployResponse {
+                accepted: true,
+                message: Some("Workload deployed".into()),
+            }
+        }
+        Err(e) => {
+            agent.log("nex-agent", level::ERROR, &e).await;
+            reject(e)
+        }
+    }
+}
+
+/// Copies the artifact from the account's cache bucket into the work directory.
+async fn fetch_artifact(agent: &Agent, req: &AgentDeployRequest) -> Result<PathBuf> {
+    let path = agent.work_dir.join("workload");
+    let js = async_nats::jetstream::new(agent.nc.clone());
+    let store = js
+        .get_object_store(CACHE_BUCKET)
+        .await
+        .map_err(|e| anyhow!("binding {CACHE_BUCKET}: {e}"))?;
+    let mut obj = store
+        .get(CACHE_KEY)
+        .await
+        .map_err(|e| anyhow!("reading {CACHE_BUCKET}/{CACHE_KEY}: {e}"))?;
+    let mut f = tokio::fs::File::create(&path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
+    let n = tokio::io::copy(&mut obj, &mut f)
+        .await
+        .context("writing the artifact")?;
+    f.flush().await?;
+    drop(f);
+    if n != req.total_bytes {
+        return Err(anyhow!(
+            "artifact is {n} bytes, expected {}",
+            req.total_bytes
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats::Message) {
+    let Some(reply) = m.reply.clone() else { return };
+    let subject = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(nex_api::agent::HEADER_TRIGGER_SUBJECT))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let result = match p {
+        Some(p) => p.trigger(&subject, m.payload.clone()).await,
+        None => Err("no workload deployed".into()),
+    };
+    let mut h = async_nats::HeaderMap::new();
+    match result {
+        Ok((out, ns)) => {
+            h.insert(nex_api::agent::HEADER_RUNTIME_NS, ns.to_string().as_str());
+            let _ = nc.publish_with_headers(reply, h, out.into()).await;
+        }
+        Err(e) => {
+            h.insert(
+                nex_api::agent::HEADER_ERROR,
+                e.replace(['\r', '\n'], " ").as_str(),
+            );
+            let _ = nc.publish_with_headers(reply, h, Bytes::new()).await;
+        }
+    }
+}

@@ -121,19 +121,23 @@ impl WorkloadClaims {
     /// Decodes `token` and verifies its signature against its `iss`.
     pub fn decode(token: &str) -> Result<Self, JwtError> {
         let mut parts = token.trim().split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(JwtError::Malformed);
         };
         let header: Header = decode_json(h, "header")?;
-        if !header.alg.eq_ignore_ascii_case("ed25519-nkey") && !header.alg.eq_ignore_ascii_case("ed25519") {
+        if !header.alg.eq_ignore_ascii_case("ed25519-nkey")
+            && !header.alg.eq_ignore_ascii_case("ed25519")
+        {
             return Err(JwtError::Algorithm(header.alg));
         }
         let claims: WorkloadClaims = decode_json(p, "payload")?;
         let sig = URL_SAFE_NO_PAD
             .decode(s)
             .map_err(|e| JwtError::BadSegment("signature", e.to_string()))?;
-        let key = KeyPair::from_public_key(&claims.iss).map_err(|_| JwtError::Issuer(claims.iss.clone()))?;
+        let key = KeyPair::from_public_key(&claims.iss)
+            .map_err(|_| JwtError::Issuer(claims.iss.clone()))?;
         let signing_input = &token.trim()[..h.len() + 1 + p.len()];
         key.verify(signing_input.as_bytes(), &sig)
             .map_err(|_| JwtError::Signature)?;
@@ -162,7 +166,10 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-fn decode_json<T: serde::de::DeserializeOwned>(seg: &str, what: &'static str) -> Result<T, JwtError> {
+fn decode_json<T: serde::de::DeserializeOwned>(
+    seg: &str,
+    what: &'static str,
+) -> Result<T, JwtError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(seg.trim_end_matches('='))
         .map_err(|e| JwtError::BadSegment(what, e.to_string()))?;
@@ -171,7 +178,10 @@ fn decode_json<T: serde::de::DeserializeOwned>(seg: &str, what: &'static str) ->
 
 /// True when `name` matches `^[a-zA-Z0-9_-]+$`.
 pub fn is_valid_workload_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -191,7 +201,9 @@ mod tests {
     #[test]
     fn round_trip_and_tamper() {
         let issuer = KeyPair::new_account();
-        let tok = WorkloadClaims::new("echo", Some("abcd")).encode(&issuer).unwrap();
+        let tok = WorkloadClaims::new("echo", Some("abcd"))
+            .encode(&issuer)
+            .unwrap();
         let c = WorkloadClaims::decode(&tok).unwrap();
         assert_eq!(c.sub, "echo");
         assert_eq!(c.iss, issuer.public_key());
@@ -215,8 +227,10 @@ mod tests {
     #[test]
     fn two_tokens_have_distinct_jti() {
         let issuer = KeyPair::new_account();
-        let a = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap()).unwrap();
-        let b = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap()).unwrap();
+        let a = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap())
+            .unwrap();
+        let b = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap())
+            .unwrap();
         assert_ne!(a.jti, b.jti);
     }
 

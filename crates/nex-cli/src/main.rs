@@ -1,1 +1,71 @@
-fn main() {}
+//! `nex`: the command line of the NATS execution engine, and the node daemon (`nex node up`).
+
+mod cli;
+mod commands;
+mod connect;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command, NodeCommand};
+
+fn init_logging(g: &cli::GlobalOpts) {
+    let level = match g.loglevel.as_str() {
+        "none" => "off",
+        other => other,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NEX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn")));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if g.logjson {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{} {e:#}", output::paint("error:", "1;31"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let g = cli.global;
+    if let Command::Node(NodeCommand::Up(args)) = cli.command {
+        return commands::node::up(&g, args).await;
+    }
+    let nc = connect::connect(&g, "nex", false).await?;
+    let client = nex_client::ControlClient::new(nc.clone(), g.timeout, &g.namespace);
+    let res = match cli.command {
+        Command::Node(NodeCommand::Ls(a)) => commands::node::ls(&client, a).await,
+        Command::Node(NodeCommand::Info(a)) => commands::node::info(&client, a).await,
+        Command::Node(NodeCommand::Up(_)) => unreachable!("handled above"),
+        Command::Run(a) => commands::run::run(&g, &client, a).await,
+        Command::Devrun(a) => commands::devrun::devrun(&g, &client, a).await,
+        Command::Stop(a) => commands::run::stop(&client, a).await,
+    };
+    let _ = nc.flush().await;
+    res
+}

@@ -1,1 +1,28 @@
-pub fn placeholder() {}
+//! The nex node: it attaches to NATS, answers the `$NEX.*` control API, keeps a pool of warm
+//! agents in an isolation tier, and runs workloads in them.
+//!
+//! * [`node`] — start-up, heartbeat, signals, shutdown.
+//! * [`control_api`] — the `$NEX.*` subjects.
+//! * [`workloads`] — DEPLOY/STOP pipelines, lifecycle, essential restarts, lame duck.
+//! * [`pool`] — warm agents; [`agent_client`] — talking to one agent.
+//! * [`tiers`] — how agents are isolated ([`tiers::process`] today).
+//! * [`internal_nats`] — the private `nats-server` with one account per workload.
+//! * [`triggers`] — function trigger subscriptions.
+//! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
+
+pub mod agent_client;
+pub mod artifact;
+pub mod cgroup;
+pub mod config;
+pub mod control_api;
+pub mod events;
+pub mod internal_nats;
+pub mod node;
+pub mod pool;
+pub mod state;
+pub mod tiers;
+pub mod triggers;
+pub mod workloads;
+
+pub use config::NodeConfig;
+pub use node::{run, NodeOptions};

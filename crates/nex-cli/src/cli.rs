@@ -1,0 +1,139 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// nex — the NATS execution engine.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nex",
+    version,
+    about = "Run native services and WebAssembly/JavaScript functions on nodes attached to NATS",
+    after_help = "Examples:\n  nex up                                   # local NATS + node, every workload type\n  nex devrun ./echoservice NATS_URL=nats://127.0.0.1:4222\n  nex node ls\n  nex logs --workload_name echoservice"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connection and output options shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// NATS server URL(s), comma separated
+    #[arg(
+        short = 's',
+        long = "server",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub server: String,
+    /// User credentials file (JWT auth)
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    pub creds: Option<PathBuf>,
+    /// NKey seed file
+    #[arg(long, env = "NATS_NKEY", global = true)]
+    pub nkey: Option<PathBuf>,
+    /// Username, or token when --password is empty
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub user: Option<String>,
+    /// Password
+    #[arg(long, env = "NATS_PASSWORD", global = true)]
+    pub password: Option<String>,
+    /// Client certificate (TLS)
+    #[arg(long, env = "NATS_CERT", global = true)]
+    pub tlscert: Option<PathBuf>,
+    /// Client key (TLS)
+    #[arg(long, env = "NATS_KEY", global = true)]
+    pub tlskey: Option<PathBuf>,
+    /// CA bundle (TLS)
+    #[arg(long, env = "NATS_CA", global = true)]
+    pub tlsca: Option<PathBuf>,
+    /// Request timeout and the gather window of PING/WPING/AUCTION (e.g. 2s, 750ms)
+    #[arg(long, env = "NATS_TIMEOUT", default_value = "2s", global = true, value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Namespace of namespaced subjects
+    #[arg(long, env = "NEX_NAMESPACE", default_value = "default", global = true)]
+    pub namespace: String,
+    /// JetStream domain of the artifact bucket
+    #[arg(long, global = true)]
+    pub jsdomain: Option<String>,
+    /// NATS connection name
+    #[arg(long = "conn-name", global = true)]
+    pub conn_name: Option<String>,
+    /// Log level: none, error, warn, info, debug, trace
+    #[arg(long, env = "NEX_LOGLEVEL", default_value = "info", global = true)]
+    pub loglevel: String,
+    /// Log as JSON lines
+    #[arg(long, env = "NEX_LOGJSON", global = true)]
+    pub logjson: bool,
+}
+
+/// Parses `2s`, `750ms`, `1m`, `1.5s` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 2s, 750ms or 1m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if secs < 0.0 || !secs.is_finite() {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run and inspect nodes
+    #[command(subcommand, alias = "nodes")]
+    Node(NodeCommand),
+    /// Deploy a workload from an object store to a node
+    #[command(
+        after_help = "Example:\n  nex run nats://NEXCLIFILES/echoservice NBCD… NATS_URL=nats://127.0.0.1:4222 \\\n      --xkey ~/.nex/publisher.xk --issuer ~/.nex/issuer.nk --name echoservice"
+    )]
+    Run(crate::commands::run::RunArgs),
+    /// Upload a local file and run it on a matching node (the developer loop)
+    #[command(
+        alias = "yeet",
+        after_help = "Examples:\n  nex devrun ./target/x86_64-unknown-linux-musl/release/echoservice NATS_URL=nats://127.0.0.1:4222\n  nex devrun examples/echofunction.js --trigger_subject hello.js\n  nex devrun echofunction.wasm --trigger_subject hello.wasm"
+    )]
+    Devrun(crate::commands::devrun::DevrunArgs),
+    /// Stop a workload (signed by the issuer that started it)
+    #[command(
+        after_help = "Example:\n  nex stop NBCD… cq2v3n6d0b3e1ftrs4ng --name echoservice --issuer ~/.nex/issuer.nk"
+    )]
+    Stop(crate::commands::run::StopArgs),
+}
+
+/// `nex node …`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Start a node and keep it running until Ctrl-C
+    #[command(
+        after_help = "Example:\n  nex node up --config ./config.json --no-sandbox --tags region=eu"
+    )]
+    Up(crate::commands::node::UpArgs),
+    /// List the nodes on this NATS
+    #[command(
+        after_help = "Example:\n  nex node ls --full\n  nex node ls --json | jq '.[].node_id'"
+    )]
+    Ls(crate::commands::node::LsArgs),
+    /// Show a node's details and its workloads in --namespace
+    #[command(after_help = "Example:\n  nex node info NBCD… --full")]
+    Info(crate::commands::node::InfoArgs),
+}

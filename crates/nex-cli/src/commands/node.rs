@@ -1,0 +1,247 @@
+//! `nex node up | ls | info`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use nex_api::control::tags;
+use nex_client::ControlClient;
+use nex_node::NodeConfig;
+
+use crate::cli::GlobalOpts;
+use crate::output::{paint, print_json, Table};
+
+/// `nex node up`
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Node configuration file
+    #[arg(long, default_value = "./config.json")]
+    pub config: PathBuf,
+    /// Run agents as plain processes (the `process` tier)
+    #[arg(long = "no-sandbox", env = "NEX_NODE_NOSANDBOX")]
+    pub no_sandbox: bool,
+    /// Extra tags, KEY=VALUE (repeatable)
+    #[arg(long = "tags", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Nexus name reported by this node
+    #[arg(long, default_value = "nexus")]
+    pub nexus: String,
+}
+
+/// `nex node ls`
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Show every column
+    #[arg(long)]
+    pub full: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nex node info`
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Node id (public key N…)
+    pub id: String,
+    /// One block per workload
+    #[arg(long)]
+    pub full: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Loads the config and applies `node up` flags.
+pub fn load_config(args: &UpArgs) -> Result<NodeConfig> {
+    let mut cfg = NodeConfig::load(&args.config)
+        .context("failed to initialize node: failed to create node")?;
+    if args.no_sandbox {
+        cfg.no_sandbox = true;
+        if cfg.isolation.is_empty() || cfg.isolation == nex_node::config::isolation::MICROVM {
+            cfg.isolation = nex_node::config::isolation::PROCESS.into();
+        }
+    }
+    for t in &args.tags {
+        let (k, v) = t
+            .split_once('=')
+            .with_context(|| format!("--tags {t:?} must look like KEY=VALUE"))?;
+        cfg.tags.insert(k.to_string(), v.to_string());
+    }
+    Ok(cfg)
+}
+
+/// Loads or creates the node's server key.
+pub fn node_key(cfg: &NodeConfig) -> Result<nkeys::KeyPair> {
+    if cfg.node_seed_path.is_empty() {
+        return Ok(nkeys::KeyPair::new_server());
+    }
+    let path = PathBuf::from(&cfg.node_seed_path);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return nkeys::KeyPair::from_seed(s.trim())
+            .with_context(|| format!("{} holds no valid server seed", path.display()));
+    }
+    let kp = nkeys::KeyPair::new_server();
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    write_private(&path, &kp.seed()?)?;
+    Ok(kp)
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Runs a node in the foreground.
+pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
+    let cfg = load_config(&args)?;
+    cfg.validate().context("failed to initialize node")?;
+    let key = node_key(&cfg)?;
+    let control =
+        crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
+    let url = g.server.split(',').next().unwrap_or("").trim().to_string();
+    nex_node::run(nex_node::NodeOptions {
+        config: cfg,
+        control,
+        control_url: url,
+        node_key: key,
+        nexus: args.nexus,
+    })
+    .await
+}
+
+/// Lists nodes.
+pub async fn ls(client: &ControlClient, args: LsArgs) -> Result<()> {
+    let mut nodes = client.ping_nodes().await?;
+    nodes.sort_by(|a, b| {
+        (a.nexus.as_str(), a.tags.get(tags::NODE_NAME))
+            .cmp(&(b.nexus.as_str(), b.tags.get(tags::NODE_NAME)))
+    });
+    if args.json {
+        print_json(&nodes);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("No nodes discovered");
+        return Ok(());
+    }
+    let mut header = vec!["ID (* = Lameduck Mode)", "Name", "Version", "Workloads"];
+    if args.full {
+        header.insert(0, "Nexus");
+        header.extend(["Uptime", "Sandboxed", "Tier", "OS", "Arch"]);
+    }
+    let mut t = Table::new("NATS Execution Nodes", &header);
+    for n in &nodes {
+        let tag = |k: &str| n.tags.get(k).cloned().unwrap_or_default();
+        let mut id = n.node_id.clone();
+        if tag(tags::LAMEDUCK) == "true" {
+            id.push('*');
+        }
+        let name = n
+            .tags
+            .get(tags::NODE_NAME)
+            .cloned()
+            .unwrap_or_else(|| "no-name".into());
+        let mut row = vec![id, name, n.version.clone(), n.running_machines.to_string()];
+        if args.full {
+            row.insert(0, n.nexus.clone());
+            let sandboxed = tag(tags::UNSAFE) != "true";
+            row.extend([
+                n.uptime.clone(),
+                if sandboxed { "yes".into() } else { "no".into() },
+                tag(tags::SANDBOX),
+                tag(tags::OS),
+                tag(tags::ARCH),
+            ]);
+        }
+        t.row(row);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+/// Shows one node.
+pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
+    let info = client.node_info(&args.id).await?;
+    if args.json {
+        print_json(&info);
+        return Ok(());
+    }
+    let b = |s: &str| paint(s, "1");
+    println!("{}     {}", b("Node:"), args.id);
+    println!("{}     {}", b("Xkey:"), info.public_xkey);
+    println!("{}  {}", b("Version:"), info.version);
+    println!("{}   {}", b("Uptime:"), info.uptime);
+    let tags: Vec<String> = info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{}     {}", b("Tags:"), tags.join(", "));
+    println!(
+        "{}    {}",
+        b("Types:"),
+        info.supported_workload_types.join(", ")
+    );
+    if let Some(m) = &info.memory {
+        println!(
+            "{}   {} kB free, {} kB available, {} kB total",
+            b("Memory:"),
+            m.mem_free,
+            m.mem_available,
+            m.mem_total
+        );
+    }
+    println!(
+        "{}   {}",
+        b("Agents:"),
+        format_args!("{} warm", info.available_agents)
+    );
+    println!();
+    if info.machines.is_empty() {
+        println!("No workloads in namespace {}", client.namespace());
+        return Ok(());
+    }
+    if args.full {
+        for m in &info.machines {
+            println!("{}          {}", b("Id:"), m.id);
+            println!("{}     {}", b("Healthy:"), m.healthy);
+            println!("{}     {}", b("Runtime:"), m.workload.runtime);
+            println!("{}        {}", b("Type:"), m.workload.workload_type);
+            println!("{}        {}", b("Name:"), m.workload.name);
+            println!(
+                "{} {}",
+                b("Description:"),
+                m.workload.description.clone().unwrap_or_default()
+            );
+            println!("{}        {}", b("Hash:"), m.workload.hash);
+            println!();
+        }
+        return Ok(());
+    }
+    let mut t = Table::new("Workloads", &["", "ID", "Name", "Type", "Runtime"]);
+    for m in &info.machines {
+        t.row(vec![
+            if m.healthy {
+                "🟢".into()
+            } else {
+                "🔴".into()
+            },
+            m.id.clone(),
+            m.workload.name.clone(),
+            m.workload.workload_type.clone(),
+            m.workload.runtime.clone(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}

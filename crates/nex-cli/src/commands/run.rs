@@ -1,0 +1,164 @@
+//! `nex run` and `nex stop`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use nex_api::workload_type;
+use nex_client::{artifact_hash_from_digest, ControlClient, DeployBuilder};
+
+use crate::cli::GlobalOpts;
+
+/// `nex run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Artifact location, nats://BUCKET/key
+    pub url: String,
+    /// Target node id
+    pub id: String,
+    /// Environment, KEY=VALUE (sealed to the node)
+    pub env: Vec<String>,
+    /// Publisher xkey seed file (SX…)
+    #[arg(long, required = true)]
+    pub xkey: PathBuf,
+    /// Issuer account seed file (SA…)
+    #[arg(long, required = true)]
+    pub issuer: PathBuf,
+    /// Workload name
+    #[arg(long, required = true)]
+    pub name: String,
+    /// Workload type: native, v8 (js) or wasm
+    #[arg(long = "type", default_value = "native")]
+    pub workload_type: String,
+    /// Description
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Arguments, one string split on spaces
+    #[arg(long)]
+    pub argv: Option<String>,
+    /// Restart when it exits non-zero (native only)
+    #[arg(long)]
+    pub essential: bool,
+    /// Trigger subject (functions; repeatable)
+    #[arg(long = "trigger_subject")]
+    pub trigger_subjects: Vec<String>,
+    /// Host-services NATS URL
+    #[arg(long = "hs_url")]
+    pub hs_url: Option<String>,
+    /// Host-services user JWT
+    #[arg(long = "hs_jwt")]
+    pub hs_jwt: Option<String>,
+    /// Host-services user seed
+    #[arg(long = "hs_seed")]
+    pub hs_seed: Option<String>,
+}
+
+/// `nex stop`
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Node id
+    pub id: String,
+    /// Workload id
+    pub workload_id: String,
+    /// Workload name
+    #[arg(long, required = true)]
+    pub name: String,
+    /// Issuer account seed file (the one that deployed it)
+    #[arg(long, required = true)]
+    pub issuer: PathBuf,
+}
+
+/// Deploys from an object store.
+pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Result<()> {
+    let wt = workload_type::canonical(&args.workload_type);
+    if workload_type::is_function(&wt) && args.trigger_subjects.is_empty() {
+        bail!(
+            "cannot start a function-type workload without specifying at least one trigger subject"
+        );
+    }
+    let issuer =
+        nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
+    let sender = nkeys::XKey::from_seed(&super::read_seed(&args.xkey)?).context("xkey seed")?;
+    let loc = nex_node::artifact::Location::parse(&args.url).map_err(anyhow::Error::msg)?;
+    let js = match g.jsdomain.as_deref() {
+        Some(d) => async_nats::jetstream::with_domain(client.nats().clone(), d),
+        None => async_nats::jetstream::new(client.nats().clone()),
+    };
+    let store = js
+        .get_object_store(&loc.bucket)
+        .await
+        .with_context(|| format!("object store {}", loc.bucket))?;
+    let info = store
+        .info(&loc.key)
+        .await
+        .with_context(|| format!("object {} in {}", loc.key, loc.bucket))?;
+    let hash = info
+        .digest
+        .as_deref()
+        .and_then(artifact_hash_from_digest)
+        .context("the object has no SHA-256 digest")?;
+    let node_info = client.node_info(&args.id).await?;
+    let hs = args
+        .hs_url
+        .clone()
+        .map(|u| nex_api::control::NatsConnectionConfig {
+            nats_url: u,
+            nats_user_jwt: args.hs_jwt.clone(),
+            nats_user_seed: args.hs_seed.clone(),
+        });
+    let b = DeployBuilder {
+        name: args.name.clone(),
+        workload_type: wt,
+        location: args.url.clone(),
+        hash,
+        environment: super::parse_env(&args.env)?,
+        argv: args
+            .argv
+            .as_deref()
+            .map(|a| {
+                a.split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        trigger_subjects: args.trigger_subjects.clone(),
+        essential: args.essential,
+        description: args.description.clone(),
+        jsdomain: g.jsdomain.clone(),
+        host_services: hs,
+    };
+    let req = b.build(&issuer, &sender, &args.id, &node_info.public_xkey)?;
+    match client.deploy(&args.id, &req).await {
+        Ok(r) => {
+            println!(
+                "🚀 Workload '{}' accepted. You can now refer to this workload with ID: {} on node {}",
+                r.name, r.id, args.id
+            );
+            Ok(())
+        }
+        Err(e) => {
+            println!("⛔ Workload rejected");
+            Err(e.into())
+        }
+    }
+}
+
+/// Stops a workload.
+pub async fn stop(client: &ControlClient, args: StopArgs) -> Result<()> {
+    let issuer =
+        nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
+    let req = nex_client::deploy::stop_request(&issuer, &args.id, &args.workload_id, &args.name)?;
+    match client.stop(&args.id, &req).await {
+        Ok(r) if r.stopped => {
+            println!("✅ Workload '{}' stopped.", r.name);
+            Ok(())
+        }
+        Ok(_) => bail!("⛔ Workload failed to stop"),
+        Err(e) => {
+            println!("⛔ Workload failed to stop");
+            Err(e.into())
+        }
+    }
+}

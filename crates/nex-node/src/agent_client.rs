@@ -1,0 +1,197 @@
+//! The node's side of one agent: a connection as the node's user in the workload's account,
+//! the handshake, requests to `agentint.<id>.*` and what the agent sends on `hostint.<id>.*`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use nex_api::agent::{AgentDeployRequest, DeployResponse, LogEntry};
+use nex_api::subjects::internal;
+
+use crate::internal_nats::{CACHE_BUCKET, CACHE_KEY};
+
+/// Something an agent sent that the workload manager must act on.
+#[derive(Debug)]
+pub enum AgentMessage {
+    /// A log line.
+    Log(LogEntry),
+    /// An event (`workload_undeployed`, …) with its JSON data.
+    Event(String, serde_json::Value),
+}
+
+/// Connection to one agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    /// The agent's workload id.
+    pub id: String,
+    conn: async_nats::Client,
+    handshake: watch::Receiver<Option<Instant>>,
+}
+
+impl AgentClient {
+    /// Subscribes to the agent's subjects on `conn`; messages go to `tx` tagged with the id.
+    pub async fn start(
+        id: String,
+        conn: async_nats::Client,
+        tx: mpsc::UnboundedSender<(String, AgentMessage)>,
+    ) -> Result<AgentClient> {
+        let mut sub = conn
+            .subscribe(format!("hostint.{id}.>"))
+            .await
+            .context("subscribing to agent subjects")?;
+        // Make sure the server has the subscription before the agent can send anything.
+        conn.flush().await.context("flushing agent subscription")?;
+        let (hs_tx, hs_rx) = watch::channel(None);
+        let c = conn.clone();
+        let tid = id.clone();
+        tokio::spawn(async move {
+            let handshake = internal::handshake(&tid);
+            let logs = internal::logs(&tid);
+            let events_prefix = format!("hostint.{tid}.events.");
+            while let Some(msg) = sub.next().await {
+                let subject = msg.subject.as_str();
+                if subject == handshake {
+                    if let Some(reply) = msg.reply {
+                        let _ = c.publish(reply, Bytes::from_static(b"{}")).await;
+                    }
+                    let _ = hs_tx.send(Some(Instant::now()));
+                } else if subject == logs {
+                    if let Ok(entry) = serde_json::from_slice::<LogEntry>(&msg.payload) {
+                        let _ = tx.send((tid.clone(), AgentMessage::Log(entry)));
+                    }
+                } else if let Some(t) = subject.strip_prefix(&events_prefix) {
+                    let data =
+                        serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
+                    let _ = tx.send((tid.clone(), AgentMessage::Event(t.to_string(), data)));
+                }
+            }
+        });
+        Ok(AgentClient {
+            id,
+            conn,
+            handshake: hs_rx,
+        })
+    }
+
+    /// Waits for the agent's handshake.
+    pub async fn wait_handshake(&self, within: Duration) -> Result<()> {
+        let mut rx = self.handshake.clone();
+        let ok = matches!(
+            tokio::time::timeout(within, rx.wait_for(|h| h.is_some())).await,
+            Ok(Ok(_))
+        );
+        if !ok {
+            bail!(
+                "agent {} did not handshake within {}ms",
+                self.id,
+                within.as_millis()
+            );
+        }
+        Ok(())
+    }
+
+    /// Liveness ping; true when the agent answered `OK` in time.
+    pub async fn ping(&self, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(within, self.conn.request(internal::ping(&self.id), Bytes::new())).await,
+            Ok(Ok(m)) if &m.payload[..] == b"OK"
+        )
+    }
+
+    /// Puts the artifact into the workload account's cache bucket.
+    pub async fn put_artifact<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+    ) -> Result<()> {
+        let js = async_nats::jetstream::new(self.conn.clone());
+        let store = match js.get_object_store(CACHE_BUCKET).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: CACHE_BUCKET.into(),
+                    description: Some("Cache for workload images to be executed by agent".into()),
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("creating {CACHE_BUCKET}: {e}"))?,
+        };
+        store
+            .put(CACHE_KEY, reader)
+            .await
+            .map_err(|e| anyhow!("storing artifact in {CACHE_BUCKET}: {e}"))?;
+        Ok(())
+    }
+
+    /// Sends the deploy request and returns the agent's answer.
+    pub async fn deploy(
+        &self,
+        req: &AgentDeployRequest,
+        within: Duration,
+    ) -> Result<DeployResponse> {
+        let body = serde_json::to_vec(req)?;
+        let msg = tokio::time::timeout(
+            within,
+            self.conn.request(internal::deploy(&self.id), body.into()),
+        )
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "failed to submit request for workload deployment: timed out after {}ms",
+                within.as_millis()
+            )
+        })?
+        .map_err(|e| anyhow!("failed to submit request for workload deployment: {e}"))?;
+        serde_json::from_slice(&msg.payload)
+            .map_err(|e| anyhow!("malformed deploy response from agent: {e}"))
+    }
+
+    /// Asks the agent to stop its workload gracefully.
+    pub async fn undeploy(&self, within: Duration) -> Result<()> {
+        tokio::time::timeout(
+            within,
+            self.conn
+                .request(internal::undeploy(&self.id), Bytes::new()),
+        )
+        .await
+        .map_err(|_| anyhow!("undeploy timed out"))?
+        .map_err(|e| anyhow!("undeploy failed: {e}"))?;
+        Ok(())
+    }
+
+    /// Sends a function trigger and returns the agent's reply message.
+    pub async fn trigger(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        within: Duration,
+    ) -> Result<async_nats::Message> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(nex_api::agent::HEADER_TRIGGER_SUBJECT, subject);
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .headers(headers)
+            .timeout(Some(within));
+        self.conn
+            .send_request(internal::trigger(&self.id), req)
+            .await
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// The underlying connection (the node's user in the workload account).
+    pub fn connection(&self) -> &async_nats::Client {
+        &self.conn
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        let _ = self.conn.drain().await;
+    }
+}
+
+/// Shared agent client.
+pub type SharedAgentClient = Arc<AgentClient>;

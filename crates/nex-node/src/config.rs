@@ -1,0 +1,550 @@
+//! The node configuration file (REFERENCE §2 and DESIGN W13): defaults, loading, validation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use nex_api::workload_type;
+
+/// Isolation tier names.
+pub mod isolation {
+    /// Agents as child processes in their own process group and cgroup.
+    pub const PROCESS: &str = "process";
+    /// Agents in OCI containers.
+    pub const CONTAINER: &str = "container";
+    /// Agents as the init of a micro-VM.
+    pub const MICROVM: &str = "microvm";
+}
+
+/// Workload types this build can run.
+pub const SUPPORTED_WORKLOAD_TYPES: &[&str] = &[
+    workload_type::NATIVE,
+    workload_type::V8,
+    workload_type::WASM,
+];
+
+/// Why a configuration cannot be used; each message names the key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("open {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON is malformed or a value has the wrong type.
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Per-VM (or per-agent) resources.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MachineTemplate {
+    pub vcpu_count: u32,
+    pub memsize_mib: u64,
+    /// Most processes and threads one workload may have (our addition).
+    pub pids_max: u64,
+}
+
+impl Default for MachineTemplate {
+    fn default() -> Self {
+        MachineTemplate {
+            vcpu_count: 1,
+            memsize_mib: 256,
+            pids_max: 512,
+        }
+    }
+}
+
+/// CNI settings of the micro-VM tier.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CniConfig {
+    pub network_name: String,
+    pub interface_name: String,
+    pub subnet: String,
+    pub bin_path: Vec<String>,
+    pub nameservers: Vec<String>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            network_name: "fcnet".into(),
+            interface_name: "veth0".into(),
+            subnet: "192.168.127.0/24".into(),
+            bin_path: vec!["/opt/cni/bin".into()],
+            nameservers: vec![],
+        }
+    }
+}
+
+/// Limits on what a node accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeLimits {
+    pub max_workloads: u64,
+    pub max_workload_bytes: u64,
+    pub max_total_bytes: u64,
+}
+
+/// One host service's switch and settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ServiceConfig {
+    pub enabled: bool,
+    pub config: Option<serde_json::Value>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            enabled: true,
+            config: None,
+        }
+    }
+}
+
+/// Host services: the connection used on a workload's behalf and the services offered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HostServicesConfig {
+    pub nats_url: String,
+    pub nats_user_jwt: String,
+    pub nats_user_seed: String,
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// Names of the built-in host services.
+pub const HOST_SERVICES: &[&str] = &["http", "kv", "messaging", "objectstore"];
+
+impl Default for HostServicesConfig {
+    fn default() -> Self {
+        HostServicesConfig {
+            nats_url: String::new(),
+            nats_user_jwt: String::new(),
+            nats_user_seed: String::new(),
+            services: HOST_SERVICES
+                .iter()
+                .map(|s| (s.to_string(), ServiceConfig::default()))
+                .collect(),
+        }
+    }
+}
+
+/// A workload deployed when the node starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AutostartWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub description: Option<String>,
+    #[serde(rename = "type")]
+    pub workload_type: String,
+    pub location: String,
+    pub jsdomain: Option<String>,
+    pub argv: Vec<String>,
+    pub essential: bool,
+    pub environment: BTreeMap<String, String>,
+    pub trigger_subjects: Vec<String>,
+}
+
+/// `autostart` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AutostartConfig {
+    pub workloads: Vec<AutostartWorkload>,
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeConfig {
+    pub default_resource_dir: String,
+    #[serde(alias = "kernel_path", alias = "kernel_file")]
+    pub kernel_filepath: String,
+    #[serde(alias = "rootfs_path", alias = "rootfs_file")]
+    pub rootfs_filepath: String,
+    pub bin_path: Vec<String>,
+    pub machine_pool_size: i64,
+    pub machine_template: MachineTemplate,
+    pub cni: CniConfig,
+    pub internal_node_host: String,
+    pub internal_node_port: u16,
+    pub no_sandbox: bool,
+    /// `process`, `container` or `microvm`; empty = chosen from `no_sandbox` and the host.
+    pub isolation: String,
+    pub preserve_network: bool,
+    pub tags: BTreeMap<String, String>,
+    pub valid_issuers: Vec<String>,
+    pub workload_types: Vec<String>,
+    pub deny_trigger_subjects: Vec<String>,
+    pub node_limits: NodeLimits,
+    pub rate_limiters: Option<serde_json::Value>,
+    pub host_services: HostServicesConfig,
+    pub autostart: AutostartConfig,
+    pub public_nats_server: Option<serde_json::Value>,
+    pub pid_filepath: String,
+    pub agent_handshake_timeout_ms: u64,
+    pub agent_ping_timeout_ms: u64,
+    /// How long a stopped workload gets between SIGTERM and SIGKILL.
+    pub workload_stop_grace_ms: u64,
+    /// Deadline of one function call.
+    pub function_timeout_ms: u64,
+    /// Memory one function call may use.
+    pub function_memory_mib: u64,
+    /// Largest JavaScript source accepted.
+    pub max_js_source_bytes: u64,
+    /// Where the node keeps its run state (agent work dirs, internal NATS store).
+    pub state_dir: String,
+    /// Path of a file holding the node's server nkey seed; created when missing. Empty = ephemeral id.
+    pub node_seed_path: String,
+    /// The `nats-server` binary for the internal server; empty = next to `nex`, `bin_path`, `PATH`.
+    pub nats_server_path: String,
+    pub otlp_exporter_url: String,
+    pub otel_metrics: bool,
+    pub otel_metrics_port: u16,
+    pub otel_metrics_exporter: String,
+    pub otel_traces: bool,
+    pub otel_traces_exporter: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            default_resource_dir: String::new(),
+            kernel_filepath: String::new(),
+            rootfs_filepath: String::new(),
+            bin_path: std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            machine_pool_size: 1,
+            machine_template: MachineTemplate::default(),
+            cni: CniConfig::default(),
+            internal_node_host: "192.168.127.1".into(),
+            internal_node_port: 0,
+            no_sandbox: false,
+            isolation: String::new(),
+            preserve_network: false,
+            tags: BTreeMap::new(),
+            valid_issuers: vec![],
+            workload_types: vec![],
+            deny_trigger_subjects: vec![],
+            node_limits: NodeLimits::default(),
+            rate_limiters: None,
+            host_services: HostServicesConfig::default(),
+            autostart: AutostartConfig::default(),
+            public_nats_server: None,
+            pid_filepath: String::new(),
+            agent_handshake_timeout_ms: 5000,
+            agent_ping_timeout_ms: 750,
+            workload_stop_grace_ms: 3000,
+            function_timeout_ms: 5000,
+            function_memory_mib: 64,
+            max_js_source_bytes: 1024 * 1024,
+            state_dir: String::new(),
+            node_seed_path: String::new(),
+            nats_server_path: String::new(),
+            otlp_exporter_url: "127.0.0.1:14532".into(),
+            otel_metrics: false,
+            otel_metrics_port: 8085,
+            otel_metrics_exporter: "file".into(),
+            otel_traces: false,
+            otel_traces_exporter: "file".into(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads `path` over the defaults and applies the loading rules of REFERENCE §2.1.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses a configuration document and fills in derived values.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: NodeConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            message: e.to_string(),
+        })?;
+        cfg.fill_defaults();
+        Ok(cfg)
+    }
+
+    fn fill_defaults(&mut self) {
+        if self.workload_types.is_empty() {
+            self.workload_types = SUPPORTED_WORKLOAD_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        }
+        self.workload_types = self
+            .workload_types
+            .iter()
+            .map(|t| workload_type::canonical(t))
+            .collect();
+        self.workload_types.dedup();
+        if self.kernel_filepath.is_empty() && !self.default_resource_dir.is_empty() {
+            self.kernel_filepath = format!(
+                "{}/vmlinux",
+                self.default_resource_dir.trim_end_matches('/')
+            );
+        }
+        if self.rootfs_filepath.is_empty() && !self.default_resource_dir.is_empty() {
+            self.rootfs_filepath = format!(
+                "{}/rootfs.ext4",
+                self.default_resource_dir.trim_end_matches('/')
+            );
+        }
+        for s in nex_api::subjects::ALWAYS_DENIED_TRIGGERS {
+            if !self.deny_trigger_subjects.iter().any(|d| d == s) {
+                self.deny_trigger_subjects.push(s.to_string());
+            }
+        }
+        for s in HOST_SERVICES {
+            self.host_services
+                .services
+                .entry(s.to_string())
+                .or_default();
+        }
+        if !self.tags.contains_key(nex_api::control::tags::NODE_NAME) {
+            self.tags
+                .insert(nex_api::control::tags::NODE_NAME.into(), random_node_name());
+        }
+        if self.no_sandbox && self.isolation.is_empty() {
+            self.isolation = isolation::PROCESS.into();
+        }
+    }
+
+    /// The isolation tier this node runs: explicit `isolation`, else `process` for `no_sandbox`,
+    /// else `microvm`.
+    pub fn tier(&self) -> &str {
+        if !self.isolation.is_empty() {
+            &self.isolation
+        } else if self.no_sandbox {
+            isolation::PROCESS
+        } else {
+            isolation::MICROVM
+        }
+    }
+
+    /// Checks every value; the first problem found, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.machine_pool_size < 1 {
+            return bad("machine pool size must be >= 1 (key machine_pool_size)".into());
+        }
+        if self.machine_template.vcpu_count == 0 {
+            return bad("machine_template.vcpu_count must be >= 1".into());
+        }
+        if self.machine_template.memsize_mib < 16 {
+            return bad(format!(
+                "machine_template.memsize_mib must be >= 16 (got {})",
+                self.machine_template.memsize_mib
+            ));
+        }
+        if self.machine_template.pids_max < 8 {
+            return bad("machine_template.pids_max must be >= 8".into());
+        }
+        for t in &self.workload_types {
+            if !SUPPORTED_WORKLOAD_TYPES.contains(&t.as_str()) {
+                return bad(format!(
+                    "unsupported workload type in workload_types: {t:?} (this build supports {})",
+                    SUPPORTED_WORKLOAD_TYPES.join(", ")
+                ));
+            }
+        }
+        for s in &self.deny_trigger_subjects {
+            if !nex_api::subjects::is_valid_subscribe_subject(s) {
+                return bad(format!(
+                    "deny_trigger_subjects: {s:?} is not a valid subject"
+                ));
+            }
+        }
+        for i in &self.valid_issuers {
+            if !i.starts_with('A') || nkeys::KeyPair::from_public_key(i).is_err() {
+                return bad(format!(
+                    "valid_issuers: {i:?} is not an account public key (A…)"
+                ));
+            }
+        }
+        match self.tier() {
+            isolation::PROCESS => {}
+            isolation::CONTAINER | isolation::MICROVM => {
+                return bad(format!(
+                    "isolation tier {:?} is not available in this build; set \"no_sandbox\": true (or \"isolation\": \"process\") to run agents as processes",
+                    self.tier()
+                ))
+            }
+            other => {
+                return bad(format!(
+                    "isolation: {other:?} is not a tier (use \"process\", \"container\" or \"microvm\")"
+                ))
+            }
+        }
+        if self.agent_handshake_timeout_ms == 0 {
+            return bad("agent_handshake_timeout_ms must be > 0".into());
+        }
+        if self.agent_ping_timeout_ms == 0 {
+            return bad("agent_ping_timeout_ms must be > 0".into());
+        }
+        if self.function_timeout_ms == 0 {
+            return bad("function_timeout_ms must be > 0".into());
+        }
+        for (name, _) in self.host_services.services.iter() {
+            if !HOST_SERVICES.contains(&name.as_str()) {
+                tracing::warn!(service = %name, "unknown host service in host_services.services is ignored");
+            }
+        }
+        for (i, w) in self.autostart.workloads.iter().enumerate() {
+            if !nex_api::jwt::is_valid_workload_name(&w.name) {
+                return bad(format!(
+                    "autostart.workloads[{i}].name {:?} must match ^[a-zA-Z0-9_-]+$",
+                    w.name
+                ));
+            }
+            if !self
+                .workload_types
+                .contains(&workload_type::canonical(&w.workload_type))
+            {
+                return bad(format!(
+                    "autostart.workloads[{i}].type {:?} is not in workload_types",
+                    w.workload_type
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory holding this node's run state.
+    pub fn state_dir(&self) -> PathBuf {
+        if self.state_dir.is_empty() {
+            std::env::temp_dir().join("nex")
+        } else {
+            PathBuf::from(&self.state_dir)
+        }
+    }
+
+    /// The pid file path.
+    pub fn pid_file(&self) -> PathBuf {
+        if self.pid_filepath.is_empty() {
+            self.state_dir().join("nex.pid")
+        } else {
+            PathBuf::from(&self.pid_filepath)
+        }
+    }
+
+    /// True when `subject` collides with the deny list.
+    pub fn denied_trigger(&self, subject: &str) -> bool {
+        self.deny_trigger_subjects
+            .iter()
+            .any(|d| nex_api::subjects::subjects_overlap(subject, d))
+    }
+
+    /// Whether a host service is switched on.
+    pub fn host_service_enabled(&self, name: &str) -> bool {
+        self.host_services
+            .services
+            .get(name)
+            .map(|s| s.enabled)
+            .unwrap_or(false)
+    }
+}
+
+const ADJECTIVES: &[&str] = &[
+    "amber", "brisk", "calm", "dapper", "eager", "fancy", "gentle", "happy", "icy", "jolly",
+    "keen", "lively", "mellow", "nimble", "odd", "proud", "quiet", "rapid", "sunny", "tidy",
+    "upbeat", "vivid", "witty", "young", "zesty",
+];
+const NOUNS: &[&str] = &[
+    "badger", "comet", "dune", "ember", "falcon", "glacier", "harbor", "island", "jaguar",
+    "kestrel", "lagoon", "meadow", "nebula", "otter", "prairie", "quasar", "river", "summit",
+    "tundra", "umbra", "valley", "willow", "yak", "zephyr",
+];
+
+/// A random adjective-noun node name.
+pub fn random_node_name() -> String {
+    use rand::seq::SliceRandom;
+    let mut rng = rand::thread_rng();
+    format!(
+        "{}-{}",
+        ADJECTIVES.choose(&mut rng).unwrap_or(&"nex"),
+        NOUNS.choose(&mut rng).unwrap_or(&"node")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_merge_and_derive() {
+        let c = NodeConfig::from_json(
+            r#"{"default_resource_dir":"/tmp/r","tags":{"simple":"true"},"no_sandbox":true,
+                "host_services":{"services":{"http":{"enabled":false}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel_filepath, "/tmp/r/vmlinux");
+        assert_eq!(c.rootfs_filepath, "/tmp/r/rootfs.ext4");
+        assert!(c.tags.contains_key("node_name"));
+        assert_eq!(c.tags["simple"], "true");
+        assert!(c.deny_trigger_subjects.contains(&"$NEX.>".to_string()));
+        assert!(!c.host_service_enabled("http"));
+        assert!(c.host_service_enabled("kv"));
+        assert_eq!(c.workload_types, vec!["native", "v8", "wasm"]);
+        assert_eq!(c.tier(), "process");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn seed_spellings_are_accepted() {
+        let c = NodeConfig::from_json(r#"{"kernel_path":"/k","rootfs_path":"/r"}"#).unwrap();
+        assert_eq!(c.kernel_filepath, "/k");
+        assert_eq!(c.rootfs_filepath, "/r");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = NodeConfig::from_json(r#"{"no_sandbox":true,"machine_pool_size":0}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("machine pool size must be >= 1"), "{e}");
+        let e = NodeConfig::from_json(r#"{"no_sandbox":true,"workload_types":["oci"]}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workload_types"), "{e}");
+        let e = NodeConfig::from_json(r#"{"machine_pool_size":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = NodeConfig::from_json(r#"{"no_sandbox":true,"valid_issuers":["bogus"]}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("valid_issuers"), "{e}");
+    }
+}

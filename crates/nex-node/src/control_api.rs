@@ -1,0 +1,236 @@
+//! The control API listener: `$NEX.PING`, `AUCTION`, `WPING`, `INFO`, `DEPLOY`, `STOP`,
+//! `LAMEDUCK` on the user's NATS, each answered with the envelope of REFERENCE §3.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use nex_api::control::{
+    response_type, AuctionRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse,
+    MemoryStat, PingResponse, WorkloadPingResponse,
+};
+
+use crate::workloads::WorkloadManager;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Ping,
+    Auction,
+    WorkloadPing,
+    Info,
+    Deploy,
+    Stop,
+    LameDuck,
+}
+
+/// What the listener needs besides the workload manager.
+#[derive(Clone)]
+pub struct ControlContext {
+    /// The workload manager.
+    pub mgr: Arc<WorkloadManager>,
+    /// Connection the requests arrive on.
+    pub conn: async_nats::Client,
+    /// Asks the node to shut down (lame duck with a delay).
+    pub shutdown: mpsc::UnboundedSender<()>,
+}
+
+/// Subscribes every control subject and serves requests until the returned tasks are aborted.
+pub async fn serve(ctx: ControlContext) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let id = ctx.mgr.identity().node_id.clone();
+    let subs = [
+        ("$NEX.PING".to_string(), Op::Ping),
+        (format!("$NEX.PING.{id}"), Op::Ping),
+        ("$NEX.AUCTION".to_string(), Op::Auction),
+        ("$NEX.WPING.>".to_string(), Op::WorkloadPing),
+        (format!("$NEX.INFO.*.{id}"), Op::Info),
+        (format!("$NEX.DEPLOY.*.{id}"), Op::Deploy),
+        (format!("$NEX.STOP.*.{id}"), Op::Stop),
+        (format!("$NEX.LAMEDUCK.{id}"), Op::LameDuck),
+    ];
+    let mut tasks = Vec::new();
+    for (subject, op) in subs {
+        let mut sub = ctx
+            .conn
+            .subscribe(subject.clone())
+            .await
+            .with_context(|| format!("subscribing to {subject}"))?;
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(ctx, op, msg).await });
+            }
+        }));
+    }
+    ctx.conn
+        .flush()
+        .await
+        .context("flushing control subscriptions")?;
+    Ok(tasks)
+}
+
+fn token(subject: &str, i: usize) -> Option<&str> {
+    subject.split('.').nth(i).filter(|t| !t.is_empty())
+}
+
+async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
+    let Some(reply) = msg.reply.clone() else {
+        return;
+    };
+    let subject = msg.subject.as_str();
+    let mgr = &ctx.mgr;
+    let envelope = match op {
+        Op::Ping => Some(Envelope::ok(response_type::PING, &ping(mgr))),
+        Op::Auction => auction(mgr, &msg.payload).map(|p| Envelope::ok(response_type::AUCTION, &p)),
+        Op::WorkloadPing => {
+            let ns = token(subject, 2);
+            let id = token(subject, 3);
+            let found = mgr.wping(ns, id);
+            if found.is_empty() {
+                None
+            } else {
+                let p = ping(mgr);
+                Some(Envelope::ok(
+                    response_type::PING,
+                    &WorkloadPingResponse {
+                        node_id: p.node_id,
+                        target_xkey: p.target_xkey,
+                        version: p.version,
+                        tags: p.tags,
+                        uptime: p.uptime,
+                        running_machines: found,
+                    },
+                ))
+            }
+        }
+        Op::Info => {
+            let ns = token(subject, 2).unwrap_or(nex_api::DEFAULT_NAMESPACE);
+            Some(Envelope::ok(response_type::INFO, &info(mgr, ns)))
+        }
+        Op::Deploy => {
+            let ns = token(subject, 2);
+            let env = match mgr.deploy(ns, &msg.payload).await {
+                Ok(r) => Envelope::ok(response_type::RUN, &r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "deploy request rejected");
+                    Envelope::fail(response_type::RUN, e)
+                }
+            };
+            Some(env)
+        }
+        Op::Stop => {
+            let ns = token(subject, 2);
+            Some(match mgr.stop(ns, &msg.payload).await {
+                Ok(r) => Envelope::ok(response_type::STOP, &r),
+                Err(e) => Envelope::fail(response_type::STOP, e),
+            })
+        }
+        Op::LameDuck => {
+            let req: LameDuckRequest = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            mgr.enter_lameduck().await;
+            if let Some(ms) = req.delay_ms {
+                let tx = ctx.shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = tx.send(());
+                });
+            }
+            Some(Envelope::ok(
+                response_type::LAMEDUCK,
+                &LameDuckResponse {
+                    node_id: mgr.identity().node_id.clone(),
+                    success: true,
+                },
+            ))
+        }
+    };
+    if let Some(env) = envelope {
+        let _ = ctx.conn.publish(reply, env.to_bytes().into()).await;
+    }
+}
+
+fn ping(mgr: &WorkloadManager) -> PingResponse {
+    let id = mgr.identity();
+    PingResponse {
+        node_id: id.node_id.clone(),
+        nexus: id.nexus.clone(),
+        version: nex_api::VERSION.to_string(),
+        uptime: nex_api::uptime::format(id.started.elapsed()),
+        target_xkey: id.xkey.public_key(),
+        tags: id.tags.read().unwrap().clone(),
+        running_machines: mgr.count() as u64,
+    }
+}
+
+/// The node's PING answer when the AUCTION filters in `body` match it; `None` to stay silent.
+fn auction(mgr: &WorkloadManager, body: &[u8]) -> Option<PingResponse> {
+    let p = ping(mgr);
+    let Ok(req) = serde_json::from_slice::<AuctionRequest>(body) else {
+        return Some(p);
+    };
+    let tag = |k: &str| p.tags.get(k).map(String::as_str).unwrap_or("");
+    if let Some(a) = &req.arch {
+        if !a.eq_ignore_ascii_case(tag(nex_api::control::tags::ARCH)) {
+            return None;
+        }
+    }
+    if let Some(o) = &req.os {
+        if !o.eq_ignore_ascii_case(tag(nex_api::control::tags::OS)) {
+            return None;
+        }
+    }
+    if let Some(s) = req.sandboxed {
+        if s != mgr.pool().tier().sandboxed() {
+            return None;
+        }
+    }
+    for (k, v) in &req.tags {
+        match p.tags.get(k) {
+            Some(have) if have.eq_ignore_ascii_case(v) => {}
+            _ => return None,
+        }
+    }
+    for t in &req.workload_types {
+        if !mgr
+            .config()
+            .workload_types
+            .contains(&nex_api::workload_type::canonical(t))
+        {
+            return None;
+        }
+    }
+    Some(p)
+}
+
+fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
+    let id = mgr.identity();
+    InfoResponse {
+        version: nex_api::VERSION.to_string(),
+        uptime: nex_api::uptime::format(id.started.elapsed()),
+        public_xkey: id.xkey.public_key(),
+        tags: id.tags.read().unwrap().clone(),
+        memory: read_meminfo(),
+        machines: mgr.machines(ns),
+        supported_workload_types: mgr.config().workload_types.clone(),
+        available_agents: mgr.pool().available() as u64,
+    }
+}
+
+/// Host memory from `/proc/meminfo`, in kB.
+pub fn read_meminfo() -> Option<MemoryStat> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let get = |k: &str| -> Option<u64> {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some(MemoryStat {
+        mem_total: get("MemTotal:")?,
+        mem_free: get("MemFree:")?,
+        mem_available: get("MemAvailable:")?,
+    })
+}

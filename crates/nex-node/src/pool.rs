@@ -1,0 +1,272 @@
+//! The agent pool: `machine_pool_size` warm agents, started through the node's isolation tier,
+//! handshaken, pinged, and replaced when they die, fail to handshake, or are taken by a DEPLOY.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use tokio::sync::{mpsc, Notify};
+
+use crate::agent_client::{AgentClient, AgentMessage};
+use crate::config::NodeConfig;
+use crate::internal_nats::InternalNats;
+use crate::state::RunState;
+use crate::tiers::{AgentHandle, AgentSpec, IsolationTier};
+
+/// A started, handshaken agent without a workload.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// Workload id of the agent.
+    pub id: String,
+    /// The node's connection to it.
+    pub client: AgentClient,
+    /// What the tier created for it.
+    pub handle: Arc<dyn AgentHandle>,
+}
+
+impl Agent {
+    /// True when the agent process/VM has exited.
+    pub fn is_dead(&self) -> bool {
+        self.handle.exited().borrow().is_some()
+    }
+}
+
+/// Warm agents waiting for work.
+pub struct AgentPool {
+    tier: Arc<dyn IsolationTier>,
+    nats: Arc<InternalNats>,
+    run: Arc<RunState>,
+    cfg: Arc<NodeConfig>,
+    msgs: mpsc::UnboundedSender<(String, AgentMessage)>,
+    warm: Mutex<VecDeque<Agent>>,
+    starting: AtomicUsize,
+    available: Notify,
+    wanted: Notify,
+    stopping: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl AgentPool {
+    /// A pool that starts agents through `tier`; call [`AgentPool::start`] to fill it.
+    pub fn new(
+        tier: Arc<dyn IsolationTier>,
+        nats: Arc<InternalNats>,
+        run: Arc<RunState>,
+        cfg: Arc<NodeConfig>,
+        msgs: mpsc::UnboundedSender<(String, AgentMessage)>,
+    ) -> Arc<AgentPool> {
+        Arc::new(AgentPool {
+            tier,
+            nats,
+            run,
+            cfg,
+            msgs,
+            warm: Mutex::new(VecDeque::new()),
+            starting: AtomicUsize::new(0),
+            available: Notify::new(),
+            wanted: Notify::new(),
+            stopping: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// Starts the refill and liveness loops.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.refill_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.liveness_loop().await });
+    }
+
+    /// The tier agents run in.
+    pub fn tier(&self) -> &Arc<dyn IsolationTier> {
+        &self.tier
+    }
+
+    /// How many warm agents wait for work.
+    pub fn available(&self) -> usize {
+        self.warm.lock().unwrap().len()
+    }
+
+    /// The last reason an agent failed to start, if the pool is struggling.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap().clone()
+    }
+
+    async fn refill_loop(self: Arc<Self>) {
+        let target = self.cfg.machine_pool_size.max(1) as usize;
+        let mut backoff = Duration::from_millis(100);
+        while !self.stopping.load(Ordering::SeqCst) {
+            let have = self.available() + self.starting.load(Ordering::SeqCst);
+            if have >= target {
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wanted.notified()).await;
+                continue;
+            }
+            self.starting.fetch_add(1, Ordering::SeqCst);
+            let res = self.launch_one().await;
+            self.starting.fetch_sub(1, Ordering::SeqCst);
+            match res {
+                Ok(agent) => {
+                    backoff = Duration::from_millis(100);
+                    *self.last_error.lock().unwrap() = None;
+                    if self.stopping.load(Ordering::SeqCst) {
+                        self.release(agent).await;
+                        break;
+                    }
+                    self.warm.lock().unwrap().push_back(agent);
+                    self.available.notify_waiters();
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "failed to start a warm agent; retrying in {}ms", backoff.as_millis());
+                    *self.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                    self.available.notify_waiters();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn launch_one(&self) -> Result<Agent> {
+        let id = nex_api::id::new_workload_id();
+        let creds = self
+            .nats
+            .add_workloads(std::slice::from_ref(&id))
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow!("no credentials created"))?;
+        let cleanup_creds = |nats: Arc<InternalNats>, id: String| async move {
+            let _ = nats.remove_workload(&id).await;
+        };
+        let conn = match self
+            .nats
+            .connect_as(
+                &creds.node,
+                &format!("nex-node-{id}"),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup_creds(self.nats.clone(), id).await;
+                return Err(e);
+            }
+        };
+        let client = match AgentClient::start(id.clone(), conn, self.msgs.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup_creds(self.nats.clone(), id).await;
+                return Err(e);
+            }
+        };
+        let spec = AgentSpec {
+            id: id.clone(),
+            nats_host: self.tier.agent_nats_host(),
+            nats_port: self.nats.port(),
+            nkey_seed: creds.agent.seed()?,
+            work_dir: self.run.agent_dir(&id),
+            template: self.cfg.machine_template.clone(),
+            stop_grace_ms: self.cfg.workload_stop_grace_ms,
+        };
+        let handle: Arc<dyn AgentHandle> = match self.tier.launch(spec).await {
+            Ok(h) => Arc::from(h),
+            Err(e) => {
+                client.close().await;
+                cleanup_creds(self.nats.clone(), id).await;
+                return Err(e);
+            }
+        };
+        let agent = Agent { id, client, handle };
+        let within = Duration::from_millis(self.cfg.agent_handshake_timeout_ms);
+        let mut exited = agent.handle.exited();
+        let outcome = tokio::select! {
+            r = agent.client.wait_handshake(within) => r,
+            _ = crate::tiers::wait_exit(&mut exited) => Err(anyhow!("agent {} exited before its handshake", agent.id)),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(agent = %agent.id, tier = self.tier.name(), "agent ready");
+                Ok(agent)
+            }
+            Err(e) => {
+                self.release(agent).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a warm agent, waiting up to `within` for one.
+    pub async fn take(&self, within: Duration) -> Result<Agent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = self.warm.lock().unwrap().pop_front();
+            if let Some(agent) = next {
+                self.wanted.notify_one();
+                if agent.is_dead() {
+                    self.release(agent).await;
+                    continue;
+                }
+                return Ok(agent);
+            }
+            self.wanted.notify_one();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(anyhow!("no available agent client in pool"));
+            }
+        }
+    }
+
+    /// Destroys an agent and its account.
+    pub async fn release(&self, agent: Agent) {
+        agent.handle.destroy().await;
+        agent.client.close().await;
+        let _ = self.nats.remove_workload(&agent.id).await;
+    }
+
+    async fn liveness_loop(self: Arc<Self>) {
+        let ping_timeout = Duration::from_millis(self.cfg.agent_ping_timeout_ms);
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.tick().await;
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let agents: Vec<Agent> = self.warm.lock().unwrap().iter().cloned().collect();
+            for a in agents {
+                if a.is_dead() || !a.client.ping(ping_timeout).await {
+                    let removed = {
+                        let mut w = self.warm.lock().unwrap();
+                        let before = w.len();
+                        w.retain(|x| x.id != a.id);
+                        before != w.len()
+                    };
+                    if removed {
+                        tracing::warn!(agent = %a.id, "warm agent lost; replacing it");
+                        self.release(a).await;
+                        self.wanted.notify_one();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the loops and destroys every warm agent.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wanted.notify_waiters();
+        let agents: Vec<Agent> = self.warm.lock().unwrap().drain(..).collect();
+        futures::future::join_all(agents.into_iter().map(|a| self.release(a))).await;
+        // An agent being started right now is released by the refill loop when it sees the flag.
+        for _ in 0..100 {
+            if self.starting.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leftovers: Vec<Agent> = self.warm.lock().unwrap().drain(..).collect();
+        futures::future::join_all(leftovers.into_iter().map(|a| self.release(a))).await;
+    }
+}

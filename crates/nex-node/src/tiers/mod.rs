@@ -1,0 +1,76 @@
+//! Isolation tiers: how an agent is started and what walls surround it.
+//!
+//! A tier launches one agent for one workload account and returns a handle that can watch for its
+//! exit and destroy everything it created. The pool and the workload manager only see this seam,
+//! so a container or micro-VM tier plugs in beside [`process::ProcessTier`] without touching the
+//! control API.
+
+pub mod process;
+
+use std::path::PathBuf;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::config::MachineTemplate;
+
+/// Everything a tier needs to start one agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Workload (agent) id.
+    pub id: String,
+    /// Internal NATS host as the agent must dial it.
+    pub nats_host: String,
+    /// Internal NATS port.
+    pub nats_port: u16,
+    /// The agent's nkey user seed.
+    pub nkey_seed: String,
+    /// A directory owned by this agent, removed when it stops.
+    pub work_dir: PathBuf,
+    /// Resources.
+    pub template: MachineTemplate,
+    /// Grace period between SIGTERM and SIGKILL when the workload is stopped.
+    pub stop_grace_ms: u64,
+}
+
+/// How an agent ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentExit {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal, when it was killed.
+    pub signal: Option<i32>,
+}
+
+/// A running agent.
+pub trait AgentHandle: Send + Sync + std::fmt::Debug {
+    /// Becomes `Some` when the agent has exited.
+    fn exited(&self) -> watch::Receiver<Option<AgentExit>>;
+    /// Kills the agent and everything it started, and removes what the tier created for it.
+    fn destroy(&self) -> BoxFuture<'_, ()>;
+    /// True when the memory limit killed something inside.
+    fn oom_killed(&self) -> bool;
+    /// Resident memory of the agent itself, in bytes.
+    fn agent_rss_bytes(&self) -> Option<u64>;
+    /// Host pid of the agent, where there is one.
+    fn pid(&self) -> Option<u32>;
+}
+
+/// A way to run agents.
+pub trait IsolationTier: Send + Sync {
+    /// `process`, `container` or `microvm`.
+    fn name(&self) -> &'static str;
+    /// Whether workloads are isolated from the host (reported as `nex.unsafe` when not).
+    fn sandboxed(&self) -> bool;
+    /// Address the internal NATS server must listen on for agents of this tier.
+    fn internal_listen_host(&self) -> String;
+    /// Address agents dial to reach it.
+    fn agent_nats_host(&self) -> String;
+    /// Starts one agent.
+    fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, anyhow::Result<Box<dyn AgentHandle>>>;
+}
+
+/// Waits until an agent has exited.
+pub async fn wait_exit(rx: &mut watch::Receiver<Option<AgentExit>>) {
+    let _ = rx.wait_for(|e| e.is_some()).await.map(|_| ());
+}

@@ -1,0 +1,156 @@
+//! Function triggers (W9): a queue subscription per trigger subject, each message forwarded to
+//! the workload's agent and its answer returned to the requester.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+
+use nex_api::agent::{HEADER_ERROR, HEADER_RUNTIME_NS};
+use nex_api::events::event_type;
+
+use crate::workloads::{Workload, WorkloadManager};
+
+/// The live subscriptions of one function workload.
+pub struct TriggerSet {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    own_conn: Option<async_nats::Client>,
+}
+
+impl TriggerSet {
+    /// Unsubscribes and stops forwarding.
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(c) = self.own_conn {
+            let _ = c.drain().await;
+        }
+    }
+}
+
+/// Subscribes the workload's trigger subjects.
+pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<TriggerSet> {
+    let v = w.trigger_request();
+    let (conn, own_conn) = match &v.trigger_connection {
+        Some(tc) if !tc.nats_url.is_empty() => {
+            let c = crate::node::connect_workload_nats(tc, "workload-trigger-subscription").await?;
+            (c.clone(), Some(c))
+        }
+        _ => (mgr.control().clone(), None),
+    };
+    let group = format!("nex-{}-{}", w.namespace, w.name);
+    let mut tasks = Vec::new();
+    for subject in &v.trigger_subjects {
+        let mut sub = conn
+            .queue_subscribe(subject.clone(), group.clone())
+            .await
+            .with_context(|| format!("subscribing to trigger subject {subject}"))?;
+        let mgr = mgr.clone();
+        let w = w.clone();
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let mgr = mgr.clone();
+                let w = w.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move { handle(mgr, w, conn, msg).await });
+            }
+        }));
+    }
+    // The subscriptions must be known to the server before DEPLOY answers.
+    conn.flush()
+        .await
+        .context("flushing trigger subscriptions")?;
+    Ok(TriggerSet { tasks, own_conn })
+}
+
+async fn handle(
+    mgr: Arc<WorkloadManager>,
+    w: Arc<Workload>,
+    conn: async_nats::Client,
+    msg: async_nats::Message,
+) {
+    let subject = msg.subject.to_string();
+    let started = Instant::now();
+    let timeout = Duration::from_millis(mgr.config().function_timeout_ms + 1000);
+    let outcome = w
+        .agent()
+        .client
+        .trigger(&subject, msg.payload.clone(), timeout)
+        .await;
+    let result = match outcome {
+        Ok(reply) => match reply.headers.as_ref().and_then(|h| h.get(HEADER_ERROR)) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(reply),
+        },
+        Err(e) => Err(format!("{e:#}")),
+    };
+    let events = mgr.events();
+    match result {
+        Ok(reply) => {
+            let ns: u64 = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(HEADER_RUNTIME_NS))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or_else(|| started.elapsed().as_nanos() as u64);
+            w.runtime_ns.fetch_add(ns, Ordering::Relaxed);
+            if let Some(r) = msg.reply {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
+                let _ = conn.publish_with_headers(r, h, reply.payload).await;
+            }
+            events
+                .workload_event(
+                    &w.namespace,
+                    &w.id,
+                    event_type::FUNCTION_EXEC_SUCCEEDED,
+                    &json!({"workload_name": w.name, "workload_id": w.id, "trigger_subject": subject, "elapsed_nanos": ns, "namespace": w.namespace}),
+                )
+                .await;
+            events
+                .log(
+                    &w.namespace,
+                    &w.name,
+                    &w.id,
+                    "DEBUG",
+                    &format!("Function {} execution succeeded ({ns}ns)", w.name),
+                )
+                .await;
+        }
+        Err(e) => {
+            if let Some(r) = msg.reply {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(HEADER_ERROR, one_line(&e).as_str());
+                let _ = conn.publish_with_headers(r, h, Bytes::new()).await;
+            }
+            events
+                .workload_event(
+                    &w.namespace,
+                    &w.id,
+                    event_type::FUNCTION_EXEC_FAILED,
+                    &json!({"workload_name": w.name, "workload_id": w.id, "trigger_subject": subject, "namespace": w.namespace, "error": e}),
+                )
+                .await;
+            events
+                .log(
+                    &w.namespace,
+                    &w.name,
+                    &w.id,
+                    "ERROR",
+                    &format!("Function execution failed: {e}"),
+                )
+                .await;
+        }
+    }
+}
+
+/// Header values cannot hold line breaks.
+fn one_line(s: &str) -> String {
+    s.replace(['\r', '\n'], " ")
+}

@@ -1,0 +1,949 @@
+//! The workload manager: the DEPLOY and STOP pipelines (REFERENCE §3.6–3.7, W3–W5), running
+//! workloads and their lifecycle events (W8), essential restarts with back-off, lame duck.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use nex_api::agent::{AgentDeployRequest, FunctionLimits, WorkloadStatusEvent};
+use nex_api::control::{
+    DeployRequest, MachineSummary, RunResponse, StopRequest, StopResponse,
+    WorkloadPingMachineSummary, WorkloadSummary,
+};
+use nex_api::events::event_type;
+use nex_api::jwt::WorkloadClaims;
+use nex_api::workload_type;
+
+use crate::agent_client::AgentMessage;
+use crate::artifact::{HashingReader, Location};
+use crate::config::NodeConfig;
+use crate::events::EventPublisher;
+use crate::pool::{Agent, AgentPool};
+use crate::triggers::TriggerSet;
+
+/// Identity of this node.
+pub struct NodeIdentity {
+    /// Server public key (`N…`).
+    pub node_id: String,
+    /// Curve key that opens environments.
+    pub xkey: nkeys::XKey,
+    /// Issuer used for autostart workloads.
+    pub issuer: nkeys::KeyPair,
+    /// Nexus name.
+    pub nexus: String,
+    /// When the node started.
+    pub started: Instant,
+    /// Tags reported everywhere (mutable: lame duck adds one).
+    pub tags: RwLock<BTreeMap<String, String>>,
+}
+
+/// A deploy request that passed validation.
+#[derive(Debug, Clone)]
+struct Validated {
+    namespace: String,
+    request: DeployRequest,
+    claims: WorkloadClaims,
+    environment: BTreeMap<String, String>,
+    workload_type: String,
+    expected_hash: Option<String>,
+    retry_count: u32,
+    chain: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Life {
+    deployed_emitted: bool,
+    ended: bool,
+    stop_requested: bool,
+}
+
+/// A workload with its agent.
+pub struct Workload {
+    /// Workload id (= agent id).
+    pub id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name (JWT `sub`).
+    pub name: String,
+    /// Canonical type.
+    pub workload_type: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// SHA-256 of the artifact.
+    pub hash: String,
+    /// Artifact size.
+    pub total_bytes: u64,
+    /// Issuer public key.
+    pub issuer: String,
+    claims: WorkloadClaims,
+    validated: Validated,
+    agent: Agent,
+    started: Instant,
+    essential: AtomicBool,
+    life: tokio::sync::Mutex<Life>,
+    ended: tokio::sync::Notify,
+    torn_down: AtomicBool,
+    /// Cumulative function run time.
+    pub runtime_ns: AtomicU64,
+    triggers: Mutex<Option<TriggerSet>>,
+}
+
+impl Workload {
+    /// The control-plane request this workload was deployed from.
+    pub fn trigger_request(&self) -> &DeployRequest {
+        &self.validated.request
+    }
+
+    /// The agent running it.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+#[derive(Debug)]
+struct Chain {
+    attempts: u32,
+    current_id: String,
+}
+
+/// Runs workloads on this node.
+pub struct WorkloadManager {
+    ident: Arc<NodeIdentity>,
+    cfg: Arc<NodeConfig>,
+    control: async_nats::Client,
+    control_url: String,
+    pool: Arc<AgentPool>,
+    events: EventPublisher,
+    workloads: Mutex<HashMap<String, Arc<Workload>>>,
+    accepted_jti: Mutex<HashSet<String>>,
+    lameduck: AtomicBool,
+    shutting_down: AtomicBool,
+    chains: Mutex<HashMap<u64, Chain>>,
+    next_chain: AtomicU64,
+    reserved_bytes: AtomicU64,
+}
+
+/// A DEPLOY failure, with the text the requester sees.
+pub type DeployError = String;
+
+impl WorkloadManager {
+    /// A manager deploying into agents from `pool`.
+    pub fn new(
+        ident: Arc<NodeIdentity>,
+        cfg: Arc<NodeConfig>,
+        control: async_nats::Client,
+        control_url: String,
+        pool: Arc<AgentPool>,
+        events: EventPublisher,
+    ) -> Arc<WorkloadManager> {
+        Arc::new(WorkloadManager {
+            ident,
+            cfg,
+            control,
+            control_url,
+            pool,
+            events,
+            workloads: Mutex::new(HashMap::new()),
+            accepted_jti: Mutex::new(HashSet::new()),
+            lameduck: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            chains: Mutex::new(HashMap::new()),
+            next_chain: AtomicU64::new(1),
+            reserved_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Arc<NodeIdentity> {
+        &self.ident
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &Arc<NodeConfig> {
+        &self.cfg
+    }
+
+    /// The agent pool.
+    pub fn pool(&self) -> &Arc<AgentPool> {
+        &self.pool
+    }
+
+    /// The event publisher.
+    pub fn events(&self) -> &EventPublisher {
+        &self.events
+    }
+
+    /// True once LAMEDUCK was received.
+    pub fn in_lameduck(&self) -> bool {
+        self.lameduck.load(Ordering::SeqCst)
+    }
+
+    /// Handles messages agents send (logs, exits) until the channel closes.
+    pub async fn run_agent_messages(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<(String, AgentMessage)>,
+    ) {
+        while let Some((id, msg)) = rx.recv().await {
+            let Some(w) = self.get(&id) else {
+                continue; // warm agents have nothing to say yet
+            };
+            match msg {
+                AgentMessage::Log(entry) => {
+                    self.events
+                        .log(
+                            &w.namespace,
+                            &w.name,
+                            &w.id,
+                            nex_api::agent::level::as_str(entry.level),
+                            &entry.text,
+                        )
+                        .await;
+                }
+                AgentMessage::Event(t, data) if t == event_type::WORKLOAD_UNDEPLOYED => {
+                    let st: WorkloadStatusEvent = serde_json::from_value(data).unwrap_or_default();
+                    let me = self.clone();
+                    tokio::spawn(async move { me.on_exit(w, st.code, st.message).await });
+                }
+                AgentMessage::Event(t, data) if t == event_type::WORKLOAD_DEPLOYED => {
+                    let _ = data; // the node emits workload_deployed itself, once
+                }
+                AgentMessage::Event(t, data) => {
+                    self.events
+                        .workload_event(&w.namespace, &w.id, &t, &data)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Looks up a running workload.
+    pub fn get(&self, id: &str) -> Option<Arc<Workload>> {
+        self.workloads.lock().unwrap().get(id).cloned()
+    }
+
+    /// Every running workload.
+    pub fn all(&self) -> Vec<Arc<Workload>> {
+        let mut v: Vec<_> = self.workloads.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Number of running workloads.
+    pub fn count(&self) -> usize {
+        self.workloads.lock().unwrap().len()
+    }
+
+    /// INFO machines in namespace `ns`.
+    pub fn machines(&self, ns: &str) -> Vec<MachineSummary> {
+        self.all()
+            .into_iter()
+            .filter(|w| w.namespace.eq_ignore_ascii_case(ns))
+            .map(|w| {
+                let up = w.started.elapsed();
+                let runtime = if workload_type::is_function(&w.workload_type) {
+                    nex_api::uptime::format_runtime(Duration::from_nanos(
+                        w.runtime_ns.load(Ordering::Relaxed),
+                    ))
+                } else {
+                    nex_api::uptime::format(up)
+                };
+                MachineSummary {
+                    id: w.id.clone(),
+                    healthy: !w.agent.is_dead(),
+                    uptime: nex_api::uptime::format(up),
+                    namespace: w.namespace.clone(),
+                    workload: WorkloadSummary {
+                        name: w.name.clone(),
+                        description: w.description.clone(),
+                        runtime,
+                        workload_type: w.workload_type.clone(),
+                        hash: w.hash.clone(),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// WPING matches: namespace filter (case-insensitive) and id (exact) or name (case-insensitive).
+    pub fn wping(
+        &self,
+        ns: Option<&str>,
+        id_or_name: Option<&str>,
+    ) -> Vec<WorkloadPingMachineSummary> {
+        self.all()
+            .into_iter()
+            .filter(|w| {
+                ns.map(|n| w.namespace.eq_ignore_ascii_case(n))
+                    .unwrap_or(true)
+            })
+            .filter(|w| {
+                id_or_name
+                    .map(|x| w.id == x || w.name.eq_ignore_ascii_case(x))
+                    .unwrap_or(true)
+            })
+            .map(|w| WorkloadPingMachineSummary {
+                id: w.id.clone(),
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                workload_type: w.workload_type.clone(),
+            })
+            .collect()
+    }
+
+    // ---------------------------------------------------------------- DEPLOY
+
+    /// The whole DEPLOY pipeline for a request received on `$NEX.DEPLOY.{ns}.{node}`.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        ns: Option<&str>,
+        body: &[u8],
+    ) -> Result<RunResponse, DeployError> {
+        let v = self.validate(ns, body)?;
+        let jti = v.claims.jti.clone();
+        let res = self.launch(v).await;
+        if res.is_err() {
+            self.accepted_jti.lock().unwrap().remove(&jti);
+        }
+        res
+    }
+
+    fn validate(&self, ns: Option<&str>, body: &[u8]) -> Result<Validated, DeployError> {
+        // 1
+        let ns = match ns {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => return Err("Invalid subject for workload deployment".into()),
+        };
+        // 2
+        if self.in_lameduck() {
+            return Err("Node is in lame duck mode. Workload deploy request denied".into());
+        }
+        // 3
+        let max = self.cfg.node_limits.max_workloads;
+        if max > 0 && self.count() as u64 >= max {
+            return Err("Node is at maximum workload limit. Deploy request denied".into());
+        }
+        // 4
+        let req: DeployRequest = serde_json::from_slice(body)
+            .map_err(|e| format!("Unable to deserialize deploy request: {e}"))?;
+        // 5
+        let wt = workload_type::canonical(&req.workload_type);
+        if !self.cfg.workload_types.contains(&wt) {
+            return Err(format!(
+                "Unsupported workload type on this node: {}",
+                req.workload_type
+            ));
+        }
+        // 6
+        if !req.trigger_subjects.is_empty() && !workload_type::is_function(&wt) {
+            return Err(format!(
+                "Unsupported workload type for trigger subject registration: {}",
+                req.workload_type
+            ));
+        }
+        // 7
+        for s in &req.trigger_subjects {
+            if !nex_api::subjects::is_valid_subscribe_subject(s) || self.cfg.denied_trigger(s) {
+                return Err(format!(
+                    "The trigger subject {s} overlaps with subject(s) in this node's deny list"
+                ));
+            }
+        }
+        if workload_type::is_function(&wt) && req.trigger_subjects.is_empty() {
+            return Err(format!(
+                "Failed to deploy workload: at least one trigger subject is required for this workload type ({wt})"
+            ));
+        }
+        if req.essential && wt != workload_type::NATIVE {
+            return Err(format!(
+                "Failed to deploy workload: essential flag is not supported for workload type {wt}"
+            ));
+        }
+        // 8
+        let environment =
+            nex_api::env::open(&req.environment, &self.ident.xkey, &req.sender_public_key)
+                .map_err(|e| format!("Failed to decrypt environment for deploy request: {e}"))?;
+        // 9
+        let claims = WorkloadClaims::decode(&req.workload_jwt)
+            .map_err(|e| format!("Invalid deploy request: could not decode workload JWT: {e}"))?;
+        if !nex_api::jwt::is_valid_workload_name(&claims.sub) {
+            return Err(format!(
+                "Invalid deploy request: workload name claim ('{}') does not match requirements (^[a-zA-Z0-9_-]+$)",
+                claims.sub
+            ));
+        }
+        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
+            return Err(format!(
+                "Invalid deploy request: standard claims within JWT are not valid: {why}"
+            ));
+        }
+        // 10
+        if !self.cfg.valid_issuers.is_empty() && !self.cfg.valid_issuers.contains(&claims.iss) {
+            return Err(format!("invalid workload issuer: {}", claims.iss));
+        }
+        // W3: the artifact must be pinned by the JWT.
+        let expected_hash = match claims.nats.hash.as_deref().map(str::trim) {
+            Some(h) if !h.is_empty() => h.to_ascii_lowercase(),
+            _ => {
+                return Err(
+                    "Invalid deploy request: workload JWT carries no artifact hash claim (nats.hash must be the SHA-256 of the artifact)"
+                        .into(),
+                )
+            }
+        };
+        // W4: replays.
+        if claims.jti.is_empty() {
+            return Err("Invalid deploy request: workload JWT has no jti, so replay protection cannot apply".into());
+        }
+        if !self.accepted_jti.lock().unwrap().insert(claims.jti.clone()) {
+            return Err(format!(
+                "Invalid deploy request: replay detected: a workload JWT with jti {} was already accepted by this node",
+                claims.jti
+            ));
+        }
+        let chain = if req.essential {
+            Some(self.next_chain.fetch_add(1, Ordering::SeqCst))
+        } else {
+            None
+        };
+        Ok(Validated {
+            namespace: ns,
+            workload_type: wt,
+            environment,
+            claims,
+            expected_hash: Some(expected_hash),
+            retry_count: req.retry_count.unwrap_or(0),
+            request: req,
+            chain,
+        })
+    }
+
+    /// Downloads the artifact into a warm agent and deploys; steps 11–16 of §3.6.
+    async fn launch(self: &Arc<Self>, v: Validated) -> Result<RunResponse, DeployError> {
+        let loc = Location::parse(&v.request.location)
+            .map_err(|e| format!("Failed to cache workload bytes: {e}"))?;
+        let js = match v.request.jsdomain.as_deref().filter(|d| !d.is_empty()) {
+            Some(d) => async_nats::jetstream::with_domain(self.control.clone(), d),
+            None => async_nats::jetstream::new(self.control.clone()),
+        };
+        let store = js.get_object_store(&loc.bucket).await.map_err(|e| {
+            format!(
+                "Failed to cache workload bytes: object store {}: {e}",
+                loc.bucket
+            )
+        })?;
+        let info = store.info(&loc.key).await.map_err(|e| {
+            format!(
+                "Failed to cache workload bytes: object {} in {}: {e}",
+                loc.key, loc.bucket
+            )
+        })?;
+        let size = info.size as u64;
+        // 13, 14 — before a byte is downloaded.
+        let lim = &self.cfg.node_limits;
+        if lim.max_workload_bytes > 0 && size > lim.max_workload_bytes {
+            return Err("Workload file size would exceed node limitations".into());
+        }
+        let reserved = self.reserved_bytes.fetch_add(size, Ordering::SeqCst) + size;
+        let unreserve = |me: &Self| {
+            me.reserved_bytes.fetch_sub(size, Ordering::SeqCst);
+        };
+        if lim.max_total_bytes > 0 && reserved > lim.max_total_bytes {
+            unreserve(self);
+            return Err("Workload file size would exceed node total limitations".into());
+        }
+        // 11
+        let wait = Duration::from_millis(self.cfg.agent_handshake_timeout_ms.max(1000) * 2);
+        let agent = match self.pool.take(wait).await {
+            Ok(a) => a,
+            Err(e) => {
+                unreserve(self);
+                let hint = self
+                    .pool
+                    .last_error()
+                    .map(|h| format!(" (last agent start failure: {h})"))
+                    .unwrap_or_default();
+                return Err(format!("Failed to get agent client from pool: {e}{hint}"));
+            }
+        };
+        // 12 + W3
+        let fail = |me: &Arc<Self>, agent: Agent, msg: String| {
+            let me = me.clone();
+            async move {
+                me.reserved_bytes.fetch_sub(size, Ordering::SeqCst);
+                me.pool.release(agent).await;
+                Err::<RunResponse, DeployError>(msg)
+            }
+        };
+        let object = match store.get(&loc.key).await {
+            Ok(o) => o,
+            Err(e) => {
+                return fail(self, agent, format!("Failed to cache workload bytes: {e}")).await
+            }
+        };
+        let mut reader = HashingReader::new(object, size);
+        if let Err(e) = agent.client.put_artifact(&mut reader).await {
+            return fail(
+                self,
+                agent,
+                format!("Failed to cache workload bytes: {e:#}"),
+            )
+            .await;
+        }
+        let (hash, total_bytes) = reader.finish();
+        if let Some(expected) = &v.expected_hash {
+            if *expected != hash {
+                return fail(
+                    self,
+                    agent,
+                    format!(
+                        "Failed to cache workload bytes: artifact hash mismatch: the workload JWT claims {expected} but the artifact's SHA-256 is {hash}"
+                    ),
+                )
+                .await;
+            }
+        }
+        if total_bytes == 0 {
+            return fail(
+                self,
+                agent,
+                "Failed to cache workload bytes: the artifact is empty".into(),
+            )
+            .await;
+        }
+        // 15
+        let w = Arc::new(Workload {
+            id: agent.id.clone(),
+            namespace: v.namespace.clone(),
+            name: v.claims.sub.clone(),
+            workload_type: v.workload_type.clone(),
+            description: v.request.description.clone(),
+            hash: hash.clone(),
+            total_bytes,
+            issuer: v.claims.iss.clone(),
+            claims: v.claims.clone(),
+            validated: v.clone(),
+            agent: agent.clone(),
+            started: Instant::now(),
+            essential: AtomicBool::new(v.request.essential && !self.in_lameduck()),
+            life: tokio::sync::Mutex::new(Life::default()),
+            ended: tokio::sync::Notify::new(),
+            torn_down: AtomicBool::new(false),
+            runtime_ns: AtomicU64::new(0),
+            triggers: Mutex::new(None),
+        });
+        let mut life = w.life.lock().await;
+        self.workloads
+            .lock()
+            .unwrap()
+            .insert(w.id.clone(), w.clone());
+        if let Some(c) = v.chain {
+            self.chains
+                .lock()
+                .unwrap()
+                .entry(c)
+                .and_modify(|ch| ch.current_id = w.id.clone())
+                .or_insert(Chain {
+                    attempts: 0,
+                    current_id: w.id.clone(),
+                });
+        }
+        let areq = AgentDeployRequest {
+            argv: v.request.argv.clone(),
+            description: v.request.description.clone(),
+            environment: v.environment.clone(),
+            essential: v.request.essential,
+            hash: hash.clone(),
+            namespace: v.namespace.clone(),
+            retried_at: v.request.retried_at.clone(),
+            retry_count: v.request.retry_count,
+            total_bytes,
+            trigger_subjects: v.request.trigger_subjects.clone(),
+            trigger_connection: v.request.trigger_connection.clone(),
+            workload_name: v.claims.sub.clone(),
+            workload_type: v.workload_type.clone(),
+            host_services: v.request.host_services.clone(),
+            function_limits: Some(FunctionLimits {
+                timeout_ms: self.cfg.function_timeout_ms,
+                memory_mib: self.cfg.function_memory_mib,
+            }),
+            local_path: None,
+        };
+        let outcome = agent.client.deploy(&areq, Duration::from_secs(30)).await;
+        let accepted = match outcome {
+            Ok(r) if r.accepted => Ok(()),
+            Ok(r) => Err(format!(
+                "Failed to deploy workload: workload rejected by agent: {}",
+                r.message.unwrap_or_default()
+            )),
+            Err(e) => Err(format!("Failed to deploy workload: {e:#}")),
+        };
+        let accepted = match accepted {
+            Ok(()) if workload_type::is_function(&w.workload_type) => {
+                match crate::triggers::subscribe(self.clone(), w.clone()).await {
+                    Ok(set) => {
+                        *w.triggers.lock().unwrap() = Some(set);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("Failed to deploy workload: {e:#}")),
+                }
+            }
+            other => other,
+        };
+        if let Err(msg) = accepted {
+            life.ended = true;
+            drop(life);
+            if let Some(c) = v.chain {
+                self.chains.lock().unwrap().remove(&c);
+            }
+            self.teardown(&w).await;
+            return Err(msg);
+        }
+        life.deployed_emitted = true;
+        self.events
+            .workload_event(
+                &w.namespace,
+                &w.id,
+                event_type::WORKLOAD_DEPLOYED,
+                &json!({"workload_name": w.name, "workload_id": w.id, "code": 0, "essential": v.request.essential}),
+            )
+            .await;
+        drop(life);
+        self.spawn_monitor(w.clone());
+        tracing::info!(workload = %w.name, id = %w.id, namespace = %w.namespace, "workload deployed");
+        Ok(RunResponse {
+            started: true,
+            id: w.id.clone(),
+            issuer: w.issuer.clone(),
+            name: w.name.clone(),
+        })
+    }
+
+    /// Watches a deployed workload's agent: its exit and its liveness pings.
+    fn spawn_monitor(self: &Arc<Self>, w: Arc<Workload>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut exited = w.agent.handle.exited();
+            let ping_timeout = Duration::from_millis(me.cfg.agent_ping_timeout_ms);
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = crate::tiers::wait_exit(&mut exited) => {
+                        // Give the agent's own workload_undeployed (with the real exit code) a moment.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let exit = exited.borrow().clone();
+                        me.on_exit(w.clone(), -1, Some(format!("agent exited unexpectedly ({exit:?})"))).await;
+                        return;
+                    }
+                    _ = tick.tick() => {
+                        if w.torn_down.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if !w.agent.client.ping(ping_timeout).await && !w.torn_down.load(Ordering::SeqCst) {
+                            me.on_exit(w.clone(), -1, Some("contact with the agent was lost".into())).await;
+                            return;
+                        }
+                    }
+                    _ = w.ended.notified() => return,
+                }
+            }
+        });
+    }
+
+    /// A workload ended (its process exited, its agent died, or it was stopped).
+    async fn on_exit(self: &Arc<Self>, w: Arc<Workload>, code: i32, message: Option<String>) {
+        let mut life = w.life.lock().await;
+        if life.ended {
+            return;
+        }
+        life.ended = true;
+        let stop_requested = life.stop_requested;
+        let mut message = message.unwrap_or_else(|| {
+            format!("Exited workload: {}; vm: {}; status: {code}", w.name, w.id)
+        });
+        if w.agent.handle.oom_killed() {
+            message.push_str(&format!(
+                "; killed for exceeding its memory limit of {} MiB",
+                self.cfg.machine_template.memsize_mib
+            ));
+        }
+        let reason = if stop_requested {
+            "Workload shutdown requested"
+        } else {
+            "Workload exited"
+        };
+        self.events
+            .workload_event(
+                &w.namespace,
+                &w.id,
+                event_type::WORKLOAD_UNDEPLOYED,
+                &json!({"workload_name": w.name, "workload_id": w.id, "code": code, "message": message, "reason": reason}),
+            )
+            .await;
+        drop(life);
+        w.ended.notify_waiters();
+        self.teardown(&w).await;
+        let essential = w.essential.load(Ordering::SeqCst);
+        if essential
+            && code != 0
+            && !stop_requested
+            && !self.in_lameduck()
+            && !self.shutting_down.load(Ordering::SeqCst)
+        {
+            self.schedule_restart(w);
+        } else if let Some(c) = w.validated.chain {
+            self.chains.lock().unwrap().remove(&c);
+        }
+    }
+
+    /// Restarts an essential workload after a back-off: 1 s doubling to 30 s, reset after 60 s up.
+    fn schedule_restart(self: &Arc<Self>, w: Arc<Workload>) {
+        let Some(chain) = w.validated.chain else {
+            return;
+        };
+        let delay = {
+            let mut chains = self.chains.lock().unwrap();
+            let Some(ch) = chains.get_mut(&chain) else {
+                return;
+            };
+            if w.started.elapsed() >= Duration::from_secs(60) {
+                ch.attempts = 0;
+            }
+            let d = Duration::from_secs(1u64 << ch.attempts.min(5)).min(Duration::from_secs(30));
+            ch.attempts += 1;
+            d
+        };
+        tracing::warn!(workload = %w.name, id = %w.id, "essential workload exited; restarting in {}s", delay.as_secs());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                if me.in_lameduck()
+                    || me.shutting_down.load(Ordering::SeqCst)
+                    || !me.chains.lock().unwrap().contains_key(&chain)
+                {
+                    me.chains.lock().unwrap().remove(&chain);
+                    return;
+                }
+                let mut v = w.validated.clone();
+                v.retry_count += 1;
+                v.request.retry_count = Some(v.retry_count);
+                v.request.retried_at = Some(chrono::Utc::now().to_rfc3339());
+                match me.launch(v).await {
+                    Ok(r) => {
+                        tracing::info!(workload = %r.name, id = %r.id, "essential workload restarted");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(workload = %w.name, error = %e, "essential restart failed; retrying");
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Removes a workload's triggers and agent; idempotent.
+    async fn teardown(&self, w: &Arc<Workload>) {
+        if w.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.workloads.lock().unwrap().remove(&w.id);
+        let triggers = w.triggers.lock().unwrap().take();
+        if let Some(t) = triggers {
+            t.stop().await;
+        }
+        self.pool.release(w.agent.clone()).await;
+        self.reserved_bytes
+            .fetch_sub(w.total_bytes, Ordering::SeqCst);
+        self.events
+            .log(&w.namespace, &w.name, &w.id, "DEBUG", "Workload stopped")
+            .await;
+    }
+
+    // ---------------------------------------------------------------- STOP
+
+    /// The STOP pipeline for a request received on `$NEX.STOP.{ns}.{node}`.
+    pub async fn stop(
+        self: &Arc<Self>,
+        ns: Option<&str>,
+        body: &[u8],
+    ) -> Result<StopResponse, String> {
+        let ns = match ns {
+            Some(n) if !n.is_empty() => n,
+            _ => return Err("Invalid subject for workload stop".into()),
+        };
+        let req: StopRequest = serde_json::from_slice(body)
+            .map_err(|e| format!("Unable to deserialize stop request: {e}"))?;
+        let w = self
+            .get(&req.workload_id)
+            .ok_or_else(|| "No such workload".to_string())?;
+        let claims = WorkloadClaims::decode(&req.workload_jwt)
+            .map_err(|e| format!("Invalid stop request: could not decode workload JWT: {e}"))?;
+        if claims.jti == w.claims.jti {
+            return Err("Invalid stop request: stop claims appear to be cloned or captured from the original start claims. Rejecting for security reasons".into());
+        }
+        if claims.sub != w.claims.sub {
+            return Err("Invalid stop request: stop claims subject does not match original start claims subject".into());
+        }
+        if claims.iss != w.claims.iss {
+            return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
+        }
+        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
+            return Err(format!(
+                "Invalid stop request: standard claims within JWT are not valid: {why}"
+            ));
+        }
+        if !w.namespace.eq_ignore_ascii_case(ns) {
+            return Err("No such workload".into());
+        }
+        self.stop_workload(&w).await;
+        Ok(StopResponse {
+            stopped: true,
+            id: w.id.clone(),
+            issuer: w.issuer.clone(),
+            name: w.name.clone(),
+        })
+    }
+
+    /// Stops a workload gracefully (SIGTERM, grace period, SIGKILL of the whole tree).
+    pub async fn stop_workload(self: &Arc<Self>, w: &Arc<Workload>) {
+        {
+            let mut life = w.life.lock().await;
+            if life.ended {
+                return;
+            }
+            life.stop_requested = true;
+        }
+        w.essential.store(false, Ordering::SeqCst);
+        if let Some(c) = w.validated.chain {
+            self.chains.lock().unwrap().remove(&c);
+        }
+        // Stop triggers first so no new call starts.
+        let triggers = w.triggers.lock().unwrap().take();
+        if let Some(t) = triggers {
+            t.stop().await;
+        }
+        let grace = Duration::from_millis(self.cfg.workload_stop_grace_ms);
+        let ended = w.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if let Err(e) = w
+            .agent
+            .client
+            .undeploy(grace + Duration::from_secs(2))
+            .await
+        {
+            tracing::warn!(id = %w.id, error = %e, "agent did not confirm undeploy; killing it");
+        }
+        // The agent reports the workload's exit; wait briefly for it, then end it ourselves.
+        if tokio::time::timeout(Duration::from_millis(500), ended)
+            .await
+            .is_err()
+        {
+            self.on_exit(w.clone(), 0, Some("Workload shutdown requested".into()))
+                .await;
+        }
+        self.teardown(w).await;
+    }
+
+    // ---------------------------------------------------------------- node-level
+
+    /// Enters lame duck mode; returns false when already in it.
+    pub async fn enter_lameduck(&self) -> bool {
+        if self.lameduck.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.ident
+            .tags
+            .write()
+            .unwrap()
+            .insert(nex_api::control::tags::LAMEDUCK.into(), "true".into());
+        for w in self.all() {
+            w.essential.store(false, Ordering::SeqCst);
+        }
+        self.chains.lock().unwrap().clear();
+        self.events
+            .node_event(
+                event_type::NODE_ENTERED_LAMEDUCK,
+                &json!({"version": nex_api::VERSION, "id": self.ident.node_id}),
+            )
+            .await;
+        true
+    }
+
+    /// Stops every workload (node shutdown).
+    pub async fn stop_all(self: &Arc<Self>) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.chains.lock().unwrap().clear();
+        let all = self.all();
+        futures::future::join_all(all.iter().map(|w| self.stop_workload(w))).await;
+    }
+
+    /// Deploys the config's autostart workloads, signed by the node's own issuer.
+    pub async fn autostart(self: &Arc<Self>) {
+        let list = self.cfg.autostart.workloads.clone();
+        for a in list {
+            let ns = if a.namespace.is_empty() {
+                nex_api::DEFAULT_NAMESPACE.to_string()
+            } else {
+                a.namespace.clone()
+            };
+            let claims = match WorkloadClaims::new(&a.name, None).encode(&self.ident.issuer) {
+                Ok(t) => WorkloadClaims::decode(&t).ok(),
+                Err(_) => None,
+            };
+            let Some(claims) = claims else { continue };
+            let wt = workload_type::canonical(&a.workload_type);
+            let req = DeployRequest {
+                argv: a.argv.clone(),
+                description: a.description.clone(),
+                workload_type: wt.clone(),
+                location: a.location.clone(),
+                essential: a.essential && wt == workload_type::NATIVE,
+                jsdomain: a.jsdomain.clone(),
+                target_node: self.ident.node_id.clone(),
+                trigger_subjects: a.trigger_subjects.clone(),
+                ..Default::default()
+            };
+            let chain = if req.essential {
+                Some(self.next_chain.fetch_add(1, Ordering::SeqCst))
+            } else {
+                None
+            };
+            let v = Validated {
+                namespace: ns,
+                request: req,
+                claims,
+                environment: a.environment.clone(),
+                workload_type: wt,
+                expected_hash: None,
+                retry_count: 0,
+                chain,
+            };
+            match self.launch(v).await {
+                Ok(r) => {
+                    tracing::info!(workload = %r.name, id = %r.id, "autostart workload deployed")
+                }
+                Err(e) => {
+                    tracing::error!(workload = %a.name, error = %e, "autostart workload failed")
+                }
+            }
+        }
+    }
+
+    /// The control connection (user NATS).
+    pub fn control(&self) -> &async_nats::Client {
+        &self.control
+    }
+
+    /// URL of the control connection's server.
+    pub fn control_url(&self) -> &str {
+        &self.control_url
+    }
+}
