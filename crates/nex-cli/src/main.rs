@@ -42,7 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli)) {
+    let res = rt.block_on(dispatch(cli));
+    // Do not wait for idle blocking threads (DNS lookups, file I/O) to time out.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{} {e:#}", output::paint("error:", "1;31"));

@@ -4,6 +4,7 @@
 //! so a third-party client needs nothing from this crate to interoperate.
 
 pub mod deploy;
+pub mod monitor;
 
 use std::time::Duration;
 

