@@ -71,7 +71,9 @@ pub async fn logs(
     workload_id: &str,
 ) -> Result<impl Stream<Item = EmittedLog>, ClientError> {
     let sub = nc
-        .subscribe(format!("$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}"))
+        .subscribe(format!(
+            "$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}"
+        ))
         .await
         .map_err(|e| ClientError::Nats(e.to_string()))?;
     Ok(sub.filter_map(|m| async move {
