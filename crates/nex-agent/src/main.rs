@@ -18,9 +18,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use nex_api::agent::{
-    level, AgentDeployRequest, DeployResponse, HandshakeRequest, LogEntry, WorkloadStatusEvent,
-};
+use nex_api::agent::{level, AgentDeployRequest, DeployResponse, HandshakeRequest, LogEntry, WorkloadStatusEvent};
 use nex_api::subjects::internal;
 
 use providers::Provider;
@@ -41,11 +39,7 @@ pub struct Agent {
 impl Agent {
     /// Ships one log line to the node.
     pub async fn log(&self, source: &str, lvl: i32, text: &str) {
-        let e = LogEntry {
-            source: source.to_string(),
-            level: lvl,
-            text: text.to_string(),
-        };
+        let e = LogEntry { source: source.to_string(), level: lvl, text: text.to_string() };
         if let Ok(b) = serde_json::to_vec(&e) {
             let _ = self.nc.publish(internal::logs(&self.id), b.into()).await;
         }
@@ -53,18 +47,11 @@ impl Agent {
 
     /// Reports that the workload ended.
     pub async fn workload_undeployed(&self, name: &str, code: i32, message: &str) {
-        let ev = WorkloadStatusEvent {
-            workload_name: name.to_string(),
-            code,
-            message: Some(message.to_string()),
-        };
+        let ev = WorkloadStatusEvent { workload_name: name.to_string(), code, message: Some(message.to_string()) };
         if let Ok(b) = serde_json::to_vec(&ev) {
             let _ = self
                 .nc
-                .publish(
-                    internal::events(&self.id, nex_api::events::event_type::WORKLOAD_UNDEPLOYED),
-                    b.into(),
-                )
+                .publish(internal::events(&self.id, nex_api::events::event_type::WORKLOAD_UNDEPLOYED), b.into())
                 .await;
             let _ = self.nc.flush().await;
         }
@@ -72,10 +59,7 @@ impl Agent {
 }
 
 fn main() -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nex-agent: cannot start runtime: {e}");
@@ -99,14 +83,8 @@ async fn run() -> Result<()> {
         .connect(&url)
         .await
         .with_context(|| format!("connecting to the node's internal NATS at {url}"))?;
-    let work_dir = std::env::var("NEX_AGENT_WORKDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir());
-    let agent = Arc::new(Agent {
-        id: md.vmid.clone(),
-        nc: nc.clone(),
-        work_dir,
-    });
+    let work_dir = std::env::var("NEX_AGENT_WORKDIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let agent = Arc::new(Agent { id: md.vmid.clone(), nc: nc.clone(), work_dir });
 
     let mut deploys = nc.subscribe(internal::deploy(&agent.id)).await?;
     let mut undeploys = nc.subscribe(internal::undeploy(&agent.id)).await?;
@@ -162,31 +140,20 @@ async fn handshake(agent: &Agent, message: &str) -> Result<()> {
     loop {
         let r = tokio::time::timeout(
             Duration::from_millis(500),
-            agent
-                .nc
-                .request(internal::handshake(&agent.id), body.clone()),
+            agent.nc.request(internal::handshake(&agent.id), body.clone()),
         )
         .await;
         match r {
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) if Instant::now() > deadline => {
-                return Err(anyhow!("handshake failed: {e}"))
-            }
+            Ok(Err(e)) if Instant::now() > deadline => return Err(anyhow!("handshake failed: {e}")),
             Err(_) if Instant::now() > deadline => return Err(anyhow!("handshake timed out")),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
 
-async fn deploy(
-    agent: &Arc<Agent>,
-    slot: &Mutex<Option<Arc<Provider>>>,
-    body: &[u8],
-) -> DeployResponse {
-    let reject = |m: String| DeployResponse {
-        accepted: false,
-        message: Some(m),
-    };
+async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Option<Arc<Provider>>>, body: &[u8]) -> DeployResponse {
+    let reject = |m: String| DeployResponse { accepted: false, message: Some(m) };
     let req: AgentDeployRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return reject(format!("invalid deploy request: {e}")),
@@ -205,10 +172,7 @@ async fn deploy(
     match Provider::deploy(agent.clone(), &req, path).await {
         Ok(p) => {
             *slot = Some(Arc::new(p));
-            DeployResponse {
-                accepted: true,
-                message: Some("Workload deployed".into()),
-            }
+            DeployResponse { accepted: true, message: Some("Workload deployed".into()) }
         }
         Err(e) => {
             agent.log("nex-agent", level::ERROR, &e).await;
@@ -219,29 +183,41 @@ async fn deploy(
 
 /// Copies the artifact from the account's cache bucket into the work directory.
 async fn fetch_artifact(agent: &Agent, req: &AgentDeployRequest) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(p) = &req.local_path {
+        // The node wrote it next to us (tiers sharing the host file system).
+        let path = PathBuf::from(p);
+        let len = std::fs::metadata(&path).with_context(|| format!("artifact {}", path.display()))?.len();
+        if len != req.total_bytes {
+            return Err(anyhow!("artifact is {len} bytes, expected {}", req.total_bytes));
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        return Ok(path);
+    }
+    let mut last = None;
+    for _ in 0..5 {
+        match fetch_from_cache(agent, req).await {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("artifact not fetched")))
+}
+
+async fn fetch_from_cache(agent: &Agent, req: &AgentDeployRequest) -> Result<PathBuf> {
     let path = agent.work_dir.join("workload");
     let js = async_nats::jetstream::new(agent.nc.clone());
-    let store = js
-        .get_object_store(CACHE_BUCKET)
-        .await
-        .map_err(|e| anyhow!("binding {CACHE_BUCKET}: {e}"))?;
-    let mut obj = store
-        .get(CACHE_KEY)
-        .await
-        .map_err(|e| anyhow!("reading {CACHE_BUCKET}/{CACHE_KEY}: {e}"))?;
-    let mut f = tokio::fs::File::create(&path)
-        .await
-        .with_context(|| format!("creating {}", path.display()))?;
-    let n = tokio::io::copy(&mut obj, &mut f)
-        .await
-        .context("writing the artifact")?;
+    let store = js.get_object_store(CACHE_BUCKET).await.map_err(|e| anyhow!("binding {CACHE_BUCKET}: {e}"))?;
+    let mut obj = store.get(CACHE_KEY).await.map_err(|e| anyhow!("reading {CACHE_BUCKET}/{CACHE_KEY}: {e}"))?;
+    let mut f = tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
+    let n = tokio::io::copy(&mut obj, &mut f).await.context("writing the artifact")?;
     f.flush().await?;
     drop(f);
     if n != req.total_bytes {
-        return Err(anyhow!(
-            "artifact is {n} bytes, expected {}",
-            req.total_bytes
-        ));
+        return Err(anyhow!("artifact is {n} bytes, expected {}", req.total_bytes));
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
@@ -267,10 +243,7 @@ async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats
             let _ = nc.publish_with_headers(reply, h, out.into()).await;
         }
         Err(e) => {
-            h.insert(
-                nex_api::agent::HEADER_ERROR,
-                e.replace(['\r', '\n'], " ").as_str(),
-            );
+            h.insert(nex_api::agent::HEADER_ERROR, e.replace(['\r', '\n'], " ").as_str());
             let _ = nc.publish_with_headers(reply, h, Bytes::new()).await;
         }
     }

@@ -98,10 +98,7 @@ pub struct FunctionLimits {
 
 impl Default for FunctionLimits {
     fn default() -> Self {
-        FunctionLimits {
-            timeout_ms: 5000,
-            memory_mib: 64,
-        }
+        FunctionLimits { timeout_ms: 5000, memory_mib: 64 }
     }
 }
 

@@ -45,11 +45,7 @@ impl Envelope {
 
     /// A failure envelope (`data` is `""` as in Nex 0.2.x).
     pub fn fail(kind: &str, error: impl Into<String>) -> Self {
-        Envelope {
-            kind: kind.to_string(),
-            data: serde_json::Value::String(String::new()),
-            error: Some(error.into()),
-        }
+        Envelope { kind: kind.to_string(), data: serde_json::Value::String(String::new()), error: Some(error.into()) }
     }
 
     /// Serialized bytes.
@@ -297,10 +293,8 @@ mod tests {
 
     #[test]
     fn deploy_request_ignores_unknown_fields_and_omits_empty_ones() {
-        let r: DeployRequest = serde_json::from_str(
-            r#"{"type":"native","location":"nats://B/k","workload_jwt":"x","bogus":1}"#,
-        )
-        .unwrap();
+        let r: DeployRequest =
+            serde_json::from_str(r#"{"type":"native","location":"nats://B/k","workload_jwt":"x","bogus":1}"#).unwrap();
         assert_eq!(r.workload_type, "native");
         let s = serde_json::to_string(&r).unwrap();
         assert!(!s.contains("argv") && !s.contains("essential") && !s.contains("trigger"));

@@ -28,37 +28,21 @@ pub enum EnvError {
 }
 
 /// Seals `env` from `sender` to the node whose public xkey is `recipient`.
-pub fn seal(
-    env: &BTreeMap<String, String>,
-    sender: &XKey,
-    recipient: &str,
-) -> Result<String, EnvError> {
-    let target = XKey::from_public_key(recipient)
-        .map_err(|e| EnvError::Seal(format!("target xkey: {e}")))?;
+pub fn seal(env: &BTreeMap<String, String>, sender: &XKey, recipient: &str) -> Result<String, EnvError> {
+    let target = XKey::from_public_key(recipient).map_err(|e| EnvError::Seal(format!("target xkey: {e}")))?;
     let plain = serde_json::to_vec(env).map_err(|e| EnvError::Seal(e.to_string()))?;
-    let sealed = sender
-        .seal(&plain, &target)
-        .map_err(|e| EnvError::Seal(e.to_string()))?;
+    let sealed = sender.seal(&plain, &target).map_err(|e| EnvError::Seal(e.to_string()))?;
     Ok(STANDARD.encode(sealed))
 }
 
 /// Opens an environment sealed to `node` by `sender_public`. An empty string is an empty map.
-pub fn open(
-    sealed_b64: &str,
-    node: &XKey,
-    sender_public: &str,
-) -> Result<BTreeMap<String, String>, EnvError> {
+pub fn open(sealed_b64: &str, node: &XKey, sender_public: &str) -> Result<BTreeMap<String, String>, EnvError> {
     if sealed_b64.trim().is_empty() {
         return Ok(BTreeMap::new());
     }
-    let sender =
-        XKey::from_public_key(sender_public).map_err(|e| EnvError::SenderKey(e.to_string()))?;
-    let sealed = STANDARD
-        .decode(sealed_b64.trim())
-        .map_err(|e| EnvError::Base64(e.to_string()))?;
-    let plain = node
-        .open(&sealed, &sender)
-        .map_err(|e| EnvError::Open(e.to_string()))?;
+    let sender = XKey::from_public_key(sender_public).map_err(|e| EnvError::SenderKey(e.to_string()))?;
+    let sealed = STANDARD.decode(sealed_b64.trim()).map_err(|e| EnvError::Base64(e.to_string()))?;
+    let plain = node.open(&sealed, &sender).map_err(|e| EnvError::Open(e.to_string()))?;
     serde_json::from_slice(&plain).map_err(|e| EnvError::Json(e.to_string()))
 }
 
@@ -76,14 +60,8 @@ mod tests {
         let sealed = seal(&env, &sender, &node.public_key()).unwrap();
         assert_eq!(open(&sealed, &node, &sender.public_key()).unwrap(), env);
         let other = XKey::new();
-        assert!(matches!(
-            open(&sealed, &other, &sender.public_key()),
-            Err(EnvError::Open(_))
-        ));
-        assert!(matches!(
-            open("!!!", &node, &sender.public_key()),
-            Err(EnvError::Base64(_))
-        ));
+        assert!(matches!(open(&sealed, &other, &sender.public_key()), Err(EnvError::Open(_))));
+        assert!(matches!(open("!!!", &node, &sender.public_key()), Err(EnvError::Base64(_))));
         assert!(open("", &node, &sender.public_key()).unwrap().is_empty());
     }
 }

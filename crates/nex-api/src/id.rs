@@ -8,23 +8,17 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub fn new_workload_id() -> String {
     let secs = chrono::Utc::now().timestamp() as u32;
     let rnd: [u8; 5] = rand::random();
-    let seq = COUNTER
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_add(rand::random::<u16>() as u32);
+    let seq = COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_add(rand::random::<u16>() as u32);
     let mut raw = [0u8; 12];
     raw[..4].copy_from_slice(&secs.to_be_bytes());
     raw[4..9].copy_from_slice(&rnd);
     raw[9..].copy_from_slice(&seq.to_be_bytes()[1..]);
-    data_encoding::BASE32HEX_NOPAD
-        .encode(&raw)
-        .to_ascii_lowercase()
+    data_encoding::BASE32HEX_NOPAD.encode(&raw).to_ascii_lowercase()
 }
 
 /// True when `s` has the shape of a workload id (safe to use as a subject token and file name).
 pub fn is_workload_id(s: &str) -> bool {
-    s.len() == 20
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'v').contains(&b))
+    s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'v').contains(&b))
 }
 
 #[cfg(test)]

@@ -104,43 +104,29 @@ impl WorkloadClaims {
         h.update(serde_json::to_vec(&self).map_err(|e| JwtError::Sign(e.to_string()))?);
         h.update(rand::random::<[u8; 16]>());
         self.jti = data_encoding::BASE32_NOPAD.encode(&h.finalize());
-        let header = Header {
-            typ: "JWT".into(),
-            alg: "ed25519-nkey".into(),
-        };
+        let header = Header { typ: "JWT".into(), alg: "ed25519-nkey".into() };
         let head = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap_or_default());
-        let body = URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(&self).map_err(|e| JwtError::Sign(e.to_string()))?);
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&self).map_err(|e| JwtError::Sign(e.to_string()))?);
         let signing_input = format!("{head}.{body}");
-        let sig = issuer
-            .sign(signing_input.as_bytes())
-            .map_err(|e| JwtError::Sign(e.to_string()))?;
+        let sig = issuer.sign(signing_input.as_bytes()).map_err(|e| JwtError::Sign(e.to_string()))?;
         Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 
     /// Decodes `token` and verifies its signature against its `iss`.
     pub fn decode(token: &str) -> Result<Self, JwtError> {
         let mut parts = token.trim().split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(JwtError::Malformed);
         };
         let header: Header = decode_json(h, "header")?;
-        if !header.alg.eq_ignore_ascii_case("ed25519-nkey")
-            && !header.alg.eq_ignore_ascii_case("ed25519")
-        {
+        if !header.alg.eq_ignore_ascii_case("ed25519-nkey") && !header.alg.eq_ignore_ascii_case("ed25519") {
             return Err(JwtError::Algorithm(header.alg));
         }
         let claims: WorkloadClaims = decode_json(p, "payload")?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|e| JwtError::BadSegment("signature", e.to_string()))?;
-        let key = KeyPair::from_public_key(&claims.iss)
-            .map_err(|_| JwtError::Issuer(claims.iss.clone()))?;
+        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|e| JwtError::BadSegment("signature", e.to_string()))?;
+        let key = KeyPair::from_public_key(&claims.iss).map_err(|_| JwtError::Issuer(claims.iss.clone()))?;
         let signing_input = &token.trim()[..h.len() + 1 + p.len()];
-        key.verify(signing_input.as_bytes(), &sig)
-            .map_err(|_| JwtError::Signature)?;
+        key.verify(signing_input.as_bytes(), &sig).map_err(|_| JwtError::Signature)?;
         Ok(claims)
     }
 
@@ -161,27 +147,18 @@ impl WorkloadClaims {
 }
 
 fn rfc3339(secs: i64) -> String {
-    chrono::DateTime::from_timestamp(secs, 0)
-        .map(|t| t.to_rfc3339())
-        .unwrap_or_else(|| secs.to_string())
+    chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339()).unwrap_or_else(|| secs.to_string())
 }
 
-fn decode_json<T: serde::de::DeserializeOwned>(
-    seg: &str,
-    what: &'static str,
-) -> Result<T, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(seg.trim_end_matches('='))
-        .map_err(|e| JwtError::BadSegment(what, e.to_string()))?;
+fn decode_json<T: serde::de::DeserializeOwned>(seg: &str, what: &'static str) -> Result<T, JwtError> {
+    let bytes =
+        URL_SAFE_NO_PAD.decode(seg.trim_end_matches('=')).map_err(|e| JwtError::BadSegment(what, e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| JwtError::BadSegment(what, e.to_string()))
 }
 
 /// True when `name` matches `^[a-zA-Z0-9_-]+$`.
 pub fn is_valid_workload_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -201,9 +178,7 @@ mod tests {
     #[test]
     fn round_trip_and_tamper() {
         let issuer = KeyPair::new_account();
-        let tok = WorkloadClaims::new("echo", Some("abcd"))
-            .encode(&issuer)
-            .unwrap();
+        let tok = WorkloadClaims::new("echo", Some("abcd")).encode(&issuer).unwrap();
         let c = WorkloadClaims::decode(&tok).unwrap();
         assert_eq!(c.sub, "echo");
         assert_eq!(c.iss, issuer.public_key());
@@ -214,12 +189,8 @@ mod tests {
         let parts: Vec<&str> = tok.split('.').collect();
         let mut claims = c.clone();
         claims.sub = "other".into();
-        let forged = format!(
-            "{}.{}.{}",
-            parts[0],
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap()),
-            parts[2]
-        );
+        let forged =
+            format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap()), parts[2]);
         assert_eq!(WorkloadClaims::decode(&forged), Err(JwtError::Signature));
         assert_eq!(WorkloadClaims::decode("a.b"), Err(JwtError::Malformed));
     }
@@ -227,10 +198,8 @@ mod tests {
     #[test]
     fn two_tokens_have_distinct_jti() {
         let issuer = KeyPair::new_account();
-        let a = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap())
-            .unwrap();
-        let b = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap())
-            .unwrap();
+        let a = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap()).unwrap();
+        let b = WorkloadClaims::decode(&WorkloadClaims::new("x", None).encode(&issuer).unwrap()).unwrap();
         assert_ne!(a.jti, b.jti);
     }
 

@@ -46,16 +46,8 @@ mod tests {
         assert_eq!(format(Duration::from_secs(5)), "5s");
         assert_eq!(format(Duration::from_secs(245)), "4m5s");
         assert_eq!(format(Duration::from_secs(3 * 3600 + 245)), "3h4m5s");
-        assert_eq!(
-            format(Duration::from_secs(2 * 86400 + 3 * 3600 + 245)),
-            "2d3h4m5s"
-        );
-        assert_eq!(
-            format(Duration::from_secs(
-                365 * 86400 + 2 * 86400 + 3 * 3600 + 245
-            )),
-            "1y2d3h4m5s"
-        );
+        assert_eq!(format(Duration::from_secs(2 * 86400 + 3 * 3600 + 245)), "2d3h4m5s");
+        assert_eq!(format(Duration::from_secs(365 * 86400 + 2 * 86400 + 3 * 3600 + 245)), "1y2d3h4m5s");
         assert_eq!(format_runtime(Duration::from_nanos(500)), "500ns");
         assert_eq!(format_runtime(Duration::from_millis(12)), "12ms");
     }

@@ -23,13 +23,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
     /// NATS server URL(s), comma separated
-    #[arg(
-        short = 's',
-        long = "server",
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
+    #[arg(short = 's', long = "server", env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
     pub server: String,
     /// User credentials file (JWT auth)
     #[arg(long, env = "NATS_CREDS", global = true)]
@@ -79,10 +73,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 2s, 750ms or 1m)"))?;
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration (try 2s, 750ms or 1m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -124,14 +115,10 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Start a node and keep it running until Ctrl-C
-    #[command(
-        after_help = "Example:\n  nex node up --config ./config.json --no-sandbox --tags region=eu"
-    )]
+    #[command(after_help = "Example:\n  nex node up --config ./config.json --no-sandbox --tags region=eu")]
     Up(crate::commands::node::UpArgs),
     /// List the nodes on this NATS
-    #[command(
-        after_help = "Example:\n  nex node ls --full\n  nex node ls --json | jq '.[].node_id'"
-    )]
+    #[command(after_help = "Example:\n  nex node ls --full\n  nex node ls --json | jq '.[].node_id'")]
     Ls(crate::commands::node::LsArgs),
     /// Show a node's details and its workloads in --namespace
     #[command(after_help = "Example:\n  nex node info NBCD… --full")]

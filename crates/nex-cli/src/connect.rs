@@ -5,24 +5,15 @@ use anyhow::{Context, Result};
 use crate::cli::GlobalOpts;
 
 /// Connects with `g`'s options; `reconnect_forever` for long-running processes (the node).
-pub async fn connect(
-    g: &GlobalOpts,
-    name: &str,
-    reconnect_forever: bool,
-) -> Result<async_nats::Client> {
+pub async fn connect(g: &GlobalOpts, name: &str, reconnect_forever: bool) -> Result<async_nats::Client> {
     let mut opts = match (&g.creds, &g.nkey) {
         (Some(creds), _) => async_nats::ConnectOptions::with_credentials_file(creds.clone())
             .await
             .with_context(|| format!("reading credentials {}", creds.display()))?,
         (None, Some(nkey)) => {
-            let seed = std::fs::read_to_string(nkey)
-                .with_context(|| format!("reading nkey seed {}", nkey.display()))?;
-            let seed = seed
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with('S'))
-                .unwrap_or("")
-                .to_string();
+            let seed =
+                std::fs::read_to_string(nkey).with_context(|| format!("reading nkey seed {}", nkey.display()))?;
+            let seed = seed.lines().map(str::trim).find(|l| l.starts_with('S')).unwrap_or("").to_string();
             async_nats::ConnectOptions::with_nkey(seed)
         }
         (None, None) => match (&g.user, &g.password) {
@@ -52,10 +43,7 @@ pub async fn connect(
         .collect::<Result<_, _>>()
         .with_context(|| format!("invalid --server {:?}", g.server))?;
     if reconnect_forever {
-        let client = opts
-            .connect(urls)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", g.server))?;
+        let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", g.server))?;
         // Wait (bounded) for the first connection so start-up errors are visible.
         for _ in 0..100 {
             if client.connection_state() == async_nats::connection::State::Connected {

@@ -18,10 +18,7 @@ fn init_logging(g: &cli::GlobalOpts) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NEX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn")));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     if g.logjson {
         b.json().init();
     } else {
@@ -32,10 +29,7 @@ fn init_logging(g: &cli::GlobalOpts) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");

@@ -18,15 +18,7 @@ pub fn paint(s: &str, code: &str) -> String {
 
 /// Display width of `s` (characters; emoji count as two columns).
 fn width(s: &str) -> usize {
-    s.chars()
-        .map(|c| {
-            if (c as u32) >= 0x1F000 || c == '✅' || c == '⛔' {
-                2
-            } else {
-                1
-            }
-        })
-        .sum()
+    s.chars().map(|c| if (c as u32) >= 0x1F000 || c == '✅' || c == '⛔' { 2 } else { 1 }).sum()
 }
 
 /// A table with a title, a header row and aligned columns.
@@ -40,11 +32,7 @@ pub struct Table {
 impl Table {
     /// A table titled `title` with columns `header`.
     pub fn new(title: &str, header: &[&str]) -> Self {
-        Table {
-            title: title.to_string(),
-            header: header.iter().map(|s| s.to_string()).collect(),
-            rows: Vec::new(),
-        }
+        Table { title: title.to_string(), header: header.iter().map(|s| s.to_string()).collect(), rows: Vec::new() }
     }
 
     /// Adds a row.
@@ -85,11 +73,7 @@ impl Table {
         if !self.title.is_empty() {
             out.push_str(&format!("╭{}╮\n", "─".repeat(total - 2)));
             let pad = total - 4 - width(&self.title).min(total - 4);
-            out.push_str(&format!(
-                "│ {}{} │\n",
-                paint(&self.title, "1"),
-                " ".repeat(pad)
-            ));
+            out.push_str(&format!("│ {}{} │\n", paint(&self.title, "1"), " ".repeat(pad)));
             out.push_str(&line('├', '┬', '┤'));
         } else {
             out.push_str(&line('╭', '┬', '╮'));

@@ -46,74 +46,25 @@ async fn discovery_ping_auction_wping_info() {
         .await,
         1
     );
-    assert_eq!(
-        auction(AuctionRequest {
-            sandboxed: Some(true),
-            ..Default::default()
-        })
-        .await,
-        0
-    );
-    assert_eq!(
-        auction(AuctionRequest {
-            sandboxed: Some(false),
-            ..Default::default()
-        })
-        .await,
-        1
-    );
-    assert_eq!(
-        auction(AuctionRequest {
-            os: Some("windows".into()),
-            ..Default::default()
-        })
-        .await,
-        0
-    );
+    assert_eq!(auction(AuctionRequest { sandboxed: Some(true), ..Default::default() }).await, 0);
+    assert_eq!(auction(AuctionRequest { sandboxed: Some(false), ..Default::default() }).await, 1);
+    assert_eq!(auction(AuctionRequest { os: Some("windows".into()), ..Default::default() }).await, 0);
     let mut tags = std::collections::BTreeMap::new();
     tags.insert("region".to_string(), "EU".to_string());
-    assert_eq!(
-        auction(AuctionRequest {
-            tags: tags.clone(),
-            ..Default::default()
-        })
-        .await,
-        1
-    );
+    assert_eq!(auction(AuctionRequest { tags: tags.clone(), ..Default::default() }).await, 1);
     tags.insert("region".to_string(), "us".to_string());
-    assert_eq!(
-        auction(AuctionRequest {
-            tags,
-            ..Default::default()
-        })
-        .await,
-        0
-    );
-    assert_eq!(
-        auction(AuctionRequest {
-            workload_types: vec!["oci".into()],
-            ..Default::default()
-        })
-        .await,
-        0
-    );
+    assert_eq!(auction(AuctionRequest { tags, ..Default::default() }).await, 0);
+    assert_eq!(auction(AuctionRequest { workload_types: vec!["oci".into()], ..Default::default() }).await, 0);
 
     // WPING is silent without workloads.
     assert!(g.ping_workloads(None).await.unwrap().is_empty());
 
     // INFO is namespaced.
-    let b = user
-        .native("nsworker", &script("exec /bin/sleep 600"))
-        .await;
+    let b = user.native("nsworker", &script("exec /bin/sleep 600")).await;
     let r = user.deploy(&node.id, &b).await.unwrap();
     let other = User::in_namespace(&nats, "other").await;
     assert!(other.info(&node.id).await.machines.is_empty());
-    assert!(other
-        .gather(400)
-        .ping_workloads(None)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(other.gather(400).ping_workloads(None).await.unwrap().is_empty());
     let mine = user.info(&node.id).await;
     assert_eq!(mine.machines.len(), 1);
     assert_eq!(mine.machines[0].id, r.id);
@@ -139,9 +90,7 @@ async fn deploy_rejections_follow_the_pipeline() {
     )
     .await;
     let user = User::new(&nats).await;
-    let base = user
-        .native("rejected", &script("exec /bin/sleep 600"))
-        .await;
+    let base = user.native("rejected", &script("exec /bin/sleep 600")).await;
     let info = user.info(&node.id).await;
     let deploy_raw = |req: serde_json::Value| {
         let user = &user;
@@ -151,38 +100,23 @@ async fn deploy_rejections_follow_the_pipeline() {
     let expect_err = |env: serde_json::Value, needle: &str| {
         assert_eq!(env["type"], "io.nats.nex.v1.run_response", "{env}");
         assert_eq!(env["data"], "", "{env}");
-        let e = env["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error in {env}"));
+        let e = env["error"].as_str().unwrap_or_else(|| panic!("no error in {env}"));
         assert!(e.contains(needle), "expected {needle:?} in {e:?}");
     };
-    let good = base
-        .build(&user.issuer, &user.xkey, &node.id, &info.public_xkey)
-        .unwrap();
+    let good = base.build(&user.issuer, &user.xkey, &node.id, &info.public_xkey).unwrap();
     let good_json = serde_json::to_value(&good).unwrap();
 
     // 4: body does not parse.
-    let reply = user
-        .raw(
-            &format!("$NEX.DEPLOY.default.{}", node.id),
-            b"{not json".to_vec(),
-        )
-        .await;
+    let reply = user.raw(&format!("$NEX.DEPLOY.default.{}", node.id), b"{not json".to_vec()).await;
     expect_err(reply, "Unable to deserialize deploy request:");
     // 5: type not accepted by this node.
     let mut r = good_json.clone();
     r["type"] = json!("v8");
-    expect_err(
-        deploy_raw(r).await,
-        "Unsupported workload type on this node: v8",
-    );
+    expect_err(deploy_raw(r).await, "Unsupported workload type on this node: v8");
     // 6: triggers on a service.
     let mut r = good_json.clone();
     r["trigger_subjects"] = json!(["a.b"]);
-    expect_err(
-        deploy_raw(r).await,
-        "Unsupported workload type for trigger subject registration: native",
-    );
+    expect_err(deploy_raw(r).await, "Unsupported workload type for trigger subject registration: native");
     // 7: deny list, built in and configured.
     for s in ["$SYS.foo", "$JS.API.>", "$NEX.PING", ">", "secret.plans"] {
         let mut r = good_json.clone();
@@ -196,46 +130,31 @@ async fn deploy_rejections_follow_the_pipeline() {
     // 8: environment that does not open.
     let mut r = good_json.clone();
     r["environment"] = json!("bm90IHNlYWxlZA==");
-    expect_err(
-        deploy_raw(r).await,
-        "Failed to decrypt environment for deploy request:",
-    );
+    expect_err(deploy_raw(r).await, "Failed to decrypt environment for deploy request:");
     let stranger = nkeys::XKey::new();
-    let sealed =
-        nex_api::env::seal(&env(&[("A", "B")]), &user.xkey, &stranger.public_key()).unwrap();
+    let sealed = nex_api::env::seal(&env(&[("A", "B")]), &user.xkey, &stranger.public_key()).unwrap();
     let mut r = good_json.clone();
     r["environment"] = json!(sealed);
-    expect_err(
-        deploy_raw(r).await,
-        "Failed to decrypt environment for deploy request:",
-    );
+    expect_err(deploy_raw(r).await, "Failed to decrypt environment for deploy request:");
     // 9: JWTs.
     let mut r = good_json.clone();
     r["workload_jwt"] = json!("abc");
-    expect_err(
-        deploy_raw(r).await,
-        "Invalid deploy request: could not decode workload JWT:",
-    );
+    expect_err(deploy_raw(r).await, "Invalid deploy request: could not decode workload JWT:");
     let other_issuer = nkeys::KeyPair::new_account();
     let forged = {
-        let tok = WorkloadClaims::new("rejected", Some(&base.hash))
-            .encode(&other_issuer)
-            .unwrap();
+        let tok = WorkloadClaims::new("rejected", Some(&base.hash)).encode(&other_issuer).unwrap();
         let mut parts: Vec<String> = tok.split('.').map(str::to_string).collect();
         let mut claims = WorkloadClaims::decode(&tok).unwrap();
         claims.iss = user.issuer.public_key();
         use base64::Engine;
-        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(&claims).unwrap());
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
         parts.join(".")
     };
     let mut r = good_json.clone();
     r["workload_jwt"] = json!(forged);
     expect_err(deploy_raw(r).await, "signature verification failed");
     let mut r = good_json.clone();
-    r["workload_jwt"] = json!(WorkloadClaims::new("bad.name", Some(&base.hash))
-        .encode(&user.issuer)
-        .unwrap());
+    r["workload_jwt"] = json!(WorkloadClaims::new("bad.name", Some(&base.hash)).encode(&user.issuer).unwrap());
     expect_err(
         deploy_raw(r).await,
         "Invalid deploy request: workload name claim ('bad.name') does not match requirements (^[a-zA-Z0-9_-]+$)",
@@ -245,23 +164,15 @@ async fn deploy_rejections_follow_the_pipeline() {
     c.exp = Some(chrono::Utc::now().timestamp() - 10);
     let mut r = good_json.clone();
     r["workload_jwt"] = json!(c.encode(&user.issuer).unwrap());
-    expect_err(
-        deploy_raw(r).await,
-        "Invalid deploy request: standard claims within JWT are not valid: token expired",
-    );
+    expect_err(deploy_raw(r).await, "Invalid deploy request: standard claims within JWT are not valid: token expired");
     // W3: no hash claim, wrong hash claim.
     let mut r = good_json.clone();
-    r["workload_jwt"] = json!(WorkloadClaims::new("rejected", None)
-        .encode(&user.issuer)
-        .unwrap());
+    r["workload_jwt"] = json!(WorkloadClaims::new("rejected", None).encode(&user.issuer).unwrap());
     expect_err(deploy_raw(r).await, "hash");
     let mut r = good_json.clone();
-    r["workload_jwt"] = json!(WorkloadClaims::new(
-        "rejected",
-        Some(&nex_api::jwt::sha256_hex(b"other bytes"))
-    )
-    .encode(&user.issuer)
-    .unwrap());
+    r["workload_jwt"] = json!(WorkloadClaims::new("rejected", Some(&nex_api::jwt::sha256_hex(b"other bytes")))
+        .encode(&user.issuer)
+        .unwrap());
     expect_err(deploy_raw(r).await, "artifact hash mismatch");
     // 12: missing object / bucket.
     let mut r = good_json.clone();
@@ -273,19 +184,13 @@ async fn deploy_rejections_follow_the_pipeline() {
     // 13: too large.
     let big = user.native("bigone", &vec![b'#'; 5000]).await;
     let e = user.deploy(&node.id, &big).await.unwrap_err();
-    assert!(
-        e.contains("Workload file size would exceed node limitations"),
-        "{e}"
-    );
+    assert!(e.contains("Workload file size would exceed node limitations"), "{e}");
     // 15: the agent cannot load it (not a WebAssembly module).
     let mut junk = user.native("junk", b"this is not a program").await;
     junk.workload_type = "wasm".into();
     junk.trigger_subjects = vec!["junk.trigger".into()];
     let e = user.deploy(&node.id, &junk).await.unwrap_err();
-    assert!(
-        e.contains("Failed to deploy workload: workload rejected by agent:"),
-        "{e}"
-    );
+    assert!(e.contains("Failed to deploy workload: workload rejected by agent:"), "{e}");
 
     // After all that, the original still deploys once — and only once (W4 replay).
     let ok = deploy_raw(good_json.clone()).await;
@@ -310,37 +215,20 @@ async fn node_limits_and_valid_issuers() {
     )
     .await;
     let mut user = User::new(&nats).await;
-    let mut b = user
-        .native(
-            "first",
-            &[b"#!/bin/sh\nexec /bin/sleep 600\n".as_slice(), &[b'#'; 70]].concat(),
-        )
-        .await;
+    let mut b = user.native("first", &[b"#!/bin/sh\nexec /bin/sleep 600\n".as_slice(), &[b'#'; 70]].concat()).await;
     let e = user.deploy(&node.id, &b).await.unwrap_err();
-    assert_eq!(
-        e,
-        format!("invalid workload issuer: {}", user.issuer.public_key())
-    );
+    assert_eq!(e, format!("invalid workload issuer: {}", user.issuer.public_key()));
     user.issuer = allowed;
-    user.deploy(&node.id, &b)
-        .await
-        .expect("allowed issuer deploys");
+    user.deploy(&node.id, &b).await.expect("allowed issuer deploys");
     b.name = "second".into();
     let e = user.deploy(&node.id, &b).await.unwrap_err();
-    assert_eq!(
-        e,
-        "Node is at maximum workload limit. Deploy request denied"
-    );
+    assert_eq!(e, "Node is at maximum workload limit. Deploy request denied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_bytes_limit() {
     let nats = NatsServer::start();
-    let node = Node::start(
-        &nats,
-        json!({"node_limits": {"max_total_bytes": 150}, "machine_pool_size": 2}),
-    )
-    .await;
+    let node = Node::start(&nats, json!({"node_limits": {"max_total_bytes": 150}, "machine_pool_size": 2})).await;
     let user = User::new(&nats).await;
     let body = [b"#!/bin/sh\nexec /bin/sleep 600\n".as_slice(), &[b'#'; 70]].concat();
     let a = user.native("one", &body).await;
@@ -355,9 +243,7 @@ async fn stop_rules() {
     let nats = NatsServer::start();
     let node = Node::start(&nats, json!({})).await;
     let user = User::new(&nats).await;
-    let b = user
-        .native("stoppable", &script("exec /bin/sleep 600"))
-        .await;
+    let b = user.native("stoppable", &script("exec /bin/sleep 600")).await;
     let req = user.request(&node.id, &b).await;
     let r = user.client.deploy(&node.id, &req).await.unwrap();
     let stop_subject = format!("$NEX.STOP.default.{}", node.id);
@@ -368,19 +254,16 @@ async fn stop_rules() {
     };
     let expect_err = |env: serde_json::Value, needle: &str| {
         assert_eq!(env["type"], "io.nats.nex.v1.stop_response", "{env}");
-        let e = env["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error in {env}"));
+        let e = env["error"].as_str().unwrap_or_else(|| panic!("no error in {env}"));
         assert!(e.contains(needle), "expected {needle:?} in {e:?}");
     };
-    let fresh = |issuer: &nkeys::KeyPair, name: &str| {
-        WorkloadClaims::new(name, None).encode(issuer).unwrap()
-    };
+    let fresh = |issuer: &nkeys::KeyPair, name: &str| WorkloadClaims::new(name, None).encode(issuer).unwrap();
 
     let env = user.raw(&stop_subject, b"][".to_vec()).await;
     expect_err(env, "Unable to deserialize stop request:");
     expect_err(
-        stop_raw(json!({"workload_id": "nosuchworkload000000", "workload_jwt": fresh(&user.issuer, "stoppable")})).await,
+        stop_raw(json!({"workload_id": "nosuchworkload000000", "workload_jwt": fresh(&user.issuer, "stoppable")}))
+            .await,
         "No such workload",
     );
     expect_err(
@@ -392,7 +275,8 @@ async fn stop_rules() {
         "stop claims subject does not match original start claims subject",
     );
     expect_err(
-        stop_raw(json!({"workload_id": r.id, "workload_jwt": fresh(&nkeys::KeyPair::new_account(), "stoppable")})).await,
+        stop_raw(json!({"workload_id": r.id, "workload_jwt": fresh(&nkeys::KeyPair::new_account(), "stoppable")}))
+            .await,
         "the only entity allowed to terminate a workload is the issuer that originally started it",
     );
     expect_err(
@@ -404,10 +288,8 @@ async fn stop_rules() {
     let env = other
         .raw(
             &format!("$NEX.STOP.other.{}", node.id),
-            serde_json::to_vec(
-                &json!({"workload_id": r.id, "workload_jwt": fresh(&user.issuer, "stoppable")}),
-            )
-            .unwrap(),
+            serde_json::to_vec(&json!({"workload_id": r.id, "workload_jwt": fresh(&user.issuer, "stoppable")}))
+                .unwrap(),
         )
         .await;
     expect_err(env, "No such workload");
@@ -431,14 +313,9 @@ async fn lameduck_refuses_deploys_and_reports_itself() {
     assert_eq!(p.tags["nex.lameduck"], "true");
     let b = user.native("late", &script("exec /bin/sleep 600")).await;
     let e = user.deploy(&node.id, &b).await.unwrap_err();
-    assert_eq!(
-        e,
-        "Node is in lame duck mode. Workload deploy request denied"
-    );
-    rec.wait_until(Duration::from_secs(5), "node_entered_lameduck", |r| {
-        !r.events("node_entered_lameduck").is_empty()
-    })
-    .await;
+    assert_eq!(e, "Node is in lame duck mode. Workload deploy request denied");
+    rec.wait_until(Duration::from_secs(5), "node_entered_lameduck", |r| !r.events("node_entered_lameduck").is_empty())
+        .await;
     // Idempotent.
     assert!(user.client.lameduck(&node.id, None).await.unwrap().success);
     assert_eq!(rec.events("node_entered_lameduck").len(), 1);
@@ -485,12 +362,7 @@ async fn hostile_payloads_get_errors_or_silence_and_the_node_keeps_serving() {
             }
             _ => {
                 let types = [json!("native"), json!(5), json!(null), json!({})];
-                let locs = [
-                    json!("nats://"),
-                    json!("x"),
-                    json!(7),
-                    json!("nats://NEXCLIFILES/"),
-                ];
+                let locs = [json!("nats://"), json!("x"), json!(7), json!("nats://NEXCLIFILES/")];
                 let jwts = [json!("a.b.c"), json!(null), json!(12)];
                 let trig = [json!("a"), json!(["$SYS.>"]), json!([1, 2])];
                 serde_json::to_vec(&json!({
@@ -508,33 +380,19 @@ async fn hostile_payloads_get_errors_or_silence_and_the_node_keeps_serving() {
             body.push(b'{');
         }
         let subject = subjects[i % subjects.len()].clone();
-        if let Ok(Ok(m)) = tokio::time::timeout(
-            Duration::from_millis(300),
-            user.nc.request(subject.clone(), body.into()),
-        )
-        .await
+        if let Ok(Ok(m)) =
+            tokio::time::timeout(Duration::from_millis(300), user.nc.request(subject.clone(), body.into())).await
         {
-            let env: serde_json::Value =
-                serde_json::from_slice(&m.payload).expect("replies are envelopes");
-            assert!(
-                env["type"].as_str().unwrap().starts_with("io.nats.nex.v1."),
-                "{env}"
-            );
+            let env: serde_json::Value = serde_json::from_slice(&m.payload).expect("replies are envelopes");
+            assert!(env["type"].as_str().unwrap().starts_with("io.nats.nex.v1."), "{env}");
             if subject.contains("DEPLOY") || subject.contains("STOP") {
-                assert!(
-                    env["error"].is_string(),
-                    "hostile {subject} accepted: {env}"
-                );
+                assert!(env["error"].is_string(), "hostile {subject} accepted: {env}");
             }
             answered += 1;
         }
     }
     assert!(answered > 200, "only {answered} answers");
-    let p = user
-        .client
-        .ping_node(&node.id)
-        .await
-        .expect("node still answers");
+    let p = user.client.ping_node(&node.id).await.expect("node still answers");
     assert_eq!(p.running_machines, 0);
     user.deploy(&node.id, &b).await.expect("node still deploys");
 }
@@ -545,18 +403,11 @@ async fn an_agent_that_never_handshakes_is_reported_and_deploys_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     // A 1 ms handshake window: no agent can make it.
     let cfg = node_config(dir.path(), json!({"agent_handshake_timeout_ms": 1}));
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_vec(&cfg).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     let nc = nats.connect().await;
-    let mut started = futures::StreamExt::boxed(
-        nex_client::monitor::events(&nc, "system", "node_started")
-            .await
-            .unwrap(),
-    );
-    nc.flush().await.unwrap();
+    let mut started =
+        futures::StreamExt::boxed(nex_client::monitor::events(&nc, "system", "node_started").await.unwrap());
+    nex_node::nats_ext::round_trip(&nc).await.unwrap();
     let mut child = std::process::Command::new(nex_bin())
         .args(["node", "up", "--config"])
         .arg(dir.path().join("config.json"))
@@ -566,31 +417,19 @@ async fn an_agent_that_never_handshakes_is_reported_and_deploys_fail_cleanly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ev = tokio::time::timeout(
-        Duration::from_secs(10),
-        futures::StreamExt::next(&mut started),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let ev =
+        tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut started)).await.unwrap().unwrap();
     let node_id = ev.event.data["id"].as_str().unwrap().to_string();
     let user = User::new(&nats).await;
-    let b = user
-        .native("nohandshake", &script("exec /bin/sleep 600"))
-        .await;
+    let b = user.native("nohandshake", &script("exec /bin/sleep 600")).await;
     let e = user.deploy(&node_id, &b).await.unwrap_err();
-    assert!(
-        e.starts_with("Failed to get agent client from pool: no available agent client in pool"),
-        "{e}"
-    );
+    assert!(e.starts_with("Failed to get agent client from pool: no available agent client in pool"), "{e}");
     assert!(e.contains("did not handshake"), "{e}");
     // No agent piles up: each failed one is destroyed.
     let agents = processes_matching("nex-agent")
         .into_iter()
         .filter(|(pid, _)| {
-            std::fs::read_link(format!("/proc/{pid}/cwd"))
-                .map(|c| c.starts_with(dir.path()))
-                .unwrap_or(false)
+            std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(dir.path())).unwrap_or(false)
         })
         .count();
     assert!(agents <= 1, "{agents} agents left running");

@@ -28,42 +28,19 @@ async fn native_workload_logs_events_and_stop() {
 
     let subject = format!("$NEX.logs.default.{}.greeter.{}", node.id, r.id);
     rec.wait_until(Duration::from_secs(10), "four log lines", |rec| {
-        rec.logs(&subject)
-            .iter()
-            .filter(|(s, _)| *s == subject)
-            .count()
-            >= 4
+        rec.logs(&subject).iter().filter(|(s, _)| *s == subject).count() >= 4
     })
     .await;
     let lines: Vec<(String, String)> = rec
         .logs(&subject)
         .into_iter()
-        .map(|(_, v)| {
-            (
-                v["text"].as_str().unwrap().to_string(),
-                v["level"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|(_, v)| (v["text"].as_str().unwrap().to_string(), v["level"].as_str().unwrap().to_string()))
         .collect();
     // Environment keys are upper-cased for native workloads (W6); one message per line (W7).
-    assert!(
-        lines.contains(&("hello nats://example:4222".into(), "INFO".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&("line2".into(), "INFO".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&("oops".into(), "ERROR".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines
-            .iter()
-            .all(|(_, l)| l == "INFO" || l == "ERROR" || l == "DEBUG"),
-        "{lines:?}"
-    );
+    assert!(lines.contains(&("hello nats://example:4222".into(), "INFO".into())), "{lines:?}");
+    assert!(lines.contains(&("line2".into(), "INFO".into())), "{lines:?}");
+    assert!(lines.contains(&("oops".into(), "ERROR".into())), "{lines:?}");
+    assert!(lines.iter().all(|(_, l)| l == "INFO" || l == "ERROR" || l == "DEBUG"), "{lines:?}");
     for (_, v) in rec.logs(&subject) {
         assert_eq!(v["id"], r.id.as_str());
     }
@@ -79,11 +56,7 @@ async fn native_workload_logs_events_and_stop() {
     assert_eq!(info.machines.len(), 1);
     assert_eq!(info.machines[0].workload.hash, b.hash);
     assert_eq!(info.machines[0].workload.workload_type, "native");
-    let found = user
-        .gather(500)
-        .ping_workloads(Some("greeter"))
-        .await
-        .unwrap();
+    let found = user.gather(500).ping_workloads(Some("greeter")).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].running_machines[0].id, r.id);
     let found = user.gather(500).ping_workloads(Some(&r.id)).await.unwrap();
@@ -106,16 +79,11 @@ async fn native_workload_logs_events_and_stop() {
     assert!(info.machines.is_empty());
     // Only the warm agent remains: the workload's process tree is gone.
     eventually(Duration::from_secs(5), "workload processes gone", || {
-        processes_with_cwd_under(&work_dir)
-            .iter()
-            .all(|(_, cmd)| cmd.contains("nex-agent"))
+        processes_with_cwd_under(&work_dir).iter().all(|(_, cmd)| cmd.contains("nex-agent"))
     })
     .await;
-    let texts: Vec<String> = rec
-        .logs(&subject)
-        .iter()
-        .map(|(_, v)| v["text"].as_str().unwrap_or("").to_string())
-        .collect();
+    let texts: Vec<String> =
+        rec.logs(&subject).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect();
     assert!(texts.iter().any(|t| t == "Workload stopped"), "{texts:?}");
     // A last line without a newline is still shipped when the workload ends.
     assert!(texts.iter().any(|t| t == "no newline"), "{texts:?}");
@@ -148,10 +116,7 @@ fn cgroup_dirs_for(run_marker: &std::path::Path) -> Vec<std::path::PathBuf> {
     for e in rd.flatten() {
         let run = e.file_name();
         for ctl in ["memory", "pids", ""] {
-            let p = std::path::Path::new("/sys/fs/cgroup")
-                .join(ctl)
-                .join("nex")
-                .join(&run);
+            let p = std::path::Path::new("/sys/fs/cgroup").join(ctl).join("nex").join(&run);
             if p.exists() {
                 out.push(p);
             }
@@ -162,22 +127,14 @@ fn cgroup_dirs_for(run_marker: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 fn runs(state: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(state.join("runs"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
         .unwrap_or_default()
 }
 
 fn cgroup_exists(run: &str) -> bool {
-    ["memory", "pids", ""].iter().any(|ctl| {
-        std::path::Path::new("/sys/fs/cgroup")
-            .join(ctl)
-            .join("nex")
-            .join(run)
-            .exists()
-    })
+    ["memory", "pids", ""]
+        .iter()
+        .any(|ctl| std::path::Path::new("/sys/fs/cgroup").join(ctl).join("nex").join(run).exists())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,15 +159,8 @@ async fn stop_kills_a_tree_that_ignores_sigterm() {
     let s = user.stop(&node.id, &r.id, "stubborn").await.expect("stop");
     assert!(s.stopped);
     // The grace period passed, then everything went, including the child that left the group.
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        started.elapsed()
-    );
-    eventually(Duration::from_secs(5), "whole tree gone", || {
-        processes_matching("sleep 710").is_empty()
-    })
-    .await;
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    eventually(Duration::from_secs(5), "whole tree gone", || processes_matching("sleep 710").is_empty()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,36 +200,19 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
     let node = Node::start(&nats, json!({})).await;
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
-    let mut b = user
-        .native("crasher", &script("echo crashing; exit 3"))
-        .await;
+    let mut b = user.native("crasher", &script("echo crashing; exit 3")).await;
     b.essential = true;
     let first = user.deploy(&node.id, &b).await.expect("deploy");
     rec.wait_until(Duration::from_secs(15), "three instances", |rec| {
-        rec.events("workload_deployed")
-            .iter()
-            .filter(|e| e["data"]["workload_name"] == "crasher")
-            .count()
-            >= 3
+        rec.events("workload_deployed").iter().filter(|e| e["data"]["workload_name"] == "crasher").count() >= 3
     })
     .await;
-    let deployed: Vec<serde_json::Value> = rec
-        .events("workload_deployed")
-        .into_iter()
-        .filter(|e| e["data"]["workload_name"] == "crasher")
-        .collect();
-    let ids: Vec<&str> = deployed
-        .iter()
-        .map(|e| e["data"]["workload_id"].as_str().unwrap())
-        .collect();
+    let deployed: Vec<serde_json::Value> =
+        rec.events("workload_deployed").into_iter().filter(|e| e["data"]["workload_name"] == "crasher").collect();
+    let ids: Vec<&str> = deployed.iter().map(|e| e["data"]["workload_id"].as_str().unwrap()).collect();
     assert_eq!(ids[0], first.id);
-    assert!(
-        ids[0] != ids[1] && ids[1] != ids[2],
-        "each restart gets a new id: {ids:?}"
-    );
-    let t = |e: &serde_json::Value| {
-        chrono::DateTime::parse_from_rfc3339(e["time"].as_str().unwrap()).unwrap()
-    };
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "each restart gets a new id: {ids:?}");
+    let t = |e: &serde_json::Value| chrono::DateTime::parse_from_rfc3339(e["time"].as_str().unwrap()).unwrap();
     let gap1 = (t(&deployed[1]) - t(&deployed[0])).num_milliseconds();
     let gap2 = (t(&deployed[2]) - t(&deployed[1])).num_milliseconds();
     assert!(gap1 >= 900, "first back-off ~1s, got {gap1}ms");
@@ -291,8 +224,7 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
     }
     // Stop the current instance (the chain's latest): restarts end.
     let latest = {
-        rec.wait_until(Duration::from_secs(10), "a running instance", |_| true)
-            .await;
+        rec.wait_until(Duration::from_secs(10), "a running instance", |_| true).await;
         let info = user.info(&node.id).await;
         info.machines.first().map(|m| m.id.clone())
     };
@@ -302,10 +234,7 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
     let count = rec.events("workload_deployed").len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = rec.events("workload_deployed").len();
-    assert!(
-        after <= count + 1,
-        "restarts continued after stop: {count} -> {after}"
-    );
+    assert!(after <= count + 1, "restarts continued after stop: {count} -> {after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,30 +243,18 @@ async fn node_sigterm_stops_everything_and_exits_zero() {
     let mut node = Node::start(&nats, json!({})).await;
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
-    let b = user
-        .native("sleeper", &script("exec /bin/sleep 7201"))
-        .await;
+    let b = user.native("sleeper", &script("exec /bin/sleep 7201")).await;
     let r = user.deploy(&node.id, &b).await.expect("deploy");
-    eventually(Duration::from_secs(5), "workload running", || {
-        !processes_matching("sleep 7201").is_empty()
-    })
-    .await;
+    eventually(Duration::from_secs(5), "workload running", || !processes_matching("sleep 7201").is_empty()).await;
     let state = node.state_dir();
     let run = runs(&state);
     assert_eq!(run.len(), 1);
     let code = node.signal_and_wait(libc::SIGTERM, Duration::from_secs(15));
     assert_eq!(code, Some(0));
-    rec.wait_until(Duration::from_secs(5), "node_stopped", |rec| {
-        !rec.events("node_stopped").is_empty()
-    })
-    .await;
+    rec.wait_until(Duration::from_secs(5), "node_stopped", |rec| !rec.events("node_stopped").is_empty()).await;
     assert_eq!(rec.workload_events("workload_undeployed", &r.id).len(), 1);
     assert!(processes_matching("sleep 7201").is_empty());
-    assert!(
-        processes_with_cwd_under(&state).is_empty(),
-        "{:?}",
-        processes_with_cwd_under(&state)
-    );
+    assert!(processes_with_cwd_under(&state).is_empty(), "{:?}", processes_with_cwd_under(&state));
     assert!(runs(&state).is_empty(), "run directory left behind");
     assert!(!cgroup_exists(&run[0]), "cgroup left behind");
     assert!(cgroup_dirs_for(&state).is_empty());
@@ -348,12 +265,7 @@ async fn node_killed_then_restarted_leaves_no_orphans() {
     let nats = NatsServer::start();
     let mut node = Node::start(&nats, json!({})).await;
     let user = User::new(&nats).await;
-    let b = user
-        .native(
-            "orphanmaker",
-            &script("/usr/bin/setsid /bin/sleep 7301 &\nexec /bin/sleep 7302"),
-        )
-        .await;
+    let b = user.native("orphanmaker", &script("/usr/bin/setsid /bin/sleep 7301 &\nexec /bin/sleep 7302")).await;
     user.deploy(&node.id, &b).await.expect("deploy");
     eventually(Duration::from_secs(5), "workload running", || {
         !processes_matching("sleep 7301").is_empty() && !processes_matching("sleep 7302").is_empty()
@@ -363,24 +275,15 @@ async fn node_killed_then_restarted_leaves_no_orphans() {
     let old_runs = runs(&state);
     node.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
     // Agents and the workload die with the node; the escaped grandchild survives until restart.
-    eventually(Duration::from_secs(5), "direct children gone", || {
-        processes_matching("sleep 7302").is_empty()
-    })
-    .await;
+    eventually(Duration::from_secs(5), "direct children gone", || processes_matching("sleep 7302").is_empty()).await;
 
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     drop(node);
     let cfg = node_config(dir.path(), json!({}));
     let node2 = Node::start_in(&nats, dir, cfg, &[]).await;
-    eventually(Duration::from_secs(5), "orphan removed", || {
-        processes_matching("sleep 7301").is_empty()
-    })
-    .await;
+    eventually(Duration::from_secs(5), "orphan removed", || processes_matching("sleep 7301").is_empty()).await;
     for r in &old_runs {
-        assert!(
-            !node2.state_dir().join("runs").join(r).exists(),
-            "old run dir left"
-        );
+        assert!(!node2.state_dir().join("runs").join(r).exists(), "old run dir left");
         assert!(!cgroup_exists(r), "old cgroup left");
     }
     let leftovers: Vec<_> = processes_with_cwd_under(&node2.state_dir())

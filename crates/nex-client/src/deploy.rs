@@ -37,13 +37,7 @@ pub struct DeployBuilder {
 
 impl DeployBuilder {
     /// Signs with `issuer`, seals the environment from `sender` to `node_xkey`, targets `node`.
-    pub fn build(
-        &self,
-        issuer: &KeyPair,
-        sender: &XKey,
-        node: &str,
-        node_xkey: &str,
-    ) -> anyhow::Result<DeployRequest> {
+    pub fn build(&self, issuer: &KeyPair, sender: &XKey, node: &str, node_xkey: &str) -> anyhow::Result<DeployRequest> {
         let jwt = WorkloadClaims::new(&self.name, Some(&self.hash)).encode(issuer)?;
         let environment = nex_api::env::seal(&self.environment, sender, node_xkey)?;
         Ok(DeployRequest {
@@ -67,12 +61,7 @@ impl DeployBuilder {
 }
 
 /// A STOP for workload `id` named `name`, signed by the issuer that deployed it.
-pub fn stop_request(
-    issuer: &KeyPair,
-    node: &str,
-    id: &str,
-    name: &str,
-) -> anyhow::Result<StopRequest> {
+pub fn stop_request(issuer: &KeyPair, node: &str, id: &str, name: &str) -> anyhow::Result<StopRequest> {
     Ok(StopRequest {
         workload_id: id.to_string(),
         workload_jwt: WorkloadClaims::new(name, None).encode(issuer)?,
@@ -85,9 +74,7 @@ pub fn artifact_hash_from_digest(digest: &str) -> Option<String> {
     let b64 = digest.strip_prefix("SHA-256=")?;
     let raw = base64::engine::general_purpose::URL_SAFE
         .decode(b64)
-        .or_else(|_| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64.trim_end_matches('='))
-        })
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64.trim_end_matches('=')))
         .ok()?;
     Some(nex_api::jwt::hex(&raw))
 }
@@ -100,13 +87,9 @@ mod tests {
     fn digest_to_hex() {
         // SHA-256 of "hello".
         let hex = nex_api::jwt::sha256_hex(b"hello");
-        let raw: Vec<u8> = (0..hex.len() / 2)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
-        let digest = format!(
-            "SHA-256={}",
-            base64::engine::general_purpose::URL_SAFE.encode(raw)
-        );
+        let raw: Vec<u8> =
+            (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let digest = format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(raw));
         assert_eq!(artifact_hash_from_digest(&digest).unwrap(), hex);
         assert!(artifact_hash_from_digest("MD5=xx").is_none());
     }
@@ -124,11 +107,8 @@ mod tests {
             ..Default::default()
         };
         b.environment.insert("NATS_URL".into(), "nats://x".into());
-        b.environment
-            .insert("TOP_SECRET_LUGGAGE".into(), "12345".into());
-        let r = b
-            .build(&issuer, &sender, "Nnode", &node.public_key())
-            .unwrap();
+        b.environment.insert("TOP_SECRET_LUGGAGE".into(), "12345".into());
+        let r = b.build(&issuer, &sender, "Nnode", &node.public_key()).unwrap();
         let env = nex_api::env::open(&r.environment, &node, &r.sender_public_key).unwrap();
         assert_eq!(env, b.environment);
         let c = WorkloadClaims::decode(&r.workload_jwt).unwrap();

@@ -13,8 +13,8 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use nex_api::control::{
-    AuctionRequest, DeployRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse,
-    PingResponse, RunResponse, StopRequest, StopResponse, WorkloadPingResponse,
+    AuctionRequest, DeployRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse, PingResponse,
+    RunResponse, StopRequest, StopResponse, WorkloadPingResponse,
 };
 use nex_api::subjects::control as subj;
 
@@ -72,50 +72,27 @@ impl ControlClient {
         &self.nc
     }
 
-    async fn request<T: DeserializeOwned>(
-        &self,
-        subject: String,
-        body: Bytes,
-        node: &str,
-    ) -> Result<T, ClientError> {
-        let msg = match tokio::time::timeout(self.timeout, self.nc.request(subject.clone(), body))
-            .await
-        {
+    async fn request<T: DeserializeOwned>(&self, subject: String, body: Bytes, node: &str) -> Result<T, ClientError> {
+        let msg = match tokio::time::timeout(self.timeout, self.nc.request(subject.clone(), body)).await {
             Err(_) => return Err(ClientError::Timeout(node.to_string(), self.timeout)),
             Ok(Err(e)) => {
                 return Err(match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
-                        ClientError::NoResponders(subject)
-                    }
-                    async_nats::RequestErrorKind::TimedOut => {
-                        ClientError::Timeout(node.to_string(), self.timeout)
-                    }
+                    async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders(subject),
+                    async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(node.to_string(), self.timeout),
                     _ => ClientError::Nats(e.to_string()),
                 })
             }
             Ok(Ok(m)) => m,
         };
-        let env: Envelope = serde_json::from_slice(&msg.payload)
-            .map_err(|e| ClientError::Malformed(e.to_string()))?;
+        let env: Envelope = serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Malformed(e.to_string()))?;
         env.into_result().map_err(ClientError::Node)
     }
 
     /// Publishes on `subject` and gathers every reply until the timeout.
-    async fn gather<T: DeserializeOwned>(
-        &self,
-        subject: String,
-        body: Bytes,
-    ) -> Result<Vec<T>, ClientError> {
+    async fn gather<T: DeserializeOwned>(&self, subject: String, body: Bytes) -> Result<Vec<T>, ClientError> {
         let inbox = self.nc.new_inbox();
-        let mut sub = self
-            .nc
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| ClientError::Nats(e.to_string()))?;
-        self.nc
-            .publish_with_reply(subject, inbox, body)
-            .await
-            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let mut sub = self.nc.subscribe(inbox.clone()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        self.nc.publish_with_reply(subject, inbox, body).await.map_err(|e| ClientError::Nats(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut out = Vec::new();
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
@@ -138,17 +115,12 @@ impl ControlClient {
 
     /// One node.
     pub async fn ping_node(&self, node: &str) -> Result<PingResponse, ClientError> {
-        self.request(subj::ping_node(node), Bytes::new(), node)
-            .await
+        self.request(subj::ping_node(node), Bytes::new(), node).await
     }
 
     /// Workloads in this namespace, optionally one id or name.
-    pub async fn ping_workloads(
-        &self,
-        id_or_name: Option<&str>,
-    ) -> Result<Vec<WorkloadPingResponse>, ClientError> {
-        self.gather(subj::wping(&self.namespace, id_or_name), Bytes::new())
-            .await
+    pub async fn ping_workloads(&self, id_or_name: Option<&str>) -> Result<Vec<WorkloadPingResponse>, ClientError> {
+        self.gather(subj::wping(&self.namespace, id_or_name), Bytes::new()).await
     }
 
     /// Nodes matching `req`.
@@ -159,40 +131,27 @@ impl ControlClient {
 
     /// Node details and its workloads in this namespace.
     pub async fn node_info(&self, node: &str) -> Result<InfoResponse, ClientError> {
-        self.request(subj::info(&self.namespace, node), Bytes::new(), node)
-            .await
+        self.request(subj::info(&self.namespace, node), Bytes::new(), node).await
     }
 
     /// Sends a DEPLOY.
-    pub async fn deploy(
-        &self,
-        node: &str,
-        req: &DeployRequest,
-    ) -> Result<RunResponse, ClientError> {
+    pub async fn deploy(&self, node: &str, req: &DeployRequest) -> Result<RunResponse, ClientError> {
         let body = serde_json::to_vec(req).unwrap_or_default();
-        self.request(subj::deploy(&self.namespace, node), body.into(), node)
-            .await
+        self.request(subj::deploy(&self.namespace, node), body.into(), node).await
     }
 
     /// Sends a STOP.
     pub async fn stop(&self, node: &str, req: &StopRequest) -> Result<StopResponse, ClientError> {
         let body = serde_json::to_vec(req).unwrap_or_default();
-        self.request(subj::stop(&self.namespace, node), body.into(), node)
-            .await
+        self.request(subj::stop(&self.namespace, node), body.into(), node).await
     }
 
     /// Puts a node in lame duck mode, optionally draining it after `delay`.
-    pub async fn lameduck(
-        &self,
-        node: &str,
-        delay: Option<Duration>,
-    ) -> Result<LameDuckResponse, ClientError> {
+    pub async fn lameduck(&self, node: &str, delay: Option<Duration>) -> Result<LameDuckResponse, ClientError> {
         let body = match delay {
-            Some(d) => serde_json::to_vec(&LameDuckRequest {
-                delay_ms: Some(d.as_millis() as u64),
-            })
-            .unwrap_or_default()
-            .into(),
+            Some(d) => {
+                serde_json::to_vec(&LameDuckRequest { delay_ms: Some(d.as_millis() as u64) }).unwrap_or_default().into()
+            }
             None => Bytes::new(),
         };
         self.request(subj::lameduck(node), body, node).await

@@ -44,21 +44,15 @@ pub async fn events(
     ns: &str,
     event_type: &str,
 ) -> Result<impl Stream<Item = EmittedEvent>, ClientError> {
-    let sub = nc
-        .subscribe(format!("$NEX.events.{ns}.{event_type}"))
-        .await
-        .map_err(|e| ClientError::Nats(e.to_string()))?;
+    let sub =
+        nc.subscribe(format!("$NEX.events.{ns}.{event_type}")).await.map_err(|e| ClientError::Nats(e.to_string()))?;
     Ok(sub.filter_map(|m| async move {
         let toks: Vec<&str> = m.subject.split('.').collect();
         if toks.len() != 4 {
             return None;
         }
         let event: CloudEvent = serde_json::from_slice(&m.payload).ok()?;
-        Some(EmittedEvent {
-            event,
-            subject_namespace: toks[2].to_string(),
-            event_type: toks[3].to_string(),
-        })
+        Some(EmittedEvent { event, subject_namespace: toks[2].to_string(), event_type: toks[3].to_string() })
     }))
 }
 
@@ -71,9 +65,7 @@ pub async fn logs(
     workload_id: &str,
 ) -> Result<impl Stream<Item = EmittedLog>, ClientError> {
     let sub = nc
-        .subscribe(format!(
-            "$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}"
-        ))
+        .subscribe(format!("$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}"))
         .await
         .map_err(|e| ClientError::Nats(e.to_string()))?;
     Ok(sub.filter_map(|m| async move {

@@ -39,12 +39,9 @@ impl AgentClient {
         conn: async_nats::Client,
         tx: mpsc::UnboundedSender<(String, AgentMessage)>,
     ) -> Result<AgentClient> {
-        let mut sub = conn
-            .subscribe(format!("hostint.{id}.>"))
-            .await
-            .context("subscribing to agent subjects")?;
+        let mut sub = conn.subscribe(format!("hostint.{id}.>")).await.context("subscribing to agent subjects")?;
         // Make sure the server has the subscription before the agent can send anything.
-        conn.flush().await.context("flushing agent subscription")?;
+        crate::nats_ext::round_trip(&conn).await.context("registering agent subscription")?;
         let (hs_tx, hs_rx) = watch::channel(None);
         let c = conn.clone();
         let tid = id.clone();
@@ -64,32 +61,20 @@ impl AgentClient {
                         let _ = tx.send((tid.clone(), AgentMessage::Log(entry)));
                     }
                 } else if let Some(t) = subject.strip_prefix(&events_prefix) {
-                    let data =
-                        serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
+                    let data = serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
                     let _ = tx.send((tid.clone(), AgentMessage::Event(t.to_string(), data)));
                 }
             }
         });
-        Ok(AgentClient {
-            id,
-            conn,
-            handshake: hs_rx,
-        })
+        Ok(AgentClient { id, conn, handshake: hs_rx })
     }
 
     /// Waits for the agent's handshake.
     pub async fn wait_handshake(&self, within: Duration) -> Result<()> {
         let mut rx = self.handshake.clone();
-        let ok = matches!(
-            tokio::time::timeout(within, rx.wait_for(|h| h.is_some())).await,
-            Ok(Ok(_))
-        );
+        let ok = matches!(tokio::time::timeout(within, rx.wait_for(|h| h.is_some())).await, Ok(Ok(_)));
         if !ok {
-            bail!(
-                "agent {} did not handshake within {}ms",
-                self.id,
-                within.as_millis()
-            );
+            bail!("agent {} did not handshake within {}ms", self.id, within.as_millis());
         }
         Ok(())
     }
@@ -103,10 +88,7 @@ impl AgentClient {
     }
 
     /// Puts the artifact into the workload account's cache bucket.
-    pub async fn put_artifact<R: tokio::io::AsyncRead + Unpin>(
-        &self,
-        reader: &mut R,
-    ) -> Result<()> {
+    pub async fn put_artifact<R: tokio::io::AsyncRead + Unpin>(&self, reader: &mut R) -> Result<()> {
         let js = async_nats::jetstream::new(self.conn.clone());
         let store = match js.get_object_store(CACHE_BUCKET).await {
             Ok(s) => s,
@@ -120,66 +102,37 @@ impl AgentClient {
                 .await
                 .map_err(|e| anyhow!("creating {CACHE_BUCKET}: {e}"))?,
         };
-        store
-            .put(CACHE_KEY, reader)
-            .await
-            .map_err(|e| anyhow!("storing artifact in {CACHE_BUCKET}: {e}"))?;
+        store.put(CACHE_KEY, reader).await.map_err(|e| anyhow!("storing artifact in {CACHE_BUCKET}: {e}"))?;
         Ok(())
     }
 
     /// Sends the deploy request and returns the agent's answer.
-    pub async fn deploy(
-        &self,
-        req: &AgentDeployRequest,
-        within: Duration,
-    ) -> Result<DeployResponse> {
+    pub async fn deploy(&self, req: &AgentDeployRequest, within: Duration) -> Result<DeployResponse> {
         let body = serde_json::to_vec(req)?;
-        let msg = tokio::time::timeout(
-            within,
-            self.conn.request(internal::deploy(&self.id), body.into()),
-        )
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "failed to submit request for workload deployment: timed out after {}ms",
-                within.as_millis()
-            )
-        })?
-        .map_err(|e| anyhow!("failed to submit request for workload deployment: {e}"))?;
-        serde_json::from_slice(&msg.payload)
-            .map_err(|e| anyhow!("malformed deploy response from agent: {e}"))
+        let msg = tokio::time::timeout(within, self.conn.request(internal::deploy(&self.id), body.into()))
+            .await
+            .map_err(|_| {
+                anyhow!("failed to submit request for workload deployment: timed out after {}ms", within.as_millis())
+            })?
+            .map_err(|e| anyhow!("failed to submit request for workload deployment: {e}"))?;
+        serde_json::from_slice(&msg.payload).map_err(|e| anyhow!("malformed deploy response from agent: {e}"))
     }
 
     /// Asks the agent to stop its workload gracefully.
     pub async fn undeploy(&self, within: Duration) -> Result<()> {
-        tokio::time::timeout(
-            within,
-            self.conn
-                .request(internal::undeploy(&self.id), Bytes::new()),
-        )
-        .await
-        .map_err(|_| anyhow!("undeploy timed out"))?
-        .map_err(|e| anyhow!("undeploy failed: {e}"))?;
+        tokio::time::timeout(within, self.conn.request(internal::undeploy(&self.id), Bytes::new()))
+            .await
+            .map_err(|_| anyhow!("undeploy timed out"))?
+            .map_err(|e| anyhow!("undeploy failed: {e}"))?;
         Ok(())
     }
 
     /// Sends a function trigger and returns the agent's reply message.
-    pub async fn trigger(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        within: Duration,
-    ) -> Result<async_nats::Message> {
+    pub async fn trigger(&self, subject: &str, payload: Bytes, within: Duration) -> Result<async_nats::Message> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(nex_api::agent::HEADER_TRIGGER_SUBJECT, subject);
-        let req = async_nats::Request::new()
-            .payload(payload)
-            .headers(headers)
-            .timeout(Some(within));
-        self.conn
-            .send_request(internal::trigger(&self.id), req)
-            .await
-            .map_err(|e| anyhow!("{e}"))
+        let req = async_nats::Request::new().payload(payload).headers(headers).timeout(Some(within));
+        self.conn.send_request(internal::trigger(&self.id), req).await.map_err(|e| anyhow!("{e}"))
     }
 
     /// The underlying connection (the node's user in the workload account).

@@ -19,22 +19,15 @@ pub struct Location {
 impl Location {
     /// Parses `nats://BUCKET/key` (slashes around the key trimmed).
     pub fn parse(s: &str) -> Result<Location, String> {
-        let rest = s
-            .strip_prefix("nats://")
-            .ok_or_else(|| format!("location {s:?} must look like nats://BUCKET/key"))?;
-        let (bucket, key) = rest
-            .split_once('/')
-            .ok_or_else(|| format!("location {s:?} has no object key (nats://BUCKET/key)"))?;
+        let rest =
+            s.strip_prefix("nats://").ok_or_else(|| format!("location {s:?} must look like nats://BUCKET/key"))?;
+        let (bucket, key) =
+            rest.split_once('/').ok_or_else(|| format!("location {s:?} has no object key (nats://BUCKET/key)"))?;
         let key = key.trim_matches('/');
         if bucket.is_empty() || key.is_empty() {
-            return Err(format!(
-                "location {s:?} must name a bucket and a key (nats://BUCKET/key)"
-            ));
+            return Err(format!("location {s:?} must name a bucket and a key (nats://BUCKET/key)"));
         }
-        Ok(Location {
-            bucket: bucket.to_string(),
-            key: key.to_string(),
-        })
+        Ok(Location { bucket: bucket.to_string(), key: key.to_string() })
     }
 }
 
@@ -49,12 +42,7 @@ pub struct HashingReader<R> {
 impl<R> HashingReader<R> {
     /// Hashes `inner`; reading fails once more than `limit` bytes arrive (0 = no limit).
     pub fn new(inner: R, limit: u64) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-            limit,
-        }
+        HashingReader { inner, hasher: Sha256::new(), bytes: 0, limit }
     }
 
     /// Lowercase hex SHA-256 and byte count of what was read.
@@ -64,11 +52,7 @@ impl<R> HashingReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
@@ -96,10 +80,7 @@ mod tests {
     fn locations() {
         assert_eq!(
             Location::parse("nats://NEXCLIFILES/echo").unwrap(),
-            Location {
-                bucket: "NEXCLIFILES".into(),
-                key: "echo".into()
-            }
+            Location { bucket: "NEXCLIFILES".into(), key: "echo".into() }
         );
         assert!(Location::parse("http://x/y").is_err());
         assert!(Location::parse("nats://B").is_err());

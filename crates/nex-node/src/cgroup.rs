@@ -23,14 +23,11 @@ pub enum CgroupVersion {
 pub fn detect() -> Option<CgroupVersion> {
     let v2 = Path::new(ROOT).join("cgroup.controllers");
     if let Ok(c) = std::fs::read_to_string(&v2) {
-        if c.split_whitespace().any(|x| x == "memory") && c.split_whitespace().any(|x| x == "pids")
-        {
+        if c.split_whitespace().any(|x| x == "memory") && c.split_whitespace().any(|x| x == "pids") {
             return Some(CgroupVersion::V2);
         }
     }
-    if Path::new(ROOT).join("memory/cgroup.procs").exists()
-        && Path::new(ROOT).join("pids/cgroup.procs").exists()
-    {
+    if Path::new(ROOT).join("memory/cgroup.procs").exists() && Path::new(ROOT).join("pids/cgroup.procs").exists() {
         return Some(CgroupVersion::V1);
     }
     None
@@ -56,49 +53,29 @@ pub struct Limits {
 
 impl Cgroup {
     /// Creates `nex/<run>/<name>` with `limits`.
-    pub fn create(
-        version: CgroupVersion,
-        run: &str,
-        name: &str,
-        limits: Limits,
-    ) -> std::io::Result<Cgroup> {
+    pub fn create(version: CgroupVersion, run: &str, name: &str, limits: Limits) -> std::io::Result<Cgroup> {
         let cg = Cgroup::at(version, run, name);
         match version {
             CgroupVersion::V2 => {
                 let base = Path::new(ROOT).join(GROUP);
                 std::fs::create_dir_all(base.join(run))?;
                 // Delegate controllers down to the leaves (best effort: may already be set).
-                let _ = std::fs::write(
-                    Path::new(ROOT).join("cgroup.subtree_control"),
-                    "+memory +pids +cpu",
-                );
+                let _ = std::fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+memory +pids +cpu");
                 let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu");
-                let _ = std::fs::write(
-                    base.join(run).join("cgroup.subtree_control"),
-                    "+memory +pids +cpu",
-                );
+                let _ = std::fs::write(base.join(run).join("cgroup.subtree_control"), "+memory +pids +cpu");
                 let d = &cg.dirs[0];
                 std::fs::create_dir_all(d)?;
                 std::fs::write(d.join("memory.max"), limits.memory_bytes.to_string())?;
                 let _ = std::fs::write(d.join("memory.swap.max"), "0");
                 std::fs::write(d.join("pids.max"), limits.pids_max.to_string())?;
-                let _ = std::fs::write(
-                    d.join("cpu.max"),
-                    format!("{} 100000", limits.cpus as u64 * 100_000),
-                );
+                let _ = std::fs::write(d.join("cpu.max"), format!("{} 100000", limits.cpus as u64 * 100_000));
             }
             CgroupVersion::V1 => {
                 let (mem, pids) = (&cg.dirs[0], &cg.dirs[1]);
                 std::fs::create_dir_all(mem)?;
                 std::fs::create_dir_all(pids)?;
-                std::fs::write(
-                    mem.join("memory.limit_in_bytes"),
-                    limits.memory_bytes.to_string(),
-                )?;
-                let _ = std::fs::write(
-                    mem.join("memory.memsw.limit_in_bytes"),
-                    limits.memory_bytes.to_string(),
-                );
+                std::fs::write(mem.join("memory.limit_in_bytes"), limits.memory_bytes.to_string())?;
+                let _ = std::fs::write(mem.join("memory.memsw.limit_in_bytes"), limits.memory_bytes.to_string());
                 std::fs::write(pids.join("pids.max"), limits.pids_max.to_string())?;
             }
         }
@@ -110,16 +87,8 @@ impl Cgroup {
         let dirs = match version {
             CgroupVersion::V2 => vec![Path::new(ROOT).join(GROUP).join(run).join(name)],
             CgroupVersion::V1 => vec![
-                Path::new(ROOT)
-                    .join("memory")
-                    .join(GROUP)
-                    .join(run)
-                    .join(name),
-                Path::new(ROOT)
-                    .join("pids")
-                    .join(GROUP)
-                    .join(run)
-                    .join(name),
+                Path::new(ROOT).join("memory").join(GROUP).join(run).join(name),
+                Path::new(ROOT).join("pids").join(GROUP).join(run).join(name),
             ],
         };
         Cgroup { version, dirs }
@@ -150,16 +119,10 @@ impl Cgroup {
     pub fn oom_killed(&self) -> bool {
         match self.version {
             CgroupVersion::V2 => std::fs::read_to_string(self.dirs[0].join("memory.events"))
-                .map(|s| {
-                    s.lines()
-                        .any(|l| l.starts_with("oom_kill ") && l.trim_end() != "oom_kill 0")
-                })
+                .map(|s| s.lines().any(|l| l.starts_with("oom_kill ") && l.trim_end() != "oom_kill 0"))
                 .unwrap_or(false),
             CgroupVersion::V1 => std::fs::read_to_string(self.dirs[0].join("memory.oom_control"))
-                .map(|s| {
-                    s.lines()
-                        .any(|l| l.starts_with("oom_kill ") && l.trim_end() != "oom_kill 0")
-                })
+                .map(|s| s.lines().any(|l| l.starts_with("oom_kill ") && l.trim_end() != "oom_kill 0"))
                 .unwrap_or(false),
         }
     }

@@ -18,11 +18,7 @@ pub mod isolation {
 }
 
 /// Workload types this build can run.
-pub const SUPPORTED_WORKLOAD_TYPES: &[&str] = &[
-    workload_type::NATIVE,
-    workload_type::V8,
-    workload_type::WASM,
-];
+pub const SUPPORTED_WORKLOAD_TYPES: &[&str] = &[workload_type::NATIVE, workload_type::V8, workload_type::WASM];
 
 /// Why a configuration cannot be used; each message names the key and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +50,7 @@ pub struct MachineTemplate {
 
 impl Default for MachineTemplate {
     fn default() -> Self {
-        MachineTemplate {
-            vcpu_count: 1,
-            memsize_mib: 256,
-            pids_max: 512,
-        }
+        MachineTemplate { vcpu_count: 1, memsize_mib: 256, pids_max: 512 }
     }
 }
 
@@ -104,10 +96,7 @@ pub struct ServiceConfig {
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        ServiceConfig {
-            enabled: true,
-            config: None,
-        }
+        ServiceConfig { enabled: true, config: None }
     }
 }
 
@@ -130,10 +119,7 @@ impl Default for HostServicesConfig {
             nats_url: String::new(),
             nats_user_jwt: String::new(),
             nats_user_seed: String::new(),
-            services: HOST_SERVICES
-                .iter()
-                .map(|s| (s.to_string(), ServiceConfig::default()))
-                .collect(),
+            services: HOST_SERVICES.iter().map(|s| (s.to_string(), ServiceConfig::default())).collect(),
         }
     }
 }
@@ -267,53 +253,33 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// Reads `path` over the defaults and applies the loading rules of REFERENCE §2.1.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_json(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
             other => other,
         })
     }
 
     /// Parses a configuration document and fills in derived values.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let mut cfg: NodeConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            path: String::new(),
-            message: e.to_string(),
-        })?;
+        let mut cfg: NodeConfig = serde_json::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: String::new(), message: e.to_string() })?;
         cfg.fill_defaults();
         Ok(cfg)
     }
 
     fn fill_defaults(&mut self) {
         if self.workload_types.is_empty() {
-            self.workload_types = SUPPORTED_WORKLOAD_TYPES
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            self.workload_types = SUPPORTED_WORKLOAD_TYPES.iter().map(|s| s.to_string()).collect();
         }
-        self.workload_types = self
-            .workload_types
-            .iter()
-            .map(|t| workload_type::canonical(t))
-            .collect();
+        self.workload_types = self.workload_types.iter().map(|t| workload_type::canonical(t)).collect();
         self.workload_types.dedup();
         if self.kernel_filepath.is_empty() && !self.default_resource_dir.is_empty() {
-            self.kernel_filepath = format!(
-                "{}/vmlinux",
-                self.default_resource_dir.trim_end_matches('/')
-            );
+            self.kernel_filepath = format!("{}/vmlinux", self.default_resource_dir.trim_end_matches('/'));
         }
         if self.rootfs_filepath.is_empty() && !self.default_resource_dir.is_empty() {
-            self.rootfs_filepath = format!(
-                "{}/rootfs.ext4",
-                self.default_resource_dir.trim_end_matches('/')
-            );
+            self.rootfs_filepath = format!("{}/rootfs.ext4", self.default_resource_dir.trim_end_matches('/'));
         }
         for s in nex_api::subjects::ALWAYS_DENIED_TRIGGERS {
             if !self.deny_trigger_subjects.iter().any(|d| d == s) {
@@ -321,14 +287,10 @@ impl NodeConfig {
             }
         }
         for s in HOST_SERVICES {
-            self.host_services
-                .services
-                .entry(s.to_string())
-                .or_default();
+            self.host_services.services.entry(s.to_string()).or_default();
         }
         if !self.tags.contains_key(nex_api::control::tags::NODE_NAME) {
-            self.tags
-                .insert(nex_api::control::tags::NODE_NAME.into(), random_node_name());
+            self.tags.insert(nex_api::control::tags::NODE_NAME.into(), random_node_name());
         }
         if self.no_sandbox && self.isolation.is_empty() {
             self.isolation = isolation::PROCESS.into();
@@ -375,16 +337,12 @@ impl NodeConfig {
         }
         for s in &self.deny_trigger_subjects {
             if !nex_api::subjects::is_valid_subscribe_subject(s) {
-                return bad(format!(
-                    "deny_trigger_subjects: {s:?} is not a valid subject"
-                ));
+                return bad(format!("deny_trigger_subjects: {s:?} is not a valid subject"));
             }
         }
         for i in &self.valid_issuers {
             if !i.starts_with('A') || nkeys::KeyPair::from_public_key(i).is_err() {
-                return bad(format!(
-                    "valid_issuers: {i:?} is not an account public key (A…)"
-                ));
+                return bad(format!("valid_issuers: {i:?} is not an account public key (A…)"));
             }
         }
         match self.tier() {
@@ -417,19 +375,10 @@ impl NodeConfig {
         }
         for (i, w) in self.autostart.workloads.iter().enumerate() {
             if !nex_api::jwt::is_valid_workload_name(&w.name) {
-                return bad(format!(
-                    "autostart.workloads[{i}].name {:?} must match ^[a-zA-Z0-9_-]+$",
-                    w.name
-                ));
+                return bad(format!("autostart.workloads[{i}].name {:?} must match ^[a-zA-Z0-9_-]+$", w.name));
             }
-            if !self
-                .workload_types
-                .contains(&workload_type::canonical(&w.workload_type))
-            {
-                return bad(format!(
-                    "autostart.workloads[{i}].type {:?} is not in workload_types",
-                    w.workload_type
-                ));
+            if !self.workload_types.contains(&workload_type::canonical(&w.workload_type)) {
+                return bad(format!("autostart.workloads[{i}].type {:?} is not in workload_types", w.workload_type));
             }
         }
         Ok(())
@@ -455,41 +404,31 @@ impl NodeConfig {
 
     /// True when `subject` collides with the deny list.
     pub fn denied_trigger(&self, subject: &str) -> bool {
-        self.deny_trigger_subjects
-            .iter()
-            .any(|d| nex_api::subjects::subjects_overlap(subject, d))
+        self.deny_trigger_subjects.iter().any(|d| nex_api::subjects::subjects_overlap(subject, d))
     }
 
     /// Whether a host service is switched on.
     pub fn host_service_enabled(&self, name: &str) -> bool {
-        self.host_services
-            .services
-            .get(name)
-            .map(|s| s.enabled)
-            .unwrap_or(false)
+        self.host_services.services.get(name).map(|s| s.enabled).unwrap_or(false)
     }
 }
 
 const ADJECTIVES: &[&str] = &[
-    "amber", "brisk", "calm", "dapper", "eager", "fancy", "gentle", "happy", "icy", "jolly",
-    "keen", "lively", "mellow", "nimble", "odd", "proud", "quiet", "rapid", "sunny", "tidy",
-    "upbeat", "vivid", "witty", "young", "zesty",
+    "amber", "brisk", "calm", "dapper", "eager", "fancy", "gentle", "happy", "icy", "jolly", "keen", "lively",
+    "mellow", "nimble", "odd", "proud", "quiet", "rapid", "sunny", "tidy", "upbeat", "vivid", "witty", "young",
+    "zesty",
 ];
 const NOUNS: &[&str] = &[
-    "badger", "comet", "dune", "ember", "falcon", "glacier", "harbor", "island", "jaguar",
-    "kestrel", "lagoon", "meadow", "nebula", "otter", "prairie", "quasar", "river", "summit",
-    "tundra", "umbra", "valley", "willow", "yak", "zephyr",
+    "badger", "comet", "dune", "ember", "falcon", "glacier", "harbor", "island", "jaguar", "kestrel", "lagoon",
+    "meadow", "nebula", "otter", "prairie", "quasar", "river", "summit", "tundra", "umbra", "valley", "willow", "yak",
+    "zephyr",
 ];
 
 /// A random adjective-noun node name.
 pub fn random_node_name() -> String {
     use rand::seq::SliceRandom;
     let mut rng = rand::thread_rng();
-    format!(
-        "{}-{}",
-        ADJECTIVES.choose(&mut rng).unwrap_or(&"nex"),
-        NOUNS.choose(&mut rng).unwrap_or(&"node")
-    )
+    format!("{}-{}", ADJECTIVES.choose(&mut rng).unwrap_or(&"nex"), NOUNS.choose(&mut rng).unwrap_or(&"node"))
 }
 
 #[cfg(test)]
@@ -536,9 +475,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("workload_types"), "{e}");
-        let e = NodeConfig::from_json(r#"{"machine_pool_size":"x"}"#)
-            .unwrap_err()
-            .to_string();
+        let e = NodeConfig::from_json(r#"{"machine_pool_size":"x"}"#).unwrap_err().to_string();
         assert!(e.contains("invalid type"), "{e}");
         let e = NodeConfig::from_json(r#"{"no_sandbox":true,"valid_issuers":["bogus"]}"#)
             .unwrap()

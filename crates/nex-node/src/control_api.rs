@@ -9,8 +9,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use nex_api::control::{
-    response_type, AuctionRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse,
-    MemoryStat, PingResponse, WorkloadPingResponse,
+    response_type, AuctionRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse, MemoryStat, PingResponse,
+    WorkloadPingResponse,
 };
 
 use crate::workloads::WorkloadManager;
@@ -52,11 +52,7 @@ pub async fn serve(ctx: ControlContext) -> Result<Vec<tokio::task::JoinHandle<()
     ];
     let mut tasks = Vec::new();
     for (subject, op) in subs {
-        let mut sub = ctx
-            .conn
-            .subscribe(subject.clone())
-            .await
-            .with_context(|| format!("subscribing to {subject}"))?;
+        let mut sub = ctx.conn.subscribe(subject.clone()).await.with_context(|| format!("subscribing to {subject}"))?;
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -65,10 +61,7 @@ pub async fn serve(ctx: ControlContext) -> Result<Vec<tokio::task::JoinHandle<()
             }
         }));
     }
-    ctx.conn
-        .flush()
-        .await
-        .context("flushing control subscriptions")?;
+    crate::nats_ext::round_trip(&ctx.conn).await.context("registering control subscriptions")?;
     Ok(tasks)
 }
 
@@ -140,10 +133,7 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
             }
             Some(Envelope::ok(
                 response_type::LAMEDUCK,
-                &LameDuckResponse {
-                    node_id: mgr.identity().node_id.clone(),
-                    success: true,
-                },
+                &LameDuckResponse { node_id: mgr.identity().node_id.clone(), success: true },
             ))
         }
     };
@@ -194,11 +184,7 @@ fn auction(mgr: &WorkloadManager, body: &[u8]) -> Option<PingResponse> {
         }
     }
     for t in &req.workload_types {
-        if !mgr
-            .config()
-            .workload_types
-            .contains(&nex_api::workload_type::canonical(t))
-        {
+        if !mgr.config().workload_types.contains(&nex_api::workload_type::canonical(t)) {
             return None;
         }
     }
@@ -223,14 +209,7 @@ fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
 pub fn read_meminfo() -> Option<MemoryStat> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let get = |k: &str| -> Option<u64> {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
+        s.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
     };
-    Some(MemoryStat {
-        mem_total: get("MemTotal:")?,
-        mem_free: get("MemFree:")?,
-        mem_available: get("MemAvailable:")?,
-    })
+    Some(MemoryStat { mem_total: get("MemTotal:")?, mem_free: get("MemFree:")?, mem_available: get("MemAvailable:")? })
 }

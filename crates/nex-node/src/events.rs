@@ -26,18 +26,8 @@ impl EventPublisher {
     }
 
     /// Publishes a workload event in namespace `ns` (with the `namespace` extension).
-    pub async fn workload_event<T: Serialize>(
-        &self,
-        ns: &str,
-        workload_id: &str,
-        event_type: &str,
-        data: &T,
-    ) {
-        let mut ev = CloudEvent::new(
-            format!("{}-{}", self.node_id, workload_id),
-            event_type,
-            to_value(data),
-        );
+    pub async fn workload_event<T: Serialize>(&self, ns: &str, workload_id: &str, event_type: &str, data: &T) {
+        let mut ev = CloudEvent::new(format!("{}-{}", self.node_id, workload_id), event_type, to_value(data));
         ev.namespace = Some(ns.to_string());
         self.send(ns, ev).await;
     }
@@ -55,19 +45,8 @@ impl EventPublisher {
     }
 
     /// Publishes one log line of a workload.
-    pub async fn log(
-        &self,
-        ns: &str,
-        workload_name: &str,
-        workload_id: &str,
-        level: &str,
-        text: &str,
-    ) {
-        let rec = LogRecord {
-            text: text.to_string(),
-            level: level.to_string(),
-            id: workload_id.to_string(),
-        };
+    pub async fn log(&self, ns: &str, workload_name: &str, workload_id: &str, level: &str, text: &str) {
+        let rec = LogRecord { text: text.to_string(), level: level.to_string(), id: workload_id.to_string() };
         let subject = control::logs(ns, &self.node_id, workload_name, workload_id);
         if let Ok(body) = serde_json::to_vec(&rec) {
             let _ = self.conn.publish(subject, body.into()).await;

@@ -57,11 +57,7 @@ impl InternalNats {
     /// Starts `binary` listening on `listen_host:port` (0 = a free port), state under `dir`.
     pub async fn start(binary: &Path, listen_host: &str, port: u16, dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let port = if port == 0 {
-            free_port(listen_host)?
-        } else {
-            port
-        };
+        let port = if port == 0 { free_port(listen_host)? } else { port };
         let me = InternalNats {
             child: Mutex::new(None),
             pid: 0,
@@ -76,12 +72,7 @@ impl InternalNats {
         me.write_config()?;
         let log = std::fs::File::create(dir.join("internal-nats.log"))?;
         let mut cmd = Command::new(binary);
-        cmd.arg("-c")
-            .arg(&me.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
+        cmd.arg("-c").arg(&me.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         // SAFETY: prctl only sets a flag on the child; async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -89,15 +80,9 @@ impl InternalNats {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting internal nats-server {}", binary.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting internal nats-server {}", binary.display()))?;
         let pid = child.id().unwrap_or(0);
-        let me = InternalNats {
-            child: Mutex::new(Some(child)),
-            pid,
-            ..me
-        };
+        let me = InternalNats { child: Mutex::new(Some(child)), pid, ..me };
         me.wait_ready(Duration::from_secs(10)).await?;
         Ok(me)
     }
@@ -105,25 +90,17 @@ impl InternalNats {
     async fn wait_ready(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.is_ok() {
                 return Ok(());
             }
             if let Some(child) = self.child.lock().unwrap().as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(self.dir.join("internal-nats.log"))
-                        .unwrap_or_default();
+                    let log = std::fs::read_to_string(self.dir.join("internal-nats.log")).unwrap_or_default();
                     bail!("internal nats-server exited with {status}: {}", log.trim());
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "internal nats-server did not listen on {}:{} within {within:?}",
-                    self.host,
-                    self.port
-                );
+                bail!("internal nats-server did not listen on {}:{} within {within:?}", self.host, self.port);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -170,12 +147,7 @@ impl InternalNats {
     }
 
     /// Connects as the node's user of workload account `id`, retrying while the reload lands.
-    pub async fn connect_as(
-        &self,
-        creds: &KeyPair,
-        name: &str,
-        within: Duration,
-    ) -> Result<async_nats::Client> {
+    pub async fn connect_as(&self, creds: &KeyPair, name: &str, within: Duration) -> Result<async_nats::Client> {
         let deadline = Instant::now() + within;
         let seed = creds.seed()?;
         loop {
@@ -204,10 +176,7 @@ impl InternalNats {
         // SAFETY: sending a signal to our own child process id.
         let rc = unsafe { libc::kill(self.pid as i32, libc::SIGHUP) };
         if rc != 0 {
-            bail!(
-                "reloading internal nats-server: {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("reloading internal nats-server: {}", std::io::Error::last_os_error());
         }
         Ok(())
     }
@@ -222,10 +191,7 @@ impl InternalNats {
             self.dir.join("js").display()
         ));
         s.push_str("accounts {\n");
-        s.push_str(&format!(
-            "  nexhost {{\n    users: [ {{ nkey: \"{}\" }} ]\n  }}\n",
-            self.host_user.public_key()
-        ));
+        s.push_str(&format!("  nexhost {{\n    users: [ {{ nkey: \"{}\" }} ]\n  }}\n", self.host_user.public_key()));
         for (id, (agent, node)) in &acc {
             s.push_str(&format!(
                 r#"  {id} {{
@@ -257,10 +223,7 @@ impl InternalNats {
                 // SAFETY: signalling our own child.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
-            if tokio::time::timeout(Duration::from_secs(3), child.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_err() {
                 let _ = child.kill().await;
             }
         }
@@ -309,14 +272,10 @@ pub fn find_executable(name: &str, bin_path: &[String]) -> Option<PathBuf> {
     if let Ok(path) = std::env::var("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
+    dirs.into_iter().map(|d| d.join(name)).find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }

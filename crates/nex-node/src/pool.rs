@@ -24,6 +24,8 @@ pub struct Agent {
     pub client: AgentClient,
     /// What the tier created for it.
     pub handle: Arc<dyn AgentHandle>,
+    /// Its work directory on the host.
+    pub work_dir: std::path::PathBuf,
 }
 
 impl Agent {
@@ -140,15 +142,7 @@ impl AgentPool {
         let cleanup_creds = |nats: Arc<InternalNats>, id: String| async move {
             let _ = nats.remove_workload(&id).await;
         };
-        let conn = match self
-            .nats
-            .connect_as(
-                &creds.node,
-                &format!("nex-node-{id}"),
-                Duration::from_secs(5),
-            )
-            .await
-        {
+        let conn = match self.nats.connect_as(&creds.node, &format!("nex-node-{id}"), Duration::from_secs(5)).await {
             Ok(c) => c,
             Err(e) => {
                 cleanup_creds(self.nats.clone(), id).await;
@@ -162,6 +156,7 @@ impl AgentPool {
                 return Err(e);
             }
         };
+        let spec_id = id.clone();
         let spec = AgentSpec {
             id: id.clone(),
             nats_host: self.tier.agent_nats_host(),
@@ -179,7 +174,7 @@ impl AgentPool {
                 return Err(e);
             }
         };
-        let agent = Agent { id, client, handle };
+        let agent = Agent { id, client, handle, work_dir: self.run.agent_dir(&spec_id) };
         let within = Duration::from_millis(self.cfg.agent_handshake_timeout_ms);
         let mut exited = agent.handle.exited();
         let outcome = tokio::select! {

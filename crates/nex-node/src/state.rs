@@ -24,24 +24,15 @@ impl RunState {
     pub fn create(state_dir: &Path) -> Result<RunState> {
         let run_id = format!("{:08x}", rand::random::<u32>());
         let dir = state_dir.join("runs").join(&run_id);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating run directory {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
         let lock = File::create(dir.join("lock"))?;
         // SAFETY: flock on a file descriptor we own.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
-            anyhow::bail!(
-                "could not lock {}: {}",
-                dir.display(),
-                std::io::Error::last_os_error()
-            );
+            anyhow::bail!("could not lock {}: {}", dir.display(), std::io::Error::last_os_error());
         }
         std::fs::write(dir.join("pid"), std::process::id().to_string())?;
-        Ok(RunState {
-            run_id,
-            dir,
-            _lock: lock,
-        })
+        Ok(RunState { run_id, dir, _lock: lock })
     }
 
     /// The work directory of agent `id`.

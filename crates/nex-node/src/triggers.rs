@@ -63,26 +63,15 @@ pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<Tr
         }));
     }
     // The subscriptions must be known to the server before DEPLOY answers.
-    conn.flush()
-        .await
-        .context("flushing trigger subscriptions")?;
+    crate::nats_ext::round_trip(&conn).await.context("registering trigger subscriptions")?;
     Ok(TriggerSet { tasks, own_conn })
 }
 
-async fn handle(
-    mgr: Arc<WorkloadManager>,
-    w: Arc<Workload>,
-    conn: async_nats::Client,
-    msg: async_nats::Message,
-) {
+async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::Client, msg: async_nats::Message) {
     let subject = msg.subject.to_string();
     let started = Instant::now();
     let timeout = Duration::from_millis(mgr.config().function_timeout_ms + 1000);
-    let outcome = w
-        .agent()
-        .client
-        .trigger(&subject, msg.payload.clone(), timeout)
-        .await;
+    let outcome = w.agent().client.trigger(&subject, msg.payload.clone(), timeout).await;
     let result = match outcome {
         Ok(reply) => match reply.headers.as_ref().and_then(|h| h.get(HEADER_ERROR)) {
             Some(e) => Err(e.to_string()),
@@ -137,15 +126,7 @@ async fn handle(
                     &json!({"workload_name": w.name, "workload_id": w.id, "trigger_subject": subject, "namespace": w.namespace, "error": e}),
                 )
                 .await;
-            events
-                .log(
-                    &w.namespace,
-                    &w.name,
-                    &w.id,
-                    "ERROR",
-                    &format!("Function execution failed: {e}"),
-                )
-                .await;
+            events.log(&w.namespace, &w.name, &w.id, "ERROR", &format!("Function execution failed: {e}")).await;
         }
     }
 }

@@ -11,8 +11,7 @@ use tokio::sync::mpsc;
 
 use nex_api::agent::{AgentDeployRequest, FunctionLimits, WorkloadStatusEvent};
 use nex_api::control::{
-    DeployRequest, MachineSummary, RunResponse, StopRequest, StopResponse,
-    WorkloadPingMachineSummary, WorkloadSummary,
+    DeployRequest, MachineSummary, RunResponse, StopRequest, StopResponse, WorkloadPingMachineSummary, WorkloadSummary,
 };
 use nex_api::events::event_type;
 use nex_api::jwt::WorkloadClaims;
@@ -183,10 +182,7 @@ impl WorkloadManager {
     }
 
     /// Handles messages agents send (logs, exits) until the channel closes.
-    pub async fn run_agent_messages(
-        self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<(String, AgentMessage)>,
-    ) {
+    pub async fn run_agent_messages(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(String, AgentMessage)>) {
         while let Some((id, msg)) = rx.recv().await {
             let Some(w) = self.get(&id) else {
                 continue; // warm agents have nothing to say yet
@@ -194,13 +190,7 @@ impl WorkloadManager {
             match msg {
                 AgentMessage::Log(entry) => {
                     self.events
-                        .log(
-                            &w.namespace,
-                            &w.name,
-                            &w.id,
-                            nex_api::agent::level::as_str(entry.level),
-                            &entry.text,
-                        )
+                        .log(&w.namespace, &w.name, &w.id, nex_api::agent::level::as_str(entry.level), &entry.text)
                         .await;
                 }
                 AgentMessage::Event(t, data) if t == event_type::WORKLOAD_UNDEPLOYED => {
@@ -212,9 +202,7 @@ impl WorkloadManager {
                     let _ = data; // the node emits workload_deployed itself, once
                 }
                 AgentMessage::Event(t, data) => {
-                    self.events
-                        .workload_event(&w.namespace, &w.id, &t, &data)
-                        .await;
+                    self.events.workload_event(&w.namespace, &w.id, &t, &data).await;
                 }
             }
         }
@@ -245,9 +233,7 @@ impl WorkloadManager {
             .map(|w| {
                 let up = w.started.elapsed();
                 let runtime = if workload_type::is_function(&w.workload_type) {
-                    nex_api::uptime::format_runtime(Duration::from_nanos(
-                        w.runtime_ns.load(Ordering::Relaxed),
-                    ))
+                    nex_api::uptime::format_runtime(Duration::from_nanos(w.runtime_ns.load(Ordering::Relaxed)))
                 } else {
                     nex_api::uptime::format(up)
                 };
@@ -269,22 +255,11 @@ impl WorkloadManager {
     }
 
     /// WPING matches: namespace filter (case-insensitive) and id (exact) or name (case-insensitive).
-    pub fn wping(
-        &self,
-        ns: Option<&str>,
-        id_or_name: Option<&str>,
-    ) -> Vec<WorkloadPingMachineSummary> {
+    pub fn wping(&self, ns: Option<&str>, id_or_name: Option<&str>) -> Vec<WorkloadPingMachineSummary> {
         self.all()
             .into_iter()
-            .filter(|w| {
-                ns.map(|n| w.namespace.eq_ignore_ascii_case(n))
-                    .unwrap_or(true)
-            })
-            .filter(|w| {
-                id_or_name
-                    .map(|x| w.id == x || w.name.eq_ignore_ascii_case(x))
-                    .unwrap_or(true)
-            })
+            .filter(|w| ns.map(|n| w.namespace.eq_ignore_ascii_case(n)).unwrap_or(true))
+            .filter(|w| id_or_name.map(|x| w.id == x || w.name.eq_ignore_ascii_case(x)).unwrap_or(true))
             .map(|w| WorkloadPingMachineSummary {
                 id: w.id.clone(),
                 namespace: w.namespace.clone(),
@@ -297,11 +272,7 @@ impl WorkloadManager {
     // ---------------------------------------------------------------- DEPLOY
 
     /// The whole DEPLOY pipeline for a request received on `$NEX.DEPLOY.{ns}.{node}`.
-    pub async fn deploy(
-        self: &Arc<Self>,
-        ns: Option<&str>,
-        body: &[u8],
-    ) -> Result<RunResponse, DeployError> {
+    pub async fn deploy(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<RunResponse, DeployError> {
         let v = self.validate(ns, body)?;
         let jti = v.claims.jti.clone();
         let res = self.launch(v).await;
@@ -327,29 +298,21 @@ impl WorkloadManager {
             return Err("Node is at maximum workload limit. Deploy request denied".into());
         }
         // 4
-        let req: DeployRequest = serde_json::from_slice(body)
-            .map_err(|e| format!("Unable to deserialize deploy request: {e}"))?;
+        let req: DeployRequest =
+            serde_json::from_slice(body).map_err(|e| format!("Unable to deserialize deploy request: {e}"))?;
         // 5
         let wt = workload_type::canonical(&req.workload_type);
         if !self.cfg.workload_types.contains(&wt) {
-            return Err(format!(
-                "Unsupported workload type on this node: {}",
-                req.workload_type
-            ));
+            return Err(format!("Unsupported workload type on this node: {}", req.workload_type));
         }
         // 6
         if !req.trigger_subjects.is_empty() && !workload_type::is_function(&wt) {
-            return Err(format!(
-                "Unsupported workload type for trigger subject registration: {}",
-                req.workload_type
-            ));
+            return Err(format!("Unsupported workload type for trigger subject registration: {}", req.workload_type));
         }
         // 7
         for s in &req.trigger_subjects {
             if !nex_api::subjects::is_valid_subscribe_subject(s) || self.cfg.denied_trigger(s) {
-                return Err(format!(
-                    "The trigger subject {s} overlaps with subject(s) in this node's deny list"
-                ));
+                return Err(format!("The trigger subject {s} overlaps with subject(s) in this node's deny list"));
             }
         }
         if workload_type::is_function(&wt) && req.trigger_subjects.is_empty() {
@@ -358,14 +321,11 @@ impl WorkloadManager {
             ));
         }
         if req.essential && wt != workload_type::NATIVE {
-            return Err(format!(
-                "Failed to deploy workload: essential flag is not supported for workload type {wt}"
-            ));
+            return Err(format!("Failed to deploy workload: essential flag is not supported for workload type {wt}"));
         }
         // 8
-        let environment =
-            nex_api::env::open(&req.environment, &self.ident.xkey, &req.sender_public_key)
-                .map_err(|e| format!("Failed to decrypt environment for deploy request: {e}"))?;
+        let environment = nex_api::env::open(&req.environment, &self.ident.xkey, &req.sender_public_key)
+            .map_err(|e| format!("Failed to decrypt environment for deploy request: {e}"))?;
         // 9
         let claims = WorkloadClaims::decode(&req.workload_jwt)
             .map_err(|e| format!("Invalid deploy request: could not decode workload JWT: {e}"))?;
@@ -376,9 +336,7 @@ impl WorkloadManager {
             ));
         }
         if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
-            return Err(format!(
-                "Invalid deploy request: standard claims within JWT are not valid: {why}"
-            ));
+            return Err(format!("Invalid deploy request: standard claims within JWT are not valid: {why}"));
         }
         // 10
         if !self.cfg.valid_issuers.is_empty() && !self.cfg.valid_issuers.contains(&claims.iss) {
@@ -404,11 +362,7 @@ impl WorkloadManager {
                 claims.jti
             ));
         }
-        let chain = if req.essential {
-            Some(self.next_chain.fetch_add(1, Ordering::SeqCst))
-        } else {
-            None
-        };
+        let chain = if req.essential { Some(self.next_chain.fetch_add(1, Ordering::SeqCst)) } else { None };
         Ok(Validated {
             namespace: ns,
             workload_type: wt,
@@ -423,24 +377,19 @@ impl WorkloadManager {
 
     /// Downloads the artifact into a warm agent and deploys; steps 11–16 of §3.6.
     async fn launch(self: &Arc<Self>, v: Validated) -> Result<RunResponse, DeployError> {
-        let loc = Location::parse(&v.request.location)
-            .map_err(|e| format!("Failed to cache workload bytes: {e}"))?;
+        let loc = Location::parse(&v.request.location).map_err(|e| format!("Failed to cache workload bytes: {e}"))?;
         let js = match v.request.jsdomain.as_deref().filter(|d| !d.is_empty()) {
             Some(d) => async_nats::jetstream::with_domain(self.control.clone(), d),
             None => async_nats::jetstream::new(self.control.clone()),
         };
-        let store = js.get_object_store(&loc.bucket).await.map_err(|e| {
-            format!(
-                "Failed to cache workload bytes: object store {}: {e}",
-                loc.bucket
-            )
-        })?;
-        let info = store.info(&loc.key).await.map_err(|e| {
-            format!(
-                "Failed to cache workload bytes: object {} in {}: {e}",
-                loc.key, loc.bucket
-            )
-        })?;
+        let store = js
+            .get_object_store(&loc.bucket)
+            .await
+            .map_err(|e| format!("Failed to cache workload bytes: object store {}: {e}", loc.bucket))?;
+        let info = store
+            .info(&loc.key)
+            .await
+            .map_err(|e| format!("Failed to cache workload bytes: object {} in {}: {e}", loc.key, loc.bucket))?;
         let size = info.size as u64;
         // 13, 14 — before a byte is downloaded.
         let lim = &self.cfg.node_limits;
@@ -461,11 +410,8 @@ impl WorkloadManager {
             Ok(a) => a,
             Err(e) => {
                 unreserve(self);
-                let hint = self
-                    .pool
-                    .last_error()
-                    .map(|h| format!(" (last agent start failure: {h})"))
-                    .unwrap_or_default();
+                let hint =
+                    self.pool.last_error().map(|h| format!(" (last agent start failure: {h})")).unwrap_or_default();
                 return Err(format!("Failed to get agent client from pool: {e}{hint}"));
             }
         };
@@ -480,19 +426,21 @@ impl WorkloadManager {
         };
         let object = match store.get(&loc.key).await {
             Ok(o) => o,
-            Err(e) => {
-                return fail(self, agent, format!("Failed to cache workload bytes: {e}")).await
-            }
+            Err(e) => return fail(self, agent, format!("Failed to cache workload bytes: {e}")).await,
         };
         let mut reader = HashingReader::new(object, size);
-        if let Err(e) = agent.client.put_artifact(&mut reader).await {
-            return fail(
-                self,
-                agent,
-                format!("Failed to cache workload bytes: {e:#}"),
-            )
-            .await;
-        }
+        let local_path = if self.pool.tier().shares_host_filesystem() {
+            let path = agent.work_dir.join("workload");
+            if let Err(e) = write_file(&path, &mut reader).await {
+                return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
+            }
+            Some(path.display().to_string())
+        } else {
+            if let Err(e) = agent.client.put_artifact(&mut reader).await {
+                return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
+            }
+            None
+        };
         let (hash, total_bytes) = reader.finish();
         if let Some(expected) = &v.expected_hash {
             if *expected != hash {
@@ -507,12 +455,7 @@ impl WorkloadManager {
             }
         }
         if total_bytes == 0 {
-            return fail(
-                self,
-                agent,
-                "Failed to cache workload bytes: the artifact is empty".into(),
-            )
-            .await;
+            return fail(self, agent, "Failed to cache workload bytes: the artifact is empty".into()).await;
         }
         // 15
         let w = Arc::new(Workload {
@@ -536,20 +479,14 @@ impl WorkloadManager {
             triggers: Mutex::new(None),
         });
         let mut life = w.life.lock().await;
-        self.workloads
-            .lock()
-            .unwrap()
-            .insert(w.id.clone(), w.clone());
+        self.workloads.lock().unwrap().insert(w.id.clone(), w.clone());
         if let Some(c) = v.chain {
             self.chains
                 .lock()
                 .unwrap()
                 .entry(c)
                 .and_modify(|ch| ch.current_id = w.id.clone())
-                .or_insert(Chain {
-                    attempts: 0,
-                    current_id: w.id.clone(),
-                });
+                .or_insert(Chain { attempts: 0, current_id: w.id.clone() });
         }
         let areq = AgentDeployRequest {
             argv: v.request.argv.clone(),
@@ -570,15 +507,14 @@ impl WorkloadManager {
                 timeout_ms: self.cfg.function_timeout_ms,
                 memory_mib: self.cfg.function_memory_mib,
             }),
-            local_path: None,
+            local_path,
         };
         let outcome = agent.client.deploy(&areq, Duration::from_secs(30)).await;
         let accepted = match outcome {
             Ok(r) if r.accepted => Ok(()),
-            Ok(r) => Err(format!(
-                "Failed to deploy workload: workload rejected by agent: {}",
-                r.message.unwrap_or_default()
-            )),
+            Ok(r) => {
+                Err(format!("Failed to deploy workload: workload rejected by agent: {}", r.message.unwrap_or_default()))
+            }
             Err(e) => Err(format!("Failed to deploy workload: {e:#}")),
         };
         let accepted = match accepted {
@@ -614,12 +550,7 @@ impl WorkloadManager {
         drop(life);
         self.spawn_monitor(w.clone());
         tracing::info!(workload = %w.name, id = %w.id, namespace = %w.namespace, "workload deployed");
-        Ok(RunResponse {
-            started: true,
-            id: w.id.clone(),
-            issuer: w.issuer.clone(),
-            name: w.name.clone(),
-        })
+        Ok(RunResponse { started: true, id: w.id.clone(), issuer: w.issuer.clone(), name: w.name.clone() })
     }
 
     /// Watches a deployed workload's agent: its exit and its liveness pings.
@@ -662,20 +593,15 @@ impl WorkloadManager {
         }
         life.ended = true;
         let stop_requested = life.stop_requested;
-        let mut message = message.unwrap_or_else(|| {
-            format!("Exited workload: {}; vm: {}; status: {code}", w.name, w.id)
-        });
+        let mut message =
+            message.unwrap_or_else(|| format!("Exited workload: {}; vm: {}; status: {code}", w.name, w.id));
         if w.agent.handle.oom_killed() {
             message.push_str(&format!(
                 "; killed for exceeding its memory limit of {} MiB",
                 self.cfg.machine_template.memsize_mib
             ));
         }
-        let reason = if stop_requested {
-            "Workload shutdown requested"
-        } else {
-            "Workload exited"
-        };
+        let reason = if stop_requested { "Workload shutdown requested" } else { "Workload exited" };
         self.events
             .workload_event(
                 &w.namespace,
@@ -759,30 +685,21 @@ impl WorkloadManager {
             t.stop().await;
         }
         self.pool.release(w.agent.clone()).await;
-        self.reserved_bytes
-            .fetch_sub(w.total_bytes, Ordering::SeqCst);
-        self.events
-            .log(&w.namespace, &w.name, &w.id, "DEBUG", "Workload stopped")
-            .await;
+        self.reserved_bytes.fetch_sub(w.total_bytes, Ordering::SeqCst);
+        self.events.log(&w.namespace, &w.name, &w.id, "DEBUG", "Workload stopped").await;
     }
 
     // ---------------------------------------------------------------- STOP
 
     /// The STOP pipeline for a request received on `$NEX.STOP.{ns}.{node}`.
-    pub async fn stop(
-        self: &Arc<Self>,
-        ns: Option<&str>,
-        body: &[u8],
-    ) -> Result<StopResponse, String> {
+    pub async fn stop(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<StopResponse, String> {
         let ns = match ns {
             Some(n) if !n.is_empty() => n,
             _ => return Err("Invalid subject for workload stop".into()),
         };
-        let req: StopRequest = serde_json::from_slice(body)
-            .map_err(|e| format!("Unable to deserialize stop request: {e}"))?;
-        let w = self
-            .get(&req.workload_id)
-            .ok_or_else(|| "No such workload".to_string())?;
+        let req: StopRequest =
+            serde_json::from_slice(body).map_err(|e| format!("Unable to deserialize stop request: {e}"))?;
+        let w = self.get(&req.workload_id).ok_or_else(|| "No such workload".to_string())?;
         let claims = WorkloadClaims::decode(&req.workload_jwt)
             .map_err(|e| format!("Invalid stop request: could not decode workload JWT: {e}"))?;
         if claims.jti == w.claims.jti {
@@ -795,20 +712,13 @@ impl WorkloadManager {
             return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
         }
         if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
-            return Err(format!(
-                "Invalid stop request: standard claims within JWT are not valid: {why}"
-            ));
+            return Err(format!("Invalid stop request: standard claims within JWT are not valid: {why}"));
         }
         if !w.namespace.eq_ignore_ascii_case(ns) {
             return Err("No such workload".into());
         }
         self.stop_workload(&w).await;
-        Ok(StopResponse {
-            stopped: true,
-            id: w.id.clone(),
-            issuer: w.issuer.clone(),
-            name: w.name.clone(),
-        })
+        Ok(StopResponse { stopped: true, id: w.id.clone(), issuer: w.issuer.clone(), name: w.name.clone() })
     }
 
     /// Stops a workload gracefully (SIGTERM, grace period, SIGKILL of the whole tree).
@@ -833,21 +743,12 @@ impl WorkloadManager {
         let ended = w.ended.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
-        if let Err(e) = w
-            .agent
-            .client
-            .undeploy(grace + Duration::from_secs(2))
-            .await
-        {
+        if let Err(e) = w.agent.client.undeploy(grace + Duration::from_secs(2)).await {
             tracing::warn!(id = %w.id, error = %e, "agent did not confirm undeploy; killing it");
         }
         // The agent reports the workload's exit; wait briefly for it, then end it ourselves.
-        if tokio::time::timeout(Duration::from_millis(500), ended)
-            .await
-            .is_err()
-        {
-            self.on_exit(w.clone(), 0, Some("Workload shutdown requested".into()))
-                .await;
+        if tokio::time::timeout(Duration::from_millis(500), ended).await.is_err() {
+            self.on_exit(w.clone(), 0, Some("Workload shutdown requested".into())).await;
         }
         self.teardown(w).await;
     }
@@ -859,11 +760,7 @@ impl WorkloadManager {
         if self.lameduck.swap(true, Ordering::SeqCst) {
             return false;
         }
-        self.ident
-            .tags
-            .write()
-            .unwrap()
-            .insert(nex_api::control::tags::LAMEDUCK.into(), "true".into());
+        self.ident.tags.write().unwrap().insert(nex_api::control::tags::LAMEDUCK.into(), "true".into());
         for w in self.all() {
             w.essential.store(false, Ordering::SeqCst);
         }
@@ -889,11 +786,7 @@ impl WorkloadManager {
     pub async fn autostart(self: &Arc<Self>) {
         let list = self.cfg.autostart.workloads.clone();
         for a in list {
-            let ns = if a.namespace.is_empty() {
-                nex_api::DEFAULT_NAMESPACE.to_string()
-            } else {
-                a.namespace.clone()
-            };
+            let ns = if a.namespace.is_empty() { nex_api::DEFAULT_NAMESPACE.to_string() } else { a.namespace.clone() };
             let claims = match WorkloadClaims::new(&a.name, None).encode(&self.ident.issuer) {
                 Ok(t) => WorkloadClaims::decode(&t).ok(),
                 Err(_) => None,
@@ -911,11 +804,7 @@ impl WorkloadManager {
                 trigger_subjects: a.trigger_subjects.clone(),
                 ..Default::default()
             };
-            let chain = if req.essential {
-                Some(self.next_chain.fetch_add(1, Ordering::SeqCst))
-            } else {
-                None
-            };
+            let chain = if req.essential { Some(self.next_chain.fetch_add(1, Ordering::SeqCst)) } else { None };
             let v = Validated {
                 namespace: ns,
                 request: req,
@@ -946,4 +835,14 @@ impl WorkloadManager {
     pub fn control_url(&self) -> &str {
         &self.control_url
     }
+}
+
+/// Streams an artifact into a file next to its agent (tiers sharing the host file system).
+async fn write_file<R: tokio::io::AsyncRead + Unpin>(path: &std::path::Path, reader: &mut R) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    tokio::io::copy(reader, &mut f).await.with_context(|| format!("writing {}", path.display()))?;
+    f.flush().await?;
+    Ok(())
 }

@@ -18,18 +18,10 @@ pub enum Provider {
 
 impl Provider {
     /// Starts the workload described by `req` from the artifact at `path`.
-    pub async fn deploy(
-        agent: Arc<Agent>,
-        req: &AgentDeployRequest,
-        path: PathBuf,
-    ) -> Result<Provider, String> {
+    pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Provider, String> {
         match nex_api::workload_type::canonical(&req.workload_type).as_str() {
-            nex_api::workload_type::NATIVE => native::Native::deploy(agent, req, path)
-                .await
-                .map(Provider::Native),
-            other => Err(format!(
-                "workload type {other} is not supported by this agent"
-            )),
+            nex_api::workload_type::NATIVE => native::Native::deploy(agent, req, path).await.map(Provider::Native),
+            other => Err(format!("workload type {other} is not supported by this agent")),
         }
     }
 
@@ -41,11 +33,7 @@ impl Provider {
     }
 
     /// Runs a function call.
-    pub async fn trigger(
-        &self,
-        _subject: &str,
-        _payload: bytes::Bytes,
-    ) -> Result<(Vec<u8>, u64), String> {
+    pub async fn trigger(&self, _subject: &str, _payload: bytes::Bytes) -> Result<(Vec<u8>, u64), String> {
         match self {
             Provider::Native(_) => Err("native workloads have no triggers".into()),
         }

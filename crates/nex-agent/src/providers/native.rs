@@ -22,20 +22,12 @@ pub struct Native {
 
 impl Native {
     /// Spawns the executable.
-    pub async fn deploy(
-        agent: Arc<Agent>,
-        req: &AgentDeployRequest,
-        path: PathBuf,
-    ) -> Result<Native, String> {
+    pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Native, String> {
         let name = req.workload_name.clone();
         let mut cmd = Command::new(&path);
         cmd.args(&req.argv)
             .env_clear()
-            .envs(
-                req.environment
-                    .iter()
-                    .map(|(k, v)| (k.to_uppercase(), v.clone())),
-            )
+            .envs(req.environment.iter().map(|(k, v)| (k.to_uppercase(), v.clone())))
             .current_dir(&agent.work_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -51,37 +43,16 @@ impl Native {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                agent
-                    .log(
-                        "nex-agent",
-                        level::ERROR,
-                        &format!("Workload {name} failed to deploy: {e}"),
-                    )
-                    .await;
-                return Err(format!(
-                    "Failed to start workload: {name}; vm: {}: {e}",
-                    agent.id
-                ));
+                agent.log("nex-agent", level::ERROR, &format!("Workload {name} failed to deploy: {e}")).await;
+                return Err(format!("Failed to start workload: {name}; vm: {}: {e}", agent.id));
             }
         };
         let pid = child.id().unwrap_or(0) as i32;
         let _ = std::fs::write(agent.work_dir.join("workload.pid"), pid.to_string());
         let mut readers = Vec::new();
         for (stream, lvl) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                level::INFO,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                level::ERROR,
-            ),
+            (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), level::INFO),
+            (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), level::ERROR),
         ] {
             if let Some(s) = stream {
                 let agent = agent.clone();
@@ -103,13 +74,7 @@ impl Native {
                 }));
             }
         }
-        agent
-            .log(
-                "nex-agent",
-                level::INFO,
-                &format!("Workload {name} deployed"),
-            )
-            .await;
+        agent.log("nex-agent", level::INFO, &format!("Workload {name} deployed")).await;
         let (tx, rx) = watch::channel(None);
         let id = agent.id.clone();
         tokio::spawn(async move {
@@ -130,15 +95,9 @@ impl Native {
                 Err(e) => (-1, format!(" ({e})")),
             };
             let lvl = if code == 0 { level::INFO } else { level::ERROR };
+            agent.log("nex-agent", lvl, &format!("Workload {name} exited")).await;
             agent
-                .log("nex-agent", lvl, &format!("Workload {name} exited"))
-                .await;
-            agent
-                .workload_undeployed(
-                    &name,
-                    code,
-                    &format!("Exited workload: {name}; vm: {id}; status: {code}{how}"),
-                )
+                .workload_undeployed(&name, code, &format!("Exited workload: {name}; vm: {id}; status: {code}{how}"))
                 .await;
             let _ = tx.send(Some(code));
         });
@@ -150,10 +109,7 @@ impl Native {
         if self.pid <= 1 || self.exited.borrow().is_some() {
             return;
         }
-        let grace: u64 = std::env::var("NEX_STOP_GRACE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
+        let grace: u64 = std::env::var("NEX_STOP_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
         // SAFETY: signalling the process group we created for the workload.
         unsafe { libc::kill(-self.pid, libc::SIGTERM) };
         let mut rx = self.exited.clone();

@@ -55,11 +55,7 @@ pub struct DevrunArgs {
 
 /// Workload type and, for native files, (os, arch) from the file's name and first bytes.
 pub fn detect(path: &Path, bytes: &[u8]) -> Option<(String, Option<(&'static str, &'static str)>)> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if ext == "js" {
         return Some((workload_type::V8.into(), None));
     }
@@ -82,17 +78,11 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Option<(String, Option<(&'static str
 
 /// The object key for a file: its base name with every `.` removed.
 pub fn object_key(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().replace('.', ""))
-        .unwrap_or_default()
+    path.file_name().map(|n| n.to_string_lossy().replace('.', "")).unwrap_or_default()
 }
 
 /// Loads or creates a seed file under `~/.nex`, mode 0600.
-fn load_or_create(
-    path: &Path,
-    what: &str,
-    create: impl FnOnce() -> Result<String>,
-) -> Result<String> {
+fn load_or_create(path: &Path, what: &str, create: impl FnOnce() -> Result<String>) -> Result<String> {
     if let Ok(s) = std::fs::read_to_string(path) {
         eprintln!("Reusing existing {what} {}", path.display());
         return Ok(s.trim().to_string());
@@ -105,17 +95,12 @@ fn load_or_create(
 
 /// The developer's issuer and publisher keys.
 pub fn dev_keys() -> Result<(nkeys::KeyPair, nkeys::XKey)> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .context("HOME is not set")?;
+    let home = std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")?;
     let dir = home.join(".nex");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let issuer = load_or_create(&dir.join("issuer.nk"), "issuer account key", || {
-        Ok(nkeys::KeyPair::new_account().seed()?)
-    })?;
-    let xkey = load_or_create(&dir.join("publisher.xk"), "publisher xkey", || {
-        Ok(nkeys::XKey::new().seed()?)
-    })?;
+    let issuer =
+        load_or_create(&dir.join("issuer.nk"), "issuer account key", || Ok(nkeys::KeyPair::new_account().seed()?))?;
+    let xkey = load_or_create(&dir.join("publisher.xk"), "publisher xkey", || Ok(nkeys::XKey::new().seed()?))?;
     Ok((
         nkeys::KeyPair::from_seed(&issuer).context("~/.nex/issuer.nk")?,
         nkeys::XKey::from_seed(&xkey).context("~/.nex/publisher.xk")?,
@@ -140,29 +125,21 @@ pub async fn upload(
         Err(_) => js
             .create_object_store(async_nats::jetstream::object_store::Config {
                 bucket: bucket.to_string(),
-                description: Some(
-                    "Ad hoc object storage for NEX CLI developer mode uploads".into(),
-                ),
+                description: Some("Ad hoc object storage for NEX CLI developer mode uploads".into()),
                 max_bytes: max_bytes.unwrap_or(100 * 1024 * 1024) as i64,
                 ..Default::default()
             })
             .await
-            .with_context(|| {
-                format!("creating object store {bucket} (is JetStream enabled on the server?)")
-            })?,
+            .with_context(|| format!("creating object store {bucket} (is JetStream enabled on the server?)"))?,
     };
-    let file = tokio::fs::File::open(path)
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata().await?.len();
     let bar = if len > 4 * 1024 * 1024 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(len);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         b.set_message(key.to_string());
         Some(b)
@@ -170,15 +147,10 @@ pub async fn upload(
         None
     };
     let mut reader = match &bar {
-        Some(b) => {
-            Box::new(b.wrap_async_read(file)) as Box<dyn tokio::io::AsyncRead + Unpin + Send>
-        }
+        Some(b) => Box::new(b.wrap_async_read(file)) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
         None => Box::new(file),
     };
-    store
-        .put(key, &mut reader)
-        .await
-        .with_context(|| format!("uploading {} to {bucket}/{key}", path.display()))?;
+    store.put(key, &mut reader).await.with_context(|| format!("uploading {} to {bucket}/{key}", path.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -187,8 +159,7 @@ pub async fn upload(
 
 /// Runs a local file on a node.
 pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) -> Result<()> {
-    let bytes =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     if bytes.is_empty() {
         bail!("{} is empty", args.file.display());
     }
@@ -196,63 +167,41 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
     let wt = match (&args.workload_type, &detected) {
         (Some(t), _) => workload_type::canonical(t),
         (None, Some((t, _))) => t.clone(),
-        (None, None) => bail!(
-            "cannot tell what kind of workload {} is: pass --type native, wasm or v8",
-            args.file.display()
-        ),
+        (None, None) => {
+            bail!("cannot tell what kind of workload {} is: pass --type native, wasm or v8", args.file.display())
+        }
     };
     if workload_type::is_function(&wt) && args.trigger_subjects.is_empty() {
-        bail!(
-            "cannot start a function-type workload without specifying at least one trigger subject"
-        );
+        bail!("cannot start a function-type workload without specifying at least one trigger subject");
     }
     let platform = detected.and_then(|(_, p)| p);
     let node = match &args.node {
         Some(n) => n.clone(),
         None => {
-            let mut req = AuctionRequest {
-                workload_types: vec![wt.clone()],
-                ..Default::default()
-            };
+            let mut req = AuctionRequest { workload_types: vec![wt.clone()], ..Default::default() };
             if let Some((os, arch)) = platform {
                 req.os = Some(os.into());
                 req.arch = Some(arch.into());
             }
             for t in &args.tags {
-                let (k, v) = t
-                    .split_once('=')
-                    .with_context(|| format!("--tag {t:?} must look like KEY=VALUE"))?;
+                let (k, v) = t.split_once('=').with_context(|| format!("--tag {t:?} must look like KEY=VALUE"))?;
                 req.tags.insert(k.into(), v.into());
             }
-            let auction = ControlClient::new(
-                client.nats().clone(),
-                Duration::from_millis(750),
-                client.namespace(),
-            );
+            let auction = ControlClient::new(client.nats().clone(), Duration::from_millis(750), client.namespace());
             let nodes = auction.auction(&req).await?;
-            let pick = nodes
-                .choose(&mut rand::thread_rng())
-                .map(|n| n.node_id.clone());
-            pick.context("unable to locate candidate node - no nodes discovered (start one with `nex up` or `nex node up`)")?
+            let pick = nodes.choose(&mut rand::thread_rng()).map(|n| n.node_id.clone());
+            pick.context(
+                "unable to locate candidate node - no nodes discovered (start one with `nex up` or `nex node up`)",
+            )?
         }
     };
     let info = client.node_info(&node).await?;
     let (issuer, sender) = dev_keys()?;
     let key = object_key(&args.file);
     if !nex_api::jwt::is_valid_workload_name(&key) {
-        bail!(
-            "the file name {key:?} is not a valid workload name: use letters, digits, '-' and '_'"
-        );
+        bail!("the file name {key:?} is not a valid workload name: use letters, digits, '-' and '_'");
     }
-    upload(
-        client.nats(),
-        g.jsdomain.as_deref(),
-        DEV_BUCKET,
-        &key,
-        &args.file,
-        args.bucketmaxbytes,
-    )
-    .await?;
+    upload(client.nats(), g.jsdomain.as_deref(), DEV_BUCKET, &key, &args.file, args.bucketmaxbytes).await?;
     if args.stop {
         for m in info.machines.iter().filter(|m| m.workload.name == key) {
             let req = nex_client::deploy::stop_request(&issuer, &node, &m.id, &key)?;
@@ -275,12 +224,7 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
         argv: args
             .argv
             .as_deref()
-            .map(|a| {
-                a.split(' ')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
+            .map(|a| a.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect())
             .unwrap_or_default(),
         trigger_subjects: args.trigger_subjects.clone(),
         essential: args.essential,

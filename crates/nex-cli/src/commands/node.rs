@@ -55,8 +55,7 @@ pub struct InfoArgs {
 
 /// Loads the config and applies `node up` flags.
 pub fn load_config(args: &UpArgs) -> Result<NodeConfig> {
-    let mut cfg = NodeConfig::load(&args.config)
-        .context("failed to initialize node: failed to create node")?;
+    let mut cfg = NodeConfig::load(&args.config).context("failed to initialize node: failed to create node")?;
     if args.no_sandbox {
         cfg.no_sandbox = true;
         if cfg.isolation.is_empty() || cfg.isolation == nex_node::config::isolation::MICROVM {
@@ -64,9 +63,7 @@ pub fn load_config(args: &UpArgs) -> Result<NodeConfig> {
         }
     }
     for t in &args.tags {
-        let (k, v) = t
-            .split_once('=')
-            .with_context(|| format!("--tags {t:?} must look like KEY=VALUE"))?;
+        let (k, v) = t.split_once('=').with_context(|| format!("--tags {t:?} must look like KEY=VALUE"))?;
         cfg.tags.insert(k.to_string(), v.to_string());
     }
     Ok(cfg)
@@ -110,25 +107,17 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     let cfg = load_config(&args)?;
     cfg.validate().context("failed to initialize node")?;
     let key = node_key(&cfg)?;
-    let control =
-        crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
+    let control = crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
     let url = g.server.split(',').next().unwrap_or("").trim().to_string();
-    nex_node::run(nex_node::NodeOptions {
-        config: cfg,
-        control,
-        control_url: url,
-        node_key: key,
-        nexus: args.nexus,
-    })
-    .await
+    nex_node::run(nex_node::NodeOptions { config: cfg, control, control_url: url, node_key: key, nexus: args.nexus })
+        .await
 }
 
 /// Lists nodes.
 pub async fn ls(client: &ControlClient, args: LsArgs) -> Result<()> {
     let mut nodes = client.ping_nodes().await?;
     nodes.sort_by(|a, b| {
-        (a.nexus.as_str(), a.tags.get(tags::NODE_NAME))
-            .cmp(&(b.nexus.as_str(), b.tags.get(tags::NODE_NAME)))
+        (a.nexus.as_str(), a.tags.get(tags::NODE_NAME)).cmp(&(b.nexus.as_str(), b.tags.get(tags::NODE_NAME)))
     });
     if args.json {
         print_json(&nodes);
@@ -150,11 +139,7 @@ pub async fn ls(client: &ControlClient, args: LsArgs) -> Result<()> {
         if tag(tags::LAMEDUCK) == "true" {
             id.push('*');
         }
-        let name = n
-            .tags
-            .get(tags::NODE_NAME)
-            .cloned()
-            .unwrap_or_else(|| "no-name".into());
+        let name = n.tags.get(tags::NODE_NAME).cloned().unwrap_or_else(|| "no-name".into());
         let mut row = vec![id, name, n.version.clone(), n.running_machines.to_string()];
         if args.full {
             row.insert(0, n.nexus.clone());
@@ -187,11 +172,7 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
     println!("{}   {}", b("Uptime:"), info.uptime);
     let tags: Vec<String> = info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("{}     {}", b("Tags:"), tags.join(", "));
-    println!(
-        "{}    {}",
-        b("Types:"),
-        info.supported_workload_types.join(", ")
-    );
+    println!("{}    {}", b("Types:"), info.supported_workload_types.join(", "));
     if let Some(m) = &info.memory {
         println!(
             "{}   {} kB free, {} kB available, {} kB total",
@@ -201,11 +182,7 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
             m.mem_total
         );
     }
-    println!(
-        "{}   {}",
-        b("Agents:"),
-        format_args!("{} warm", info.available_agents)
-    );
+    println!("{}   {}", b("Agents:"), format_args!("{} warm", info.available_agents));
     println!();
     if info.machines.is_empty() {
         println!("No workloads in namespace {}", client.namespace());
@@ -218,11 +195,7 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
             println!("{}     {}", b("Runtime:"), m.workload.runtime);
             println!("{}        {}", b("Type:"), m.workload.workload_type);
             println!("{}        {}", b("Name:"), m.workload.name);
-            println!(
-                "{} {}",
-                b("Description:"),
-                m.workload.description.clone().unwrap_or_default()
-            );
+            println!("{} {}", b("Description:"), m.workload.description.clone().unwrap_or_default());
             println!("{}        {}", b("Hash:"), m.workload.hash);
             println!();
         }
@@ -231,11 +204,7 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
     let mut t = Table::new("Workloads", &["", "ID", "Name", "Type", "Runtime"]);
     for m in &info.machines {
         t.row(vec![
-            if m.healthy {
-                "🟢".into()
-            } else {
-                "🔴".into()
-            },
+            if m.healthy { "🟢".into() } else { "🔴".into() },
             m.id.clone(),
             m.workload.name.clone(),
             m.workload.workload_type.clone(),

@@ -73,40 +73,25 @@ pub struct StopArgs {
 pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Result<()> {
     let wt = workload_type::canonical(&args.workload_type);
     if workload_type::is_function(&wt) && args.trigger_subjects.is_empty() {
-        bail!(
-            "cannot start a function-type workload without specifying at least one trigger subject"
-        );
+        bail!("cannot start a function-type workload without specifying at least one trigger subject");
     }
-    let issuer =
-        nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
+    let issuer = nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
     let sender = nkeys::XKey::from_seed(&super::read_seed(&args.xkey)?).context("xkey seed")?;
     let loc = nex_node::artifact::Location::parse(&args.url).map_err(anyhow::Error::msg)?;
     let js = match g.jsdomain.as_deref() {
         Some(d) => async_nats::jetstream::with_domain(client.nats().clone(), d),
         None => async_nats::jetstream::new(client.nats().clone()),
     };
-    let store = js
-        .get_object_store(&loc.bucket)
-        .await
-        .with_context(|| format!("object store {}", loc.bucket))?;
-    let info = store
-        .info(&loc.key)
-        .await
-        .with_context(|| format!("object {} in {}", loc.key, loc.bucket))?;
-    let hash = info
-        .digest
-        .as_deref()
-        .and_then(artifact_hash_from_digest)
-        .context("the object has no SHA-256 digest")?;
+    let store = js.get_object_store(&loc.bucket).await.with_context(|| format!("object store {}", loc.bucket))?;
+    let info = store.info(&loc.key).await.with_context(|| format!("object {} in {}", loc.key, loc.bucket))?;
+    let hash =
+        info.digest.as_deref().and_then(artifact_hash_from_digest).context("the object has no SHA-256 digest")?;
     let node_info = client.node_info(&args.id).await?;
-    let hs = args
-        .hs_url
-        .clone()
-        .map(|u| nex_api::control::NatsConnectionConfig {
-            nats_url: u,
-            nats_user_jwt: args.hs_jwt.clone(),
-            nats_user_seed: args.hs_seed.clone(),
-        });
+    let hs = args.hs_url.clone().map(|u| nex_api::control::NatsConnectionConfig {
+        nats_url: u,
+        nats_user_jwt: args.hs_jwt.clone(),
+        nats_user_seed: args.hs_seed.clone(),
+    });
     let b = DeployBuilder {
         name: args.name.clone(),
         workload_type: wt,
@@ -116,12 +101,7 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
         argv: args
             .argv
             .as_deref()
-            .map(|a| {
-                a.split(' ')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
+            .map(|a| a.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect())
             .unwrap_or_default(),
         trigger_subjects: args.trigger_subjects.clone(),
         essential: args.essential,
@@ -147,8 +127,7 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
 
 /// Stops a workload.
 pub async fn stop(client: &ControlClient, args: StopArgs) -> Result<()> {
-    let issuer =
-        nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
+    let issuer = nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
     let req = nex_client::deploy::stop_request(&issuer, &args.id, &args.workload_id, &args.name)?;
     match client.stop(&args.id, &req).await {
         Ok(r) if r.stopped => {

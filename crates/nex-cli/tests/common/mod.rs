@@ -26,12 +26,8 @@ pub fn nats_server_bin() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    if let Ok(out) = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
+    if let Ok(out) =
+        Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()
     {
         let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nats-server");
         if p.exists() {
@@ -42,11 +38,7 @@ pub fn nats_server_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `nats-server` with JetStream, killed on drop.
@@ -80,14 +72,7 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path().join("js"))
             .args(&self.extra_args)
             .stdout(Stdio::null())
@@ -171,19 +156,11 @@ impl Node {
     }
 
     /// Starts a node in `dir` with config `cfg` and extra CLI args.
-    pub async fn start_in(
-        nats: &NatsServer,
-        dir: tempfile::TempDir,
-        cfg: Value,
-        args: &[&str],
-    ) -> Node {
+    pub async fn start_in(nats: &NatsServer, dir: tempfile::TempDir, cfg: Value, args: &[&str]) -> Node {
         let cfg_path = dir.path().join("config.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
         let nc = nats.connect().await;
-        let mut started = nc
-            .subscribe("$NEX.events.system.node_started")
-            .await
-            .unwrap();
+        let mut started = nc.subscribe("$NEX.events.system.node_started").await.unwrap();
         nc.flush().await.unwrap();
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let child = Command::new(nex_bin())
@@ -198,12 +175,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut node = Node {
-            child: Some(child),
-            id: String::new(),
-            url: nats.url(),
-            dir,
-        };
+        let mut node = Node { child: Some(child), id: String::new(), url: nats.url(), dir };
         let msg = tokio::time::timeout(Duration::from_secs(15), started.next())
             .await
             .unwrap_or_else(|_| panic!("node did not start:\n{}", node.log()))
@@ -224,11 +196,7 @@ impl Node {
                     return;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "node has no warm agent:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "node has no warm agent:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -307,9 +275,8 @@ impl Recorder {
                 }
             });
         }
-        nc.flush().await.unwrap();
         // A round trip makes sure the server registered the subscriptions.
-        let _ = nc.request("$NEX.noop.roundtrip", "".into()).await;
+        nex_node::nats_ext::round_trip(nc).await.unwrap();
         r
     }
 
@@ -319,19 +286,14 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(s, _)| {
-                s.starts_with("$NEX.events.") && s.ends_with(&format!(".{event_type}"))
-            })
+            .filter(|(s, _)| s.starts_with("$NEX.events.") && s.ends_with(&format!(".{event_type}")))
             .map(|(_, v)| v.clone())
             .collect()
     }
 
     /// Events of `event_type` about workload `id`.
     pub fn workload_events(&self, event_type: &str, id: &str) -> Vec<Value> {
-        self.events(event_type)
-            .into_iter()
-            .filter(|e| e["data"]["workload_id"] == id)
-            .collect()
+        self.events(event_type).into_iter().filter(|e| e["data"]["workload_id"] == id).collect()
     }
 
     /// Log lines (subject, record) whose subject contains `part`.
@@ -402,38 +364,24 @@ impl User {
         };
         let mut data = bytes;
         store.put(key, &mut data).await.unwrap();
-        (
-            format!("nats://NEXCLIFILES/{key}"),
-            nex_api::jwt::sha256_hex(bytes),
-        )
+        (format!("nats://NEXCLIFILES/{key}"), nex_api::jwt::sha256_hex(bytes))
     }
 
     /// A deploy builder for a native workload `name` from `bytes`.
     pub async fn native(&self, name: &str, bytes: &[u8]) -> DeployBuilder {
         let (location, hash) = self.upload(name, bytes).await;
-        DeployBuilder {
-            name: name.into(),
-            workload_type: "native".into(),
-            location,
-            hash,
-            ..Default::default()
-        }
+        DeployBuilder { name: name.into(), workload_type: "native".into(), location, hash, ..Default::default() }
     }
 
     /// Builds the signed request for `node`.
     pub async fn request(&self, node: &str, b: &DeployBuilder) -> DeployRequest {
         let info = self.info(node).await;
-        b.build(&self.issuer, &self.xkey, node, &info.public_xkey)
-            .unwrap()
+        b.build(&self.issuer, &self.xkey, node, &info.public_xkey).unwrap()
     }
 
     /// A client for gathered requests (PING, WPING, AUCTION) that waits only `ms` for answers.
     pub fn gather(&self, ms: u64) -> ControlClient {
-        ControlClient::new(
-            self.nc.clone(),
-            Duration::from_millis(ms),
-            self.client.namespace(),
-        )
+        ControlClient::new(self.nc.clone(), Duration::from_millis(ms), self.client.namespace())
     }
 
     /// INFO of `node`.
@@ -444,35 +392,21 @@ impl User {
     /// Deploys and returns the node's answer.
     pub async fn deploy(&self, node: &str, b: &DeployBuilder) -> Result<RunResponse, String> {
         let req = self.request(node, b).await;
-        self.client
-            .deploy(node, &req)
-            .await
-            .map_err(|e| e.to_string())
+        self.client.deploy(node, &req).await.map_err(|e| e.to_string())
     }
 
     /// Stops workload `id` named `name`.
-    pub async fn stop(
-        &self,
-        node: &str,
-        id: &str,
-        name: &str,
-    ) -> Result<nex_api::control::StopResponse, String> {
+    pub async fn stop(&self, node: &str, id: &str, name: &str) -> Result<nex_api::control::StopResponse, String> {
         let req = nex_client::deploy::stop_request(&self.issuer, node, id, name).unwrap();
-        self.client
-            .stop(node, &req)
-            .await
-            .map_err(|e| e.to_string())
+        self.client.stop(node, &req).await.map_err(|e| e.to_string())
     }
 
     /// Sends raw bytes to a subject and returns the reply envelope as JSON.
     pub async fn raw(&self, subject: &str, body: Vec<u8>) -> Value {
-        let m = tokio::time::timeout(
-            Duration::from_secs(10),
-            self.nc.request(subject.to_string(), body.into()),
-        )
-        .await
-        .expect("timed out")
-        .expect("request failed");
+        let m = tokio::time::timeout(Duration::from_secs(10), self.nc.request(subject.to_string(), body.into()))
+            .await
+            .expect("timed out")
+            .expect("request failed");
         serde_json::from_slice(&m.payload).unwrap()
     }
 }
@@ -484,10 +418,7 @@ pub fn script(body: &str) -> Vec<u8> {
 
 /// Environment map from pairs.
 pub fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Processes whose command line contains `needle`.

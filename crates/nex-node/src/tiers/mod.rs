@@ -66,6 +66,11 @@ pub trait IsolationTier: Send + Sync {
     fn internal_listen_host(&self) -> String;
     /// Address agents dial to reach it.
     fn agent_nats_host(&self) -> String;
+    /// True when agents see the host's file system, so the node can hand them the artifact as a
+    /// file in their work directory instead of through the `NEXCACHE` bucket.
+    fn shares_host_filesystem(&self) -> bool {
+        false
+    }
     /// Starts one agent.
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, anyhow::Result<Box<dyn AgentHandle>>>;
 }

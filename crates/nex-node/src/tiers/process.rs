@@ -25,11 +25,7 @@ pub struct ProcessTier {
 impl ProcessTier {
     /// A tier spawning `agent_path`, with cgroup leaves under `nex/<run_id>` when available.
     pub fn new(agent_path: PathBuf, run_id: String, cgroups: Option<CgroupVersion>) -> Self {
-        ProcessTier {
-            agent_path,
-            run_id,
-            cgroups,
-        }
+        ProcessTier { agent_path, run_id, cgroups }
     }
 }
 
@@ -48,6 +44,10 @@ impl IsolationTier for ProcessTier {
 
     fn agent_nats_host(&self) -> String {
         "127.0.0.1".into()
+    }
+
+    fn shares_host_filesystem(&self) -> bool {
+        true
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
@@ -73,17 +73,11 @@ impl IsolationTier for ProcessTier {
             };
             let mut cmd = Command::new(&self.agent_path);
             cmd.env_clear()
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
+                .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
                 .env(nex_api::agent::env::SANDBOX, "false")
                 .env(nex_api::agent::env::WORKLOAD_ID, &spec.id)
                 .env(nex_api::agent::env::NODE_NATS_HOST, &spec.nats_host)
-                .env(
-                    nex_api::agent::env::NODE_NATS_PORT,
-                    spec.nats_port.to_string(),
-                )
+                .env(nex_api::agent::env::NODE_NATS_PORT, spec.nats_port.to_string())
                 .env(nex_api::agent::env::NODE_NATS_NKEY_SEED, &spec.nkey_seed)
                 .env("NEX_AGENT_WORKDIR", &spec.work_dir)
                 .env("NEX_STOP_GRACE_MS", spec.stop_grace_ms.to_string())
@@ -111,10 +105,7 @@ impl IsolationTier for ProcessTier {
                         cg.destroy().await;
                     }
                     let _ = std::fs::remove_dir_all(&spec.work_dir);
-                    return Err(anyhow::anyhow!(
-                        "starting agent {}: {e}",
-                        self.agent_path.display()
-                    ));
+                    return Err(anyhow::anyhow!("starting agent {}: {e}", self.agent_path.display()));
                 }
             };
             let pid = child.id().unwrap_or(0);
@@ -125,20 +116,8 @@ impl IsolationTier for ProcessTier {
                 }
             }
             for (stream, name) in [
-                (
-                    child
-                        .stdout
-                        .take()
-                        .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                    "stdout",
-                ),
-                (
-                    child
-                        .stderr
-                        .take()
-                        .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                    "stderr",
-                ),
+                (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stdout"),
+                (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stderr"),
             ] {
                 if let Some(s) = stream {
                     let id = spec.id.clone();
@@ -156,24 +135,13 @@ impl IsolationTier for ProcessTier {
                 let exit = match status {
                     Ok(s) => {
                         use std::os::unix::process::ExitStatusExt;
-                        AgentExit {
-                            code: s.code(),
-                            signal: s.signal(),
-                        }
+                        AgentExit { code: s.code(), signal: s.signal() }
                     }
-                    Err(_) => AgentExit {
-                        code: None,
-                        signal: None,
-                    },
+                    Err(_) => AgentExit { code: None, signal: None },
                 };
                 let _ = tx.send(Some(exit));
             });
-            Ok(Box::new(ProcessAgent {
-                pid,
-                exited: rx,
-                cgroup,
-                work_dir: spec.work_dir,
-            }) as Box<dyn AgentHandle>)
+            Ok(Box::new(ProcessAgent { pid, exited: rx, cgroup, work_dir: spec.work_dir }) as Box<dyn AgentHandle>)
         })
     }
 }
@@ -213,18 +181,13 @@ impl AgentHandle for ProcessAgent {
                 cg.destroy().await;
             }
             let mut rx = self.exited.clone();
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(5), super::wait_exit(&mut rx))
-                    .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), super::wait_exit(&mut rx)).await;
             let _ = std::fs::remove_dir_all(&self.work_dir);
         })
     }
 
     fn oom_killed(&self) -> bool {
-        self.cgroup
-            .as_ref()
-            .map(|c| c.oom_killed())
-            .unwrap_or(false)
+        self.cgroup.as_ref().map(|c| c.oom_killed()).unwrap_or(false)
     }
 
     fn agent_rss_bytes(&self) -> Option<u64> {
