@@ -104,6 +104,26 @@ pub enum Command {
         after_help = "Examples:\n  nex devrun ./target/x86_64-unknown-linux-musl/release/echoservice NATS_URL=nats://127.0.0.1:4222\n  nex devrun examples/echofunction.js --trigger_subject hello.js\n  nex devrun echofunction.wasm --trigger_subject hello.wasm"
     )]
     Devrun(crate::commands::devrun::DevrunArgs),
+    /// Follow workload log lines (in --namespace)
+    #[command(
+        after_help = "Examples:\n  nex logs\n  nex logs --workload_name echoservice --level info\n  nex logs --json | jq .log.text"
+    )]
+    Logs(crate::commands::monitor::LogsArgs),
+    /// Follow events (in --namespace and system)
+    #[command(after_help = "Examples:\n  nex events\n  nex events --type workload_undeployed --json")]
+    Events(crate::commands::monitor::EventsArgs),
+    /// Put a node in lame duck mode: no new work (and with --delay, drain and exit)
+    #[command(after_help = "Example:\n  nex lameduck NBCD… --delay 10s")]
+    Lameduck(crate::commands::misc::LameduckArgs),
+    /// Start a local NATS (with JetStream) and a node; Ctrl-C stops both
+    #[command(after_help = "Example:\n  nex up            # then, in another terminal: nex node ls")]
+    Up(crate::commands::up::UpArgs),
+    /// Send a request (e.g. to a service or a function trigger) and print the reply
+    #[command(after_help = "Examples:\n  nex call svc.echo hello\n  nex call hello.js 'hello world'")]
+    Call(crate::commands::misc::CallArgs),
+    /// Print shell completions
+    #[command(after_help = "Example:\n  nex completions bash > /etc/bash_completion.d/nex")]
+    Completions(crate::commands::misc::CompletionsArgs),
     /// Stop a workload (signed by the issuer that started it)
     #[command(
         after_help = "Example:\n  nex stop NBCD… cq2v3n6d0b3e1ftrs4ng --name echoservice --issuer ~/.nex/issuer.nk"
@@ -120,6 +140,14 @@ pub enum NodeCommand {
     /// List the nodes on this NATS
     #[command(after_help = "Example:\n  nex node ls --full\n  nex node ls --json | jq '.[].node_id'")]
     Ls(crate::commands::node::LsArgs),
+    /// Check (and with --init, write) a node configuration and what its tier needs
+    #[command(
+        after_help = "Examples:\n  nex node preflight --init nosandbox --config ./config.json\n  nex node preflight --check --config ./config.json"
+    )]
+    Preflight(crate::commands::preflight::PreflightArgs),
+    /// List workloads in --namespace on every node (WPING)
+    #[command(after_help = "Example:\n  nex node probe --workload echoservice")]
+    Probe(crate::commands::misc::ProbeArgs),
     /// Show a node's details and its workloads in --namespace
     #[command(after_help = "Example:\n  nex node info NBCD… --full")]
     Info(crate::commands::node::InfoArgs),

@@ -50,15 +50,29 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
-    if let Command::Node(NodeCommand::Up(args)) = cli.command {
-        return commands::node::up(&g, args).await;
-    }
+    let command = match cli.command {
+        Command::Node(NodeCommand::Up(args)) => return commands::node::up(&g, args).await,
+        Command::Node(NodeCommand::Preflight(args)) => return commands::preflight::preflight(args),
+        Command::Up(args) => return commands::up::up(&g, args).await,
+        Command::Completions(args) => {
+            commands::misc::completions(args);
+            return Ok(());
+        }
+        other => other,
+    };
     let nc = connect::connect(&g, "nex", false).await?;
     let client = nex_client::ControlClient::new(nc.clone(), g.timeout, &g.namespace);
-    let res = match cli.command {
+    let res = match command {
         Command::Node(NodeCommand::Ls(a)) => commands::node::ls(&client, a).await,
         Command::Node(NodeCommand::Info(a)) => commands::node::info(&client, a).await,
-        Command::Node(NodeCommand::Up(_)) => unreachable!("handled above"),
+        Command::Node(NodeCommand::Probe(a)) => commands::misc::probe(&client, a).await,
+        Command::Logs(a) => commands::monitor::logs(&nc, client.namespace(), a).await,
+        Command::Events(a) => commands::monitor::events(&nc, client.namespace(), a).await,
+        Command::Lameduck(a) => commands::misc::lameduck(&client, a).await,
+        Command::Call(a) => commands::misc::call(&nc, g.timeout, a).await,
+        Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_)) | Command::Up(_) | Command::Completions(_) => {
+            unreachable!("handled above")
+        }
         Command::Run(a) => commands::run::run(&g, &client, a).await,
         Command::Devrun(a) => commands::devrun::devrun(&g, &client, a).await,
         Command::Stop(a) => commands::run::stop(&client, a).await,

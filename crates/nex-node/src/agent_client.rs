@@ -142,7 +142,7 @@ impl AgentClient {
 
     /// Closes the connection.
     pub async fn close(&self) {
-        let _ = self.conn.drain().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.drain()).await;
     }
 }
 

@@ -53,9 +53,9 @@ impl EventPublisher {
         }
     }
 
-    /// Waits until everything published so far has left the client.
+    /// Waits (at most 2 s: the server may be gone) until everything published so far has left.
     pub async fn flush(&self) {
-        let _ = self.conn.flush().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.conn.flush()).await;
     }
 }
 

@@ -28,7 +28,7 @@ impl TriggerSet {
             t.abort();
         }
         if let Some(c) = self.own_conn {
-            let _ = c.drain().await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), c.drain()).await;
         }
     }
 }

