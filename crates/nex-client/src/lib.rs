@@ -73,12 +73,23 @@ impl ControlClient {
     }
 
     async fn request<T: DeserializeOwned>(&self, subject: String, body: Bytes, node: &str) -> Result<T, ClientError> {
-        let msg = match tokio::time::timeout(self.timeout, self.nc.request(subject.clone(), body)).await {
-            Err(_) => return Err(ClientError::Timeout(node.to_string(), self.timeout)),
+        self.request_within(subject, body, node, self.timeout).await
+    }
+
+    async fn request_within<T: DeserializeOwned>(
+        &self,
+        subject: String,
+        body: Bytes,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let req = async_nats::Request::new().payload(body).timeout(Some(timeout));
+        let msg = match tokio::time::timeout(timeout, self.nc.send_request(subject.clone(), req)).await {
+            Err(_) => return Err(ClientError::Timeout(node.to_string(), timeout)),
             Ok(Err(e)) => {
                 return Err(match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders(subject),
-                    async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(node.to_string(), self.timeout),
+                    async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(node.to_string(), timeout),
                     _ => ClientError::Nats(e.to_string()),
                 })
             }
@@ -134,16 +145,18 @@ impl ControlClient {
         self.request(subj::info(&self.namespace, node), Bytes::new(), node).await
     }
 
-    /// Sends a DEPLOY.
+    /// Sends a DEPLOY (waiting at least 60 s: large artifacts take time to download).
     pub async fn deploy(&self, node: &str, req: &DeployRequest) -> Result<RunResponse, ClientError> {
         let body = serde_json::to_vec(req).unwrap_or_default();
-        self.request(subj::deploy(&self.namespace, node), body.into(), node).await
+        let t = self.timeout.max(Duration::from_secs(60));
+        self.request_within(subj::deploy(&self.namespace, node), body.into(), node, t).await
     }
 
-    /// Sends a STOP.
+    /// Sends a STOP (waiting at least 30 s: the workload gets a grace period).
     pub async fn stop(&self, node: &str, req: &StopRequest) -> Result<StopResponse, ClientError> {
         let body = serde_json::to_vec(req).unwrap_or_default();
-        self.request(subj::stop(&self.namespace, node), body.into(), node).await
+        let t = self.timeout.max(Duration::from_secs(30));
+        self.request_within(subj::stop(&self.namespace, node), body.into(), node, t).await
     }
 
     /// Puts a node in lame duck mode, optionally draining it after `delay`.

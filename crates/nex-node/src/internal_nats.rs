@@ -253,7 +253,7 @@ pub fn find_nats_server(explicit: &str, bin_path: &[String]) -> Option<PathBuf> 
         return Some(PathBuf::from(explicit));
     }
     if let Ok(p) = std::env::var("NEX_NATS_SERVER") {
-        if !p.is_empty() {
+        if is_executable(Path::new(&p)) {
             return Some(PathBuf::from(p));
         }
     }
