@@ -10,6 +10,10 @@ use crate::control::NatsConnectionConfig;
 pub const HEADER_TRIGGER_SUBJECT: &str = "x-nex-trigger-subject";
 /// Header with the function's run time in nanoseconds.
 pub const HEADER_RUNTIME_NS: &str = "x-nex-runtime-ns";
+/// Host-service result code (REFERENCE §5.5).
+pub const HEADER_HS_CODE: &str = "x-nex-hs-code";
+/// Host-service result message (W12: the real message, not `OK`).
+pub const HEADER_HS_MSG: &str = "x-nex-hs-msg";
 /// Header carrying a function failure's reason on the error reply to the requester.
 pub const HEADER_ERROR: &str = "x-nex-error";
 

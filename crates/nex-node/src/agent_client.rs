@@ -21,6 +21,8 @@ pub enum AgentMessage {
     Log(LogEntry),
     /// An event (`workload_undeployed`, …) with its JSON data.
     Event(String, serde_json::Value),
+    /// A host-service request to answer.
+    HostService(async_nats::Message),
 }
 
 /// Connection to one agent.
@@ -49,6 +51,7 @@ impl AgentClient {
             let handshake = internal::handshake(&tid);
             let logs = internal::logs(&tid);
             let events_prefix = format!("hostint.{tid}.events.");
+            let rpc_prefix = format!("hostint.{tid}.rpc.");
             while let Some(msg) = sub.next().await {
                 let subject = msg.subject.as_str();
                 if subject == handshake {
@@ -60,6 +63,8 @@ impl AgentClient {
                     if let Ok(entry) = serde_json::from_slice::<LogEntry>(&msg.payload) {
                         let _ = tx.send((tid.clone(), AgentMessage::Log(entry)));
                     }
+                } else if subject.starts_with(&rpc_prefix) {
+                    let _ = tx.send((tid.clone(), AgentMessage::HostService(msg)));
                 } else if let Some(t) = subject.strip_prefix(&events_prefix) {
                     let data = serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
                     let _ = tx.send((tid.clone(), AgentMessage::Event(t.to_string(), data)));

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod config;
 pub mod control_api;
 pub mod events;
+pub mod host_services;
 pub mod internal_nats;
 pub mod nats_ext;
 pub mod node;

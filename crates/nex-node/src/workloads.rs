@@ -89,6 +89,8 @@ pub struct Workload {
     /// Cumulative function run time.
     pub runtime_ns: AtomicU64,
     triggers: Mutex<Option<TriggerSet>>,
+    /// Connection for host services when the request or config names one.
+    hs_conn: Option<async_nats::Client>,
 }
 
 impl Workload {
@@ -200,6 +202,13 @@ impl WorkloadManager {
                 }
                 AgentMessage::Event(t, data) if t == event_type::WORKLOAD_DEPLOYED => {
                     let _ = data; // the node emits workload_deployed itself, once
+                }
+                AgentMessage::HostService(msg) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let conn = w.hs_conn.clone().unwrap_or_else(|| me.control.clone());
+                        crate::host_services::handle(&me.cfg, &conn, w.agent.client.connection(), &w, msg).await;
+                    });
                 }
                 AgentMessage::Event(t, data) => {
                     self.events.workload_event(&w.namespace, &w.id, &t, &data).await;
@@ -457,6 +466,23 @@ impl WorkloadManager {
         if total_bytes == 0 {
             return fail(self, agent, "Failed to cache workload bytes: the artifact is empty".into()).await;
         }
+        if v.workload_type == workload_type::V8 && total_bytes > self.cfg.max_js_source_bytes {
+            return fail(
+                self,
+                agent,
+                format!(
+                    "Failed to deploy workload: source file ({total_bytes} bytes) exceeds maximum of {} bytes",
+                    self.cfg.max_js_source_bytes
+                ),
+            )
+            .await;
+        }
+        let hs_conn = match self.host_services_connection(&v).await {
+            Ok(c) => c,
+            Err(e) => {
+                return fail(self, agent, format!("Failed to deploy workload: host services connection: {e:#}")).await
+            }
+        };
         // 15
         let w = Arc::new(Workload {
             id: agent.id.clone(),
@@ -477,6 +503,7 @@ impl WorkloadManager {
             torn_down: AtomicBool::new(false),
             runtime_ns: AtomicU64::new(0),
             triggers: Mutex::new(None),
+            hs_conn,
         });
         let mut life = w.life.lock().await;
         self.workloads.lock().unwrap().insert(w.id.clone(), w.clone());
@@ -824,6 +851,24 @@ impl WorkloadManager {
                 }
             }
         }
+    }
+
+    /// The connection host services use for a function, when it is not the control connection.
+    async fn host_services_connection(&self, v: &Validated) -> anyhow::Result<Option<async_nats::Client>> {
+        if !workload_type::is_function(&v.workload_type) {
+            return Ok(None);
+        }
+        let hs = &self.cfg.host_services;
+        let conf = match &v.request.host_services {
+            Some(o) if !o.nats_url.is_empty() => o.clone(),
+            _ if !hs.nats_url.is_empty() && hs.nats_url != self.control_url => nex_api::control::NatsConnectionConfig {
+                nats_url: hs.nats_url.clone(),
+                nats_user_jwt: Some(hs.nats_user_jwt.clone()).filter(|s| !s.is_empty()),
+                nats_user_seed: Some(hs.nats_user_seed.clone()).filter(|s| !s.is_empty()),
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(crate::node::connect_workload_nats(&conf, "nex-hostservices").await?))
     }
 
     /// The control connection (user NATS).

@@ -1,12 +1,16 @@
 //! Execution providers: one per workload type, each with the same small lifecycle —
 //! deploy, (trigger), undeploy.
 
+pub mod js;
 pub mod native;
+pub mod wasm;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use nex_api::agent::AgentDeployRequest;
+use nex_api::agent::{level, AgentDeployRequest};
 
 use crate::Agent;
 
@@ -14,6 +18,10 @@ use crate::Agent;
 pub enum Provider {
     /// A native executable.
     Native(native::Native),
+    /// A WebAssembly function.
+    Wasm(Arc<wasm::Wasm>, Arc<Agent>, String),
+    /// A JavaScript function.
+    Js(js::Js),
 }
 
 impl Provider {
@@ -21,21 +29,87 @@ impl Provider {
     pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Provider, String> {
         match nex_api::workload_type::canonical(&req.workload_type).as_str() {
             nex_api::workload_type::NATIVE => native::Native::deploy(agent, req, path).await.map(Provider::Native),
+            nex_api::workload_type::WASM => {
+                let r = req.clone();
+                let w = tokio::task::spawn_blocking(move || wasm::Wasm::load(&path, &r))
+                    .await
+                    .map_err(|e| format!("failed to compile module: {e}"))??;
+                Ok(Provider::Wasm(Arc::new(w), agent, req.workload_name.clone()))
+            }
+            nex_api::workload_type::V8 => {
+                let bytes = std::fs::read(&path).map_err(|e| format!("failed to read source: {e}"))?;
+                let source = String::from_utf8(bytes).map_err(|_| "the JavaScript source is not UTF-8".to_string())?;
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, String)>();
+                let logger = agent.clone();
+                let name = req.workload_name.clone();
+                tokio::spawn(async move {
+                    while let Some((lvl, text)) = rx.recv().await {
+                        logger.log(&name, lvl, &text).await;
+                    }
+                });
+                let host = host_call(agent.clone(), req);
+                let limits = req.function_limits.clone().unwrap_or_default();
+                let js = tokio::task::spawn_blocking(move || js::Js::load(source, limits, host, tx))
+                    .await
+                    .map_err(|e| format!("failed to start JavaScript: {e}"))??;
+                Ok(Provider::Js(js))
+            }
             other => Err(format!("workload type {other} is not supported by this agent")),
         }
     }
 
     /// Stops the workload, gracefully first.
     pub async fn undeploy(&self) {
-        match self {
-            Provider::Native(n) => n.undeploy().await,
+        if let Provider::Native(n) = self {
+            n.undeploy().await
         }
     }
 
-    /// Runs a function call.
-    pub async fn trigger(&self, _subject: &str, _payload: bytes::Bytes) -> Result<(Vec<u8>, u64), String> {
+    /// Runs a function call; returns the reply and the run time in nanoseconds.
+    pub async fn trigger(&self, subject: &str, payload: bytes::Bytes) -> Result<(Vec<u8>, u64), String> {
         match self {
             Provider::Native(_) => Err("native workloads have no triggers".into()),
+            Provider::Wasm(w, agent, name) => {
+                let w = w.clone();
+                let s = subject.to_string();
+                let started = std::time::Instant::now();
+                let out = tokio::task::spawn_blocking(move || w.call(&s, &payload))
+                    .await
+                    .map_err(|e| format!("wasm call failed: {e}"))?;
+                let ns = started.elapsed().as_nanos() as u64;
+                let out = out?;
+                for line in String::from_utf8_lossy(&out.stderr).lines() {
+                    agent.log(name, level::ERROR, line).await;
+                }
+                Ok((out.stdout, ns))
+            }
+            Provider::Js(js) => js.call(subject, &payload).await,
         }
     }
+}
+
+/// Host-service calls from a function: a request to the node on
+/// `hostint.<id>.rpc.<ns>.<workload>.<service>.<method>` (REFERENCE §5.5).
+fn host_call(agent: Arc<Agent>, req: &AgentDeployRequest) -> js::HostCall {
+    let handle = tokio::runtime::Handle::current();
+    let ns = req.namespace.clone();
+    let name = req.workload_name.clone();
+    Arc::new(move |service: &str, method: &str, headers: HashMap<String, String>, body: Vec<u8>| {
+        let subject = nex_api::subjects::internal::rpc(&agent.id, &ns, &name, service, method);
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in &headers {
+            h.insert(k.as_str(), v.as_str());
+        }
+        let nc = agent.nc.clone();
+        let req = async_nats::Request::new().headers(h).payload(body.into()).timeout(Some(Duration::from_secs(5)));
+        match handle.block_on(nc.send_request(subject, req)) {
+            Ok(m) => {
+                let get = |k: &str| m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.to_string());
+                let code = get(nex_api::agent::HEADER_HS_CODE).and_then(|c| c.parse().ok()).unwrap_or(500);
+                let msg = get(nex_api::agent::HEADER_HS_MSG).unwrap_or_default();
+                (code, msg, m.payload.to_vec())
+            }
+            Err(e) => (500, format!("host services request failed: {e}"), Vec::new()),
+        }
+    })
 }

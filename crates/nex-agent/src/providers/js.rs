@@ -1,0 +1,252 @@
+//! JavaScript functions (W11) on QuickJS (`rquickjs`), under the wire type `v8`.
+//!
+//! The script is evaluated once, as a classic script whose completion value must be
+//! `function(subject, payload: Uint8Array)`; the runtime and context are kept for every call, on a
+//! thread of their own. Each call has a deadline (interrupt handler) and the runtime a memory
+//! limit. `console.*` lines become workload logs; `hostServices` reaches the node (§5.6).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use rquickjs::function::Opt;
+use rquickjs::{Array, CatchResultExt, CaughtError, Context, Ctx, Function, Persistent, Runtime, TypedArray, Value};
+use tokio::sync::oneshot;
+
+use nex_api::agent::FunctionLimits;
+
+/// Calls into the host (kv, messaging, objectstore, http): (service, method, headers, body) →
+/// (code, message, body).
+pub type HostCall = Arc<dyn Fn(&str, &str, HashMap<String, String>, Vec<u8>) -> (u16, String, Vec<u8>) + Send + Sync>;
+
+/// Log sink: (agent level, text).
+pub type LogSink = tokio::sync::mpsc::UnboundedSender<(i32, String)>;
+
+const PRELUDE: &str = r#"
+(function (g) {
+  const hs = g.__nex_hs, log = g.__nex_log;
+  delete g.__nex_hs; delete g.__nex_log;
+  const dec = (a) => { let s = ''; for (let i = 0; i < a.length; i++) s += String.fromCharCode(a[i]); return s; };
+  const bytes = (v) => {
+    if (!(v instanceof Uint8Array)) throw 'failed to marshal v8 value to []byte: ' + typeof v + '; only Uint8[] is supported';
+    return v;
+  };
+  const call = (svc, m, h, body) => {
+    const r = hs(svc, m, h, body);
+    if (r[0] !== 200) throw r[1] + ' (' + r[0] + ')';
+    return r[2];
+  };
+  const json = (svc, m, h, body) => JSON.parse(dec(call(svc, m, h, body)));
+  const http = (method) => function (url, body) {
+    if (arguments.length < 1) throw 'url is required';
+    const r = json('http', method, { 'x-http-url': url }, body === undefined ? undefined : bytes(body));
+    const headers = {};
+    for (const k in (r.headers || {})) headers[k] = [].concat(r.headers[k]).join(', ');
+    return { status: r.status, headers: headers, response: r.body === undefined ? null : r.body };
+  };
+  g.hostServices = {
+    kv: {
+      get: function (key) { if (arguments.length < 1) throw 'key is required'; return call('kv', 'get', { 'x-keyvalue-key': key }); },
+      set: function (key, value) {
+        if (arguments.length < 2) throw 'key and value are required';
+        const r = json('kv', 'set', { 'x-keyvalue-key': key }, bytes(value));
+        if (!r.success) throw 'failed to set value for key';
+      },
+      delete: function (key) { if (arguments.length < 1) throw 'key is required'; json('kv', 'delete', { 'x-keyvalue-key': key }); },
+      keys: function () { return json('kv', 'keys', {}); },
+    },
+    messaging: {
+      publish: function (subject, payload) {
+        if (arguments.length < 2) throw 'subject and payload are required';
+        json('messaging', 'publish', { 'x-subject': subject }, bytes(payload));
+      },
+      request: function (subject, payload) {
+        if (arguments.length < 2) throw 'subject and payload are required';
+        return call('messaging', 'request', { 'x-subject': subject }, bytes(payload));
+      },
+      requestMany: function () { throw "this function isn't currently supported"; },
+    },
+    objectStore: {
+      get: function (name) { if (arguments.length < 1) throw 'name is required'; return call('objectstore', 'get', { 'x-object-name': name }); },
+      put: function (name, value) {
+        if (arguments.length < 2) throw 'name and value are required';
+        return json('objectstore', 'put', { 'x-object-name': name }, bytes(value));
+      },
+      delete: function (name) { if (arguments.length < 1) throw 'name is required'; json('objectstore', 'delete', { 'x-object-name': name }); },
+      list: function () { return json('objectstore', 'list', {}); },
+    },
+    http: { get: http('get'), post: http('post'), put: http('put'), patch: http('patch'), delete: http('delete'), head: http('head') },
+  };
+  const text = (args) => args.map((a) => typeof a === 'string' ? a : JSON.stringify(a)).join(' ');
+  g.console = {
+    log: (...a) => log(4, text(a)), info: (...a) => log(4, text(a)), debug: (...a) => log(5, text(a)),
+    warn: (...a) => log(3, text(a)), error: (...a) => log(2, text(a)),
+  };
+})(globalThis);
+"#;
+
+struct Call {
+    subject: String,
+    payload: Vec<u8>,
+    reply: oneshot::Sender<Result<(Vec<u8>, u64), String>>,
+}
+
+/// A loaded script on its own thread.
+pub struct Js {
+    tx: mpsc::Sender<Call>,
+}
+
+impl Js {
+    /// Evaluates `source` and keeps its function for calls.
+    pub fn load(source: String, limits: FunctionLimits, host: HostCall, logs: LogSink) -> Result<Js, String> {
+        let (tx, rx) = mpsc::channel::<Call>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        std::thread::Builder::new()
+            .name("js".into())
+            .spawn(move || js_thread(source, limits, host, logs, rx, ready_tx))
+            .map_err(|e| format!("failed to start the JavaScript thread: {e}"))?;
+        ready_rx.recv().map_err(|_| "the JavaScript engine stopped".to_string())??;
+        Ok(Js { tx })
+    }
+
+    /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`).
+    pub async fn call(&self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Call { subject: subject.to_string(), payload: payload.to_vec(), reply })
+            .map_err(|_| "the JavaScript engine stopped".to_string())?;
+        rx.await.map_err(|_| "the JavaScript engine stopped".to_string())?
+    }
+}
+
+fn describe(e: CaughtError<'_>) -> String {
+    match e {
+        CaughtError::Exception(ex) => ex.message().unwrap_or_else(|| format!("{ex:?}")),
+        CaughtError::Value(v) => v
+            .as_string()
+            .and_then(|s| s.to_string().ok())
+            .or_else(|| v.ctx().json_stringify(v.clone()).ok().flatten().and_then(|s| s.to_string().ok()))
+            .unwrap_or_else(|| format!("{v:?}")),
+        CaughtError::Error(e) => e.to_string(),
+    }
+}
+
+fn js_thread(
+    source: String,
+    limits: FunctionLimits,
+    host: HostCall,
+    logs: LogSink,
+    rx: mpsc::Receiver<Call>,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let rt = match Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("failed to start JavaScript: {e}")));
+            return;
+        }
+    };
+    rt.set_memory_limit((limits.memory_mib as usize) * 1024 * 1024);
+    rt.set_max_stack_size(1024 * 1024);
+    // Deadline of the running call, in ms since `base`; 0 = no call running.
+    let base = Instant::now();
+    let deadline = Arc::new(AtomicU64::new(0));
+    let d = deadline.clone();
+    rt.set_interrupt_handler(Some(Box::new(move || {
+        let dl = d.load(Ordering::Relaxed);
+        dl != 0 && base.elapsed().as_millis() as u64 > dl
+    })));
+    let ctx = match Context::full(&rt) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!("failed to create a JavaScript context: {e}")));
+            return;
+        }
+    };
+    let func: Result<Persistent<Function<'static>>, String> = ctx.with(|ctx| {
+        install_natives(&ctx, host, logs).map_err(|e| format!("failed to install host services: {e}"))?;
+        ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude failed: {}", describe(e)))?;
+        let v: Value = ctx
+            .eval(source.into_bytes())
+            .catch(&ctx)
+            .map_err(|e| format!("failed to compile source for execution: {}", describe(e)))?;
+        let f = v.into_function().ok_or_else(|| {
+            "the script's completion value must be a function(subject, payload); end the script with that function"
+                .to_string()
+        })?;
+        Ok(Persistent::save(&ctx, f))
+    });
+    let func = match func {
+        Ok(f) => {
+            let _ = ready.send(Ok(()));
+            f
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    while let Ok(call) = rx.recv() {
+        let started = Instant::now();
+        deadline.store(base.elapsed().as_millis() as u64 + limits.timeout_ms, Ordering::Relaxed);
+        let result = ctx.with(|ctx| -> Result<Vec<u8>, String> {
+            let f = func.clone().restore(&ctx).map_err(|e| e.to_string())?;
+            let payload = TypedArray::<u8>::new(ctx.clone(), call.payload).map_err(|e| e.to_string())?;
+            let out: Value = f.call((call.subject.as_str(), payload)).catch(&ctx).map_err(describe)?;
+            match ctx.json_stringify(out).catch(&ctx).map_err(describe)? {
+                Some(s) => Ok(s.to_string().map_err(|e| e.to_string())?.into_bytes()),
+                None => Ok(Vec::new()),
+            }
+        });
+        deadline.store(0, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let result = result.map_err(|e| {
+            if elapsed.as_millis() as u64 >= limits.timeout_ms && e.contains("interrupted") {
+                format!("javascript execution timed out after {}ms", limits.timeout_ms)
+            } else if e.contains("out of memory") {
+                format!("javascript function exceeded its memory limit of {} MiB: {e}", limits.memory_mib)
+            } else {
+                e
+            }
+        });
+        // Reclaim what the call left behind.
+        rt.run_gc();
+        let _ = call.reply.send(result.map(|b| (b, elapsed.as_nanos() as u64)));
+    }
+}
+
+fn install_natives<'js>(ctx: &Ctx<'js>, host: HostCall, logs: LogSink) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+    g.set(
+        "__nex_log",
+        Function::new(ctx.clone(), move |level: i32, text: String| {
+            let _ = logs.send((level, text));
+        })?,
+    )?;
+    g.set(
+        "__nex_hs",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  service: String,
+                  method: String,
+                  headers: HashMap<String, String>,
+                  body: Opt<Value<'js>>|
+                  -> rquickjs::Result<Array<'js>> {
+                let body = match body.0.and_then(|v| TypedArray::<u8>::from_value(v).ok()) {
+                    // SAFETY: copied at once, before any JavaScript runs again.
+                    Some(a) => unsafe { a.as_slice() }.to_vec(),
+                    None => Vec::new(),
+                };
+                let (code, msg, out) = host(&service, &method, headers, body);
+                let arr = Array::new(ctx.clone())?;
+                arr.set(0, code as i32)?;
+                arr.set(1, msg)?;
+                arr.set(2, TypedArray::<u8>::new(ctx.clone(), out)?)?;
+                Ok(arr)
+            },
+        )?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! WebAssembly functions (W10): a WASI preview-1 command module compiled once at deploy and
+//! instantiated per call from a pre-linked `InstancePre`. argv = `["nexfunction", <subject>]`, the
+//! payload on stdin, all of stdout is the reply. Every call has an epoch deadline and a memory cap,
+//! and no file system or network.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+use nex_api::agent::{AgentDeployRequest, FunctionLimits};
+
+/// Epoch tick used for call deadlines.
+const TICK: Duration = Duration::from_millis(5);
+/// Most output a call may write.
+const MAX_OUTPUT: usize = 16 * 1024 * 1024;
+
+struct CallState {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// A compiled, linked module.
+pub struct Wasm {
+    engine: Engine,
+    pre: InstancePre<CallState>,
+    env: Vec<(String, String)>,
+    limits: FunctionLimits,
+}
+
+/// What one call produced.
+pub struct CallOutput {
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Wasm {
+    /// Compiles and links the module at `path`.
+    pub fn load(path: &Path, req: &AgentDeployRequest) -> Result<Wasm, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("failed to read module: {e}"))?;
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true);
+        let engine = Engine::new(&cfg).map_err(|e| format!("failed to create the wasm engine: {e}"))?;
+        let module = Module::new(&engine, &bytes).map_err(|e| format!("failed to compile module: {e}"))?;
+        let mut linker: Linker<CallState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut CallState| &mut s.wasi)
+            .map_err(|e| format!("failed to link WASI: {e}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("failed to link module (a WASI preview-1 command is required): {e}"))?;
+        // One ticker per engine drives every call's deadline.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(e) = weak.upgrade() {
+                    e.increment_epoch();
+                    drop(e);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| format!("failed to start the epoch ticker: {e}"))?;
+        Ok(Wasm {
+            engine,
+            pre,
+            env: req.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            limits: req.function_limits.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Runs one call (blocking; run it off the async runtime).
+    pub fn call(self: &Arc<Self>, subject: &str, payload: &[u8]) -> Result<CallOutput, String> {
+        let stdout = MemoryOutputPipe::new(MAX_OUTPUT);
+        let stderr = MemoryOutputPipe::new(1024 * 1024);
+        let wasi = WasiCtxBuilder::new()
+            .args(&["nexfunction", subject])
+            .envs(&self.env)
+            .stdin(MemoryInputPipe::new(payload.to_vec()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build_p1();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size((self.limits.memory_mib as usize) * 1024 * 1024)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&self.engine, CallState { wasi, limits });
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.limits.timeout_ms / TICK.as_millis() as u64).max(1);
+        store.set_epoch_deadline(ticks);
+        let started = Instant::now();
+        let outcome = self.pre.instantiate(&mut store).and_then(|instance| {
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call(&mut store, ())
+        });
+        let out = || CallOutput { stdout: stdout.contents().to_vec(), stderr: stderr.contents().to_vec() };
+        match outcome {
+            Ok(()) => Ok(out()),
+            Err(e) => {
+                if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                    return if exit.0 == 0 {
+                        Ok(out())
+                    } else {
+                        Err(format!("wasm function exited with code {}", exit.0))
+                    };
+                }
+                if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                    return Err(format!(
+                        "wasm execution timed out after {}ms",
+                        started.elapsed().as_millis().max(self.limits.timeout_ms as u128)
+                    ));
+                }
+                let msg = format!("{e:#}");
+                if msg.contains("forcing trap when growing memory") {
+                    return Err(format!("wasm function exceeded its memory limit of {} MiB", self.limits.memory_mib));
+                }
+                Err(format!("wasm function failed: {}", msg.replace('\n', " ")))
+            }
+        }
+    }
+}
