@@ -125,7 +125,7 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
             println!();
             println!("Ctrl-C stops the node and NATS.");
         }
-        r = &mut Box::pin(async { tokio::time::sleep(Duration::from_secs(30)).await }) => { let _ = r; }
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
     }
     let res = node.await.context("node task")?;
     if let Some(mut c) = nats_child {
