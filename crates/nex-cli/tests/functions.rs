@@ -302,3 +302,21 @@ async fn function_deploy_rules() {
     let e = user.deploy(&node.id, &syntax).await.unwrap_err();
     assert!(e.contains("failed to compile source for execution"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_function_uses_host_service_imports() {
+    let p = repo().join("target/wasm32-wasip1/release/kvfunction.wasm");
+    let bytes = std::fs::read(&p).unwrap_or_else(|_| panic!("{} is missing: run `make build`", p.display()));
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, json!({})).await;
+    let user = User::new(&nats).await;
+    let f = function(&user, "kvwasm", "wasm", &bytes, &["kv.wasm"]).await;
+    user.deploy(&node.id, &f).await.unwrap();
+    let m = call(&user.nc, "kv.wasm", b"first").await;
+    assert_eq!(error_of(&m), None);
+    assert_eq!(&m.payload[..], b"previous=none");
+    let m = call(&user.nc, "kv.wasm", b"second").await;
+    assert_eq!(&m.payload[..], b"previous=first");
+    let store = async_nats::jetstream::new(user.nc.clone()).get_key_value("hs_default_kvwasm_kv").await.unwrap();
+    assert_eq!(&store.get("last").await.unwrap().unwrap()[..], b"second");
+}

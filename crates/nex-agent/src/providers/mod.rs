@@ -31,7 +31,8 @@ impl Provider {
             nex_api::workload_type::NATIVE => native::Native::deploy(agent, req, path).await.map(Provider::Native),
             nex_api::workload_type::WASM => {
                 let r = req.clone();
-                let w = tokio::task::spawn_blocking(move || wasm::Wasm::load(&path, &r))
+                let host = host_call(agent.clone(), req);
+                let w = tokio::task::spawn_blocking(move || wasm::Wasm::load(&path, &r, host))
                     .await
                     .map_err(|e| format!("failed to compile module: {e}"))??;
                 Ok(Provider::Wasm(Arc::new(w), agent, req.workload_name.clone()))

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Caller, Config, Engine, Extern, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
@@ -22,6 +22,7 @@ const MAX_OUTPUT: usize = 16 * 1024 * 1024;
 struct CallState {
     wasi: WasiP1Ctx,
     limits: StoreLimits,
+    host: super::js::HostCall,
 }
 
 /// A compiled, linked module.
@@ -30,6 +31,7 @@ pub struct Wasm {
     pre: InstancePre<CallState>,
     env: Vec<(String, String)>,
     limits: FunctionLimits,
+    host: super::js::HostCall,
 }
 
 /// What one call produced.
@@ -42,7 +44,7 @@ pub struct CallOutput {
 
 impl Wasm {
     /// Compiles and links the module at `path`.
-    pub fn load(path: &Path, req: &AgentDeployRequest) -> Result<Wasm, String> {
+    pub fn load(path: &Path, req: &AgentDeployRequest, host: super::js::HostCall) -> Result<Wasm, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("failed to read module: {e}"))?;
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
@@ -51,6 +53,7 @@ impl Wasm {
         let mut linker: Linker<CallState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut CallState| &mut s.wasi)
             .map_err(|e| format!("failed to link WASI: {e}"))?;
+        linker.func_wrap("nex_host", "call", host_call).map_err(|e| format!("failed to link nex_host: {e}"))?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(|e| format!("failed to link module (a WASI preview-1 command is required): {e}"))?;
@@ -71,6 +74,7 @@ impl Wasm {
             pre,
             env: req.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             limits: req.function_limits.clone().unwrap_or_default(),
+            host,
         })
     }
 
@@ -89,7 +93,7 @@ impl Wasm {
             .memory_size((self.limits.memory_mib as usize) * 1024 * 1024)
             .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(&self.engine, CallState { wasi, limits });
+        let mut store = Store::new(&self.engine, CallState { wasi, limits, host: self.host.clone() });
         store.limiter(|s| &mut s.limits);
         let ticks = (self.limits.timeout_ms / TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(ticks);
@@ -123,4 +127,55 @@ impl Wasm {
             }
         }
     }
+}
+
+/// `nex_host.call(service, method, arg, body, out) -> (code << 32) | len`: the host services of
+/// REFERENCE §5.5 for WebAssembly. Each argument is a (pointer, length) pair in linear memory;
+/// `arg` is the key, subject, object name or URL. The answer (or the error message) is copied into
+/// `out` up to `out_cap` bytes; `len` is its full length, so a caller can retry with more room.
+#[allow(clippy::too_many_arguments)]
+fn host_call(
+    mut caller: Caller<'_, CallState>,
+    svc_ptr: i32,
+    svc_len: i32,
+    method_ptr: i32,
+    method_len: i32,
+    arg_ptr: i32,
+    arg_len: i32,
+    body_ptr: i32,
+    body_len: i32,
+    out_ptr: i32,
+    out_cap: i32,
+) -> wasmtime::Result<i64> {
+    let Some(Extern::Memory(mem)) = caller.get_export("memory") else {
+        return Err(wasmtime::Error::msg("nex_host.call needs an exported memory"));
+    };
+    let read = |caller: &Caller<'_, CallState>, ptr: i32, len: i32| -> wasmtime::Result<Vec<u8>> {
+        let data = mem.data(caller);
+        let (p, l) = (ptr as u32 as usize, len as u32 as usize);
+        data.get(p..p.saturating_add(l))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| wasmtime::Error::msg("nex_host.call: argument out of bounds"))
+    };
+    let service = String::from_utf8_lossy(&read(&caller, svc_ptr, svc_len)?).to_string();
+    let method = String::from_utf8_lossy(&read(&caller, method_ptr, method_len)?).to_string();
+    let arg = String::from_utf8_lossy(&read(&caller, arg_ptr, arg_len)?).to_string();
+    let body = read(&caller, body_ptr, body_len)?;
+    let header = match service.as_str() {
+        "kv" => "x-keyvalue-key",
+        "messaging" => "x-subject",
+        "objectstore" => "x-object-name",
+        _ => "x-http-url",
+    };
+    let mut headers = std::collections::HashMap::new();
+    if !arg.is_empty() {
+        headers.insert(header.to_string(), arg);
+    }
+    let host = caller.data().host.clone();
+    let (code, msg, out) = host(&service, &method, headers, body);
+    let answer = if code == 200 { out } else { msg.into_bytes() };
+    let n = answer.len().min(out_cap.max(0) as usize);
+    mem.write(&mut caller, out_ptr as u32 as usize, &answer[..n])
+        .map_err(|_| wasmtime::Error::msg("nex_host.call: output buffer out of bounds"))?;
+    Ok(((code as i64) << 32) | answer.len() as i64)
 }
