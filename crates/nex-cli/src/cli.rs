@@ -121,6 +121,11 @@ pub enum Command {
     /// Send a request (e.g. to a service or a function trigger) and print the reply
     #[command(after_help = "Examples:\n  nex call svc.echo hello\n  nex call hello.js 'hello world'")]
     Call(crate::commands::misc::CallArgs),
+    /// Measure nex against plain NATS request/reply in one run (DESIGN §7)
+    #[command(
+        after_help = "Examples:\n  nex bench --json bench.json\n  nex bench --clients 8 --requests 500 --functions 10 --artifact-mib 5"
+    )]
+    Bench(crate::commands::bench::BenchArgs),
     /// Print shell completions
     #[command(after_help = "Example:\n  nex completions bash > /etc/bash_completion.d/nex")]
     Completions(crate::commands::misc::CompletionsArgs),

@@ -54,6 +54,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Up(args)) => return commands::node::up(&g, args).await,
         Command::Node(NodeCommand::Preflight(args)) => return commands::preflight::preflight(args),
         Command::Up(args) => return commands::up::up(&g, args).await,
+        Command::Bench(args) => return commands::bench::bench(&g, args).await,
         Command::Completions(args) => {
             commands::misc::completions(args);
             return Ok(());
@@ -70,7 +71,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Events(a) => commands::monitor::events(&nc, client.namespace(), a).await,
         Command::Lameduck(a) => commands::misc::lameduck(&client, a).await,
         Command::Call(a) => commands::misc::call(&nc, g.timeout, a).await,
-        Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_)) | Command::Up(_) | Command::Completions(_) => {
+        Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_))
+        | Command::Up(_)
+        | Command::Bench(_)
+        | Command::Completions(_) => {
             unreachable!("handled above")
         }
         Command::Run(a) => commands::run::run(&g, &client, a).await,

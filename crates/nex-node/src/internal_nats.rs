@@ -73,6 +73,8 @@ impl InternalNats {
         let log = std::fs::File::create(dir.join("internal-nats.log"))?;
         let mut cmd = Command::new(binary);
         cmd.arg("-c").arg(&me.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        // Its own process group: a terminal's Ctrl-C reaches the node, which stops it last.
+        cmd.process_group(0);
         // SAFETY: prctl only sets a flag on the child; async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -150,6 +152,8 @@ impl InternalNats {
     pub async fn connect_as(&self, creds: &KeyPair, name: &str, within: Duration) -> Result<async_nats::Client> {
         let deadline = Instant::now() + within;
         let seed = creds.seed()?;
+        // Give the SIGHUP reload a moment, so the first login usually succeeds.
+        tokio::time::sleep(Duration::from_millis(25)).await;
         loop {
             let opts = async_nats::ConnectOptions::with_nkey(seed.clone())
                 .name(name)

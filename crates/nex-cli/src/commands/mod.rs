@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod bench;
 pub mod devrun;
 pub mod misc;
 pub mod monitor;

