@@ -14,6 +14,56 @@ use nex_api::agent::{level, AgentDeployRequest};
 
 use crate::Agent;
 
+/// Lines per second a workload may log; beyond that, lines are dropped and counted.
+const LOG_LINES_PER_SEC: f64 = 1000.0;
+/// Burst allowance.
+const LOG_BURST: f64 = 2000.0;
+
+/// Token bucket over a workload's output lines, shared by its stdout and stderr readers.
+struct LogLimiter {
+    tokens: f64,
+    last: std::time::Instant,
+    dropped: u64,
+    last_report: std::time::Instant,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        LogLimiter { tokens: LOG_BURST, last: now, dropped: 0, last_report: now }
+    }
+
+    /// Whether the next line may be shipped, and a count of dropped lines to report, if due.
+    fn admit(&mut self) -> (bool, Option<u64>) {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * LOG_LINES_PER_SEC).min(LOG_BURST);
+        self.last = now;
+        let ok = if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        };
+        let report = if self.dropped > 0 && now.duration_since(self.last_report) >= Duration::from_secs(1) {
+            self.last_report = now;
+            Some(std::mem::take(&mut self.dropped))
+        } else {
+            None
+        };
+        (ok, report)
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+}
+
+async fn report_dropped(agent: &Agent, name: &str, n: u64) {
+    let text = format!("nex: dropped {n} log lines of {name} (rate limit {LOG_LINES_PER_SEC} lines/s)");
+    agent.log("nex-agent", level::WARN, &text).await;
+}
+
 /// A running native workload.
 pub struct Native {
     pid: i32,
@@ -50,6 +100,7 @@ impl Native {
         let pid = child.id().unwrap_or(0) as i32;
         let _ = std::fs::write(agent.work_dir.join("workload.pid"), pid.to_string());
         let mut readers = Vec::new();
+        let limiter = Arc::new(std::sync::Mutex::new(LogLimiter::new()));
         for (stream, lvl) in [
             (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), level::INFO),
             (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), level::ERROR),
@@ -57,6 +108,7 @@ impl Native {
             if let Some(s) = stream {
                 let agent = agent.clone();
                 let name = name.clone();
+                let limiter = limiter.clone();
                 readers.push(tokio::spawn(async move {
                     let mut r = BufReader::new(s);
                     let mut buf = Vec::new();
@@ -65,9 +117,15 @@ impl Native {
                         match r.read_until(b'\n', &mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(_) => {
-                                let line = String::from_utf8_lossy(&buf);
-                                let line = line.trim_end_matches(['\n', '\r']);
-                                agent.log(&name, lvl, line).await;
+                                let (ok, report) = limiter.lock().map(|mut l| l.admit()).unwrap_or((true, None));
+                                if let Some(n) = report {
+                                    report_dropped(&agent, &name, n).await;
+                                }
+                                if ok {
+                                    let line = String::from_utf8_lossy(&buf);
+                                    let line = line.trim_end_matches(['\n', '\r']);
+                                    agent.log(&name, lvl, line).await;
+                                }
                             }
                         }
                     }
@@ -82,6 +140,10 @@ impl Native {
             // Ship the last lines before reporting the exit.
             for r in readers {
                 let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+            }
+            let dropped = limiter.lock().map(|mut l| l.take_dropped()).unwrap_or(0);
+            if dropped > 0 {
+                report_dropped(&agent, &name, dropped).await;
             }
             let (code, how) = match status {
                 Ok(s) => {

@@ -211,11 +211,13 @@ impl Node {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// Sends a signal and waits for exit; returns the exit code.
+    /// Sends a signal (0: none, just wait) and waits for exit; returns the exit code.
     pub fn signal_and_wait(&mut self, sig: i32, within: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, sig) };
+        if sig != 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(st)) = c.try_wait() {
