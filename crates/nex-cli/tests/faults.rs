@@ -166,3 +166,173 @@ async fn node_seed_path_keeps_the_node_id() {
     let third = Node::start(&nats, json!({})).await;
     assert_ne!(third.id, id);
 }
+
+fn leftovers_under(state: &std::path::Path) -> Vec<(i32, String)> {
+    processes_matching("")
+        .into_iter()
+        .filter(|(p, c)| {
+            !c.contains("nex-agent")
+                && !c.contains("nats-server")
+                && std::fs::read_link(format!("/proc/{p}/cwd")).map(|d| d.starts_with(state)).unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_mid_deploy_and_mid_trigger() {
+    let nats = NatsServer::start();
+    let mut node = Node::start(&nats, json!({"machine_pool_size": 2})).await;
+    let user = User::new(&nats).await;
+    // A slow function, called and left running.
+    let mut slow = user
+        .native("slowjs", b"(function () { const t = Date.now(); while (Date.now() - t < 3000) {} return 1; })")
+        .await;
+    slow.workload_type = "v8".into();
+    slow.trigger_subjects = vec!["slow.fn".into()];
+    user.deploy(&node.id, &slow).await.unwrap();
+    let mut big = script("exec /bin/sleep 7701");
+    big.resize(40 * 1024 * 1024, b'#');
+    let b = user.native("bigone", &big).await;
+    let nc = user.nc.clone();
+    let pending_call = tokio::spawn(async move {
+        let req = async_nats::Request::new().payload("x".into()).timeout(Some(Duration::from_secs(8)));
+        nc.send_request("slow.fn", req).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A deploy of a large artifact, in flight.
+    let req = user.request(&node.id, &b).await;
+    let nc = user.nc.clone();
+    let subject = format!("$NEX.DEPLOY.default.{}", node.id);
+    let pending_deploy = tokio::spawn(async move {
+        let r = async_nats::Request::new()
+            .payload(serde_json::to_vec(&req).unwrap().into())
+            .timeout(Some(Duration::from_secs(5)));
+        nc.send_request(subject, r).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = node.state_dir();
+    node.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+
+    // The callers got errors, never a false success.
+    if let Ok(m) = pending_deploy.await.unwrap() {
+        let env: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert!(env["error"].is_string(), "deploy reported success from a killed node: {env}");
+    }
+    if let Ok(m) = pending_call.await.unwrap() {
+        let err = m.headers.as_ref().and_then(|h| h.get(nex_api::agent::HEADER_ERROR)).map(|v| v.to_string());
+        assert!(err.is_some(), "a trigger got a success from a killed node: {:?} {:?}", m.payload, m.headers);
+    }
+
+    // Restarted on the same state: nothing of the old run is left.
+    let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
+    let old_runs: Vec<String> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    drop(node);
+    let cfg = node_config(dir.path(), json!({}));
+    let node2 = Node::start_in(&nats, dir, cfg, &[]).await;
+    for r in &old_runs {
+        assert!(!node2.state_dir().join("runs").join(r).exists());
+    }
+    assert!(processes_matching("sleep 7701").is_empty());
+    assert!(leftovers_under(&node2.state_dir()).is_empty(), "{:?}", leftovers_under(&node2.state_dir()));
+    let info = User::new(&nats).await.info(&node2.id).await;
+    assert!(info.machines.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_functions_at_once() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, json!({"machine_pool_size": 4})).await;
+    let user = std::sync::Arc::new(User::new(&nats).await);
+    let (loc, hash) = user.upload("many", b"(function (s, p) { return s; })").await;
+    let info = user.info(&node.id).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let user = user.clone();
+        let node_id = node.id.clone();
+        let xkey = info.public_xkey.clone();
+        let b = nex_client::DeployBuilder {
+            name: format!("many{i}"),
+            workload_type: "v8".into(),
+            location: loc.clone(),
+            hash: hash.clone(),
+            trigger_subjects: vec![format!("many.{i}")],
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let req = b.build(&user.issuer, &user.xkey, &node_id, &xkey).unwrap();
+            user.client.deploy(&node_id, &req).await.map(|r| (r.id, r.name)).map_err(|e| e.to_string())
+        }));
+    }
+    let mut deployed = Vec::new();
+    for t in tasks {
+        deployed.push(t.await.unwrap().expect("every deploy succeeds"));
+    }
+    for i in (0..200).step_by(7) {
+        let m = user.nc.request(format!("many.{i}"), "x".into()).await.unwrap();
+        assert_eq!(std::str::from_utf8(&m.payload).unwrap(), format!("\"many.{i}\""));
+    }
+    assert_eq!(user.info(&node.id).await.machines.len(), 200);
+    let mut stops = Vec::new();
+    for (id, name) in deployed {
+        let user = user.clone();
+        let node_id = node.id.clone();
+        stops.push(tokio::spawn(async move { user.stop(&node_id, &id, &name).await }));
+    }
+    for s in stops {
+        assert!(s.await.unwrap().expect("stop").stopped);
+    }
+    assert!(user.info(&node.id).await.machines.is_empty());
+    eventually(Duration::from_secs(20), "only warm agents left", || {
+        let agents = processes_matching("nex-agent")
+            .into_iter()
+            .filter(|(p, _)| {
+                std::fs::read_link(format!("/proc/{p}/cwd")).map(|c| c.starts_with(node.state_dir())).unwrap_or(false)
+            })
+            .count();
+        agents <= 4
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_download_fails_cleanly() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let target = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
+    let fstype = std::ffi::CString::new("tmpfs").unwrap();
+    let opts = std::ffi::CString::new("size=4m").unwrap();
+    // SAFETY: mounting a tmpfs on a directory this test owns.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, opts.as_ptr().cast()) };
+    if rc != 0 {
+        println!("skipped: cannot mount a small tmpfs here ({})", std::io::Error::last_os_error());
+        return;
+    }
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: unmounting what this test mounted.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _guard = Unmount(target);
+    let cfg = node_config(dir.path(), json!({}));
+    let node = Node::start_in(&nats, dir, cfg, &[]).await;
+    let user = User::new(&nats).await;
+    let mut big = script("exec /bin/sleep 7801");
+    big.resize(8 * 1024 * 1024, b'#');
+    let b = user.native("toolarge", &big).await;
+    let e = user.deploy(&node.id, &b).await.unwrap_err();
+    assert!(e.starts_with("Failed to cache workload bytes:"), "{e}");
+    assert!(e.to_lowercase().contains("no space"), "{e}");
+    // Nothing half deployed; the node keeps serving.
+    assert!(user.info(&node.id).await.machines.is_empty());
+    assert!(processes_matching("sleep 7801").is_empty());
+    let small = user.native("fits", &script("exec /bin/sleep 600")).await;
+    user.deploy(&node.id, &small).await.expect("a small one still deploys");
+}

@@ -112,15 +112,41 @@ impl AgentClient {
     }
 
     /// Sends the deploy request and returns the agent's answer.
+    ///
+    /// "No responders" is retried briefly: while the internal server reloads its accounts, a
+    /// subscription can be missing for a moment (Nex 0.3 retries the same way).
     pub async fn deploy(&self, req: &AgentDeployRequest, within: Duration) -> Result<DeployResponse> {
-        let body = serde_json::to_vec(req)?;
-        let msg = tokio::time::timeout(within, self.conn.request(internal::deploy(&self.id), body.into()))
+        let body: Bytes = serde_json::to_vec(req)?.into();
+        let msg = self
+            .request_retrying(internal::deploy(&self.id), body, within)
             .await
-            .map_err(|_| {
-                anyhow!("failed to submit request for workload deployment: timed out after {}ms", within.as_millis())
-            })?
             .map_err(|e| anyhow!("failed to submit request for workload deployment: {e}"))?;
         serde_json::from_slice(&msg.payload).map_err(|e| anyhow!("malformed deploy response from agent: {e}"))
+    }
+
+    async fn request_retrying(&self, subject: String, body: Bytes, within: Duration) -> Result<async_nats::Message> {
+        let deadline = Instant::now() + within;
+        let mut attempts = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let req =
+                async_nats::Request::new().payload(body.clone()).timeout(Some(left.max(Duration::from_millis(1))));
+            match self.conn.send_request(subject.clone(), req).await {
+                Ok(m) => return Ok(m),
+                Err(e)
+                    if e.kind() == async_nats::RequestErrorKind::NoResponders
+                        && attempts < 10
+                        && Instant::now() < deadline =>
+                {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    bail!("timed out after {}ms", within.as_millis())
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
     }
 
     /// Asks the agent to stop its workload gracefully.
@@ -136,8 +162,19 @@ impl AgentClient {
     pub async fn trigger(&self, subject: &str, payload: Bytes, within: Duration) -> Result<async_nats::Message> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(nex_api::agent::HEADER_TRIGGER_SUBJECT, subject);
-        let req = async_nats::Request::new().payload(payload).headers(headers).timeout(Some(within));
-        self.conn.send_request(internal::trigger(&self.id), req).await.map_err(|e| anyhow!("{e}"))
+        let mut retried = false;
+        loop {
+            let req =
+                async_nats::Request::new().payload(payload.clone()).headers(headers.clone()).timeout(Some(within));
+            match self.conn.send_request(internal::trigger(&self.id), req).await {
+                Ok(m) => return Ok(m),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && !retried => {
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(anyhow!("{e}")),
+            }
+        }
     }
 
     /// The underlying connection (the node's user in the workload account).

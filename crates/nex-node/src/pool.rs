@@ -35,6 +35,22 @@ impl Agent {
     }
 }
 
+/// Agents started at the same time at most.
+const MAX_PARALLEL_STARTS: usize = 4;
+
+/// Decrements a counter when dropped.
+struct CounterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CounterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn scopeguard(c: &AtomicUsize) -> CounterGuard<'_> {
+    CounterGuard(c)
+}
+
 /// Warm agents waiting for work.
 pub struct AgentPool {
     tier: Arc<dyn IsolationTier>,
@@ -44,6 +60,7 @@ pub struct AgentPool {
     msgs: mpsc::UnboundedSender<(String, AgentMessage)>,
     warm: Mutex<VecDeque<Agent>>,
     starting: AtomicUsize,
+    waiting: AtomicUsize,
     available: Notify,
     wanted: Notify,
     stopping: AtomicBool,
@@ -67,6 +84,7 @@ impl AgentPool {
             msgs,
             warm: Mutex::new(VecDeque::new()),
             starting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             available: Notify::new(),
             wanted: Notify::new(),
             stopping: AtomicBool::new(false),
@@ -99,35 +117,50 @@ impl AgentPool {
 
     async fn refill_loop(self: Arc<Self>) {
         let target = self.cfg.machine_pool_size.max(1) as usize;
-        let mut backoff = Duration::from_millis(100);
+        let backoff = Arc::new(Mutex::new(Duration::from_millis(100)));
         while !self.stopping.load(Ordering::SeqCst) {
-            let have = self.available() + self.starting.load(Ordering::SeqCst);
-            if have >= target {
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.wanted.notified()).await;
+            // Keep `target` warm, plus one per deploy waiting, starting a few at a time.
+            let want = target + self.waiting.load(Ordering::SeqCst);
+            let starting = self.starting.load(Ordering::SeqCst);
+            // While agents fail to start, retry one at a time.
+            let parallel = if self.last_error().is_some() { 1 } else { MAX_PARALLEL_STARTS };
+            if self.available() + starting >= want || starting >= parallel {
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.wanted.notified()).await;
                 continue;
             }
             self.starting.fetch_add(1, Ordering::SeqCst);
-            let res = self.launch_one().await;
-            self.starting.fetch_sub(1, Ordering::SeqCst);
-            match res {
-                Ok(agent) => {
-                    backoff = Duration::from_millis(100);
-                    *self.last_error.lock().unwrap() = None;
-                    if self.stopping.load(Ordering::SeqCst) {
-                        self.release(agent).await;
-                        break;
+            let me = self.clone();
+            let backoff = backoff.clone();
+            tokio::spawn(async move {
+                let res = me.launch_one().await;
+                match res {
+                    Ok(agent) => {
+                        *backoff.lock().unwrap() = Duration::from_millis(100);
+                        *me.last_error.lock().unwrap() = None;
+                        if me.stopping.load(Ordering::SeqCst) {
+                            me.release(agent).await;
+                        } else {
+                            me.warm.lock().unwrap().push_back(agent);
+                        }
+                        me.starting.fetch_sub(1, Ordering::SeqCst);
+                        me.available.notify_waiters();
                     }
-                    self.warm.lock().unwrap().push_back(agent);
-                    self.available.notify_waiters();
+                    Err(e) => {
+                        let wait = {
+                            let mut b = backoff.lock().unwrap();
+                            let w = *b;
+                            *b = (w * 2).min(Duration::from_secs(5));
+                            w
+                        };
+                        tracing::error!(error = %format!("{e:#}"), "failed to start a warm agent; retrying in {}ms", wait.as_millis());
+                        *me.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                        me.available.notify_waiters();
+                        tokio::time::sleep(wait).await;
+                        me.starting.fetch_sub(1, Ordering::SeqCst);
+                        me.wanted.notify_one();
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "failed to start a warm agent; retrying in {}ms", backoff.as_millis());
-                    *self.last_error.lock().unwrap() = Some(format!("{e:#}"));
-                    self.available.notify_waiters();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+            });
         }
     }
 
@@ -194,8 +227,13 @@ impl AgentPool {
     }
 
     /// Takes a warm agent, waiting up to `within` for one.
+    ///
+    /// While the pool keeps producing agents (a burst of deploys), the wait is extended, so
+    /// requests queue instead of failing; when agents fail to start, it is not.
     pub async fn take(&self, within: Duration) -> Result<Agent> {
-        let deadline = tokio::time::Instant::now() + within;
+        let mut deadline = tokio::time::Instant::now() + within;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _guard = scopeguard(&self.waiting);
         loop {
             let notified = self.available.notified();
             tokio::pin!(notified);
@@ -212,6 +250,9 @@ impl AgentPool {
             self.wanted.notify_one();
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(anyhow!("no available agent client in pool"));
+            }
+            if self.last_error().is_none() {
+                deadline = tokio::time::Instant::now() + within;
             }
         }
     }
