@@ -401,8 +401,11 @@ async fn hostile_payloads_get_errors_or_silence_and_the_node_keeps_serving() {
 async fn an_agent_that_never_handshakes_is_reported_and_deploys_fail_cleanly() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    // A 1 ms handshake window: no agent can make it.
-    let cfg = node_config(dir.path(), json!({"agent_handshake_timeout_ms": 1}));
+    // An "agent" that never handshakes.
+    let fake = dir.path().join("silent-agent");
+    std::fs::write(&fake, "#!/bin/sh\nexec /bin/sleep 600\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = node_config(dir.path(), json!({"agent_handshake_timeout_ms": 300, "agent_path": fake}));
     std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     let nc = nats.connect().await;
     let mut started =
@@ -426,7 +429,7 @@ async fn an_agent_that_never_handshakes_is_reported_and_deploys_fail_cleanly() {
     assert!(e.starts_with("Failed to get agent client from pool: no available agent client in pool"), "{e}");
     assert!(e.contains("did not handshake"), "{e}");
     // No agent piles up: each failed one is destroyed.
-    let agents = processes_matching("nex-agent")
+    let agents = processes_matching("")
         .into_iter()
         .filter(|(pid, _)| {
             std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(dir.path())).unwrap_or(false)

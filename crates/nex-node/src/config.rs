@@ -193,6 +193,8 @@ pub struct NodeConfig {
     pub node_seed_path: String,
     /// The `nats-server` binary for the internal server; empty = next to `nex`, `bin_path`, `PATH`.
     pub nats_server_path: String,
+    /// The `nex-agent` binary; empty = next to `nex`, `bin_path`, `PATH`.
+    pub agent_path: String,
     pub otlp_exporter_url: String,
     pub otel_metrics: bool,
     pub otel_metrics_port: u16,
@@ -240,6 +242,7 @@ impl Default for NodeConfig {
             state_dir: String::new(),
             node_seed_path: String::new(),
             nats_server_path: String::new(),
+            agent_path: String::new(),
             otlp_exporter_url: "127.0.0.1:14532".into(),
             otel_metrics: false,
             otel_metrics_port: 8085,

@@ -82,7 +82,8 @@ async fn run_inner(
     cgroups: Option<cgroup::CgroupVersion>,
 ) -> Result<()> {
     let node_id = node_key.public_key();
-    let agent_path = find_executable("nex-agent", &cfg.bin_path).ok_or_else(|| {
+    let explicit_agent = (!cfg.agent_path.is_empty()).then(|| std::path::PathBuf::from(&cfg.agent_path));
+    let agent_path = explicit_agent.or_else(|| find_executable("nex-agent", &cfg.bin_path)).ok_or_else(|| {
         anyhow!("nex-agent not found next to the nex binary, in bin_path or on PATH: build it (cargo build --release -p nex-agent) or add its directory to bin_path")
     })?;
     let nats_bin = find_nats_server(&cfg.nats_server_path, &cfg.bin_path).ok_or_else(|| {
