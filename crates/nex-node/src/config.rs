@@ -24,7 +24,7 @@ pub const SUPPORTED_WORKLOAD_TYPES: &[&str] = &[workload_type::NATIVE, workload_
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("open {path}: {source}")]
+    #[error("open {path}: {}", io_text(source))]
     Read {
         path: String,
         #[source]
@@ -36,6 +36,15 @@ pub enum ConfigError {
     /// A value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// The wording Nex uses for common I/O errors (`no such file or directory`).
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
 }
 
 /// Per-VM (or per-agent) resources.
