@@ -213,7 +213,7 @@ fn js_thread(
         });
         // Reference counting frees most garbage; collect cycles now and then, not on every call.
         calls += 1;
-        if calls % 256 == 0 {
+        if calls.is_multiple_of(256) {
             rt.run_gc();
         }
         let _ = call.reply.send(result.map(|b| (b, elapsed.as_nanos() as u64)));
