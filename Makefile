@@ -13,7 +13,7 @@ setup:
 
 build: setup
 	$(CARGO) build --release --workspace --bins
-	$(CARGO) build --release -p echoservice --target x86_64-unknown-linux-musl
+	$(CARGO) build --release -p echoservice -p escapeprobe --target x86_64-unknown-linux-musl
 	$(CARGO) build --release -p echofunction -p kvfunction --target wasm32-wasip1
 
 run: build

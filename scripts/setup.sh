@@ -6,6 +6,10 @@ set -euo pipefail
 need_apt=()
 command -v tmux >/dev/null || need_apt+=(tmux)
 command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
+# The container tier: an OCI runtime, nftables for its firewall, iproute2 for its network.
+command -v runc >/dev/null || need_apt+=(runc)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt-get)"
   if [ "$(id -u)" = 0 ]; then

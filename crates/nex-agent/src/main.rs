@@ -4,6 +4,7 @@
 //! handshakes, then serves `agentint.<id>.{deploy,undeploy,ping,trigger}` and reports logs and
 //! events on `hostint.<id>.*` (REFERENCE §4).
 
+mod elf;
 mod metadata;
 mod providers;
 
@@ -34,6 +35,8 @@ pub struct Agent {
     pub nc: async_nats::Client,
     /// Directory for the artifact and temp files.
     pub work_dir: PathBuf,
+    /// Runs inside a sandbox tier: native binaries must be static (REFERENCE §5.1).
+    pub sandboxed: bool,
 }
 
 impl Agent {
@@ -76,6 +79,9 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> Result<()> {
+    if std::env::var(nex_api::agent::env::SANDBOX).is_ok_and(|v| v == "true") {
+        harden();
+    }
     let md = metadata::obtain()?;
     let url = format!("nats://{}:{}", md.node_nats_host, md.node_nats_port);
     let nc = async_nats::ConnectOptions::with_nkey(md.node_nats_nkey.clone())
@@ -84,7 +90,8 @@ async fn run() -> Result<()> {
         .await
         .with_context(|| format!("connecting to the node's internal NATS at {url}"))?;
     let work_dir = std::env::var("NEX_AGENT_WORKDIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
-    let agent = Arc::new(Agent { id: md.vmid.clone(), nc: nc.clone(), work_dir });
+    let sandboxed = std::env::var(nex_api::agent::env::SANDBOX).is_ok_and(|v| v == "true");
+    let agent = Arc::new(Agent { id: md.vmid.clone(), nc: nc.clone(), work_dir, sandboxed });
 
     let mut deploys = nc.subscribe(internal::deploy(&agent.id)).await?;
     let mut undeploys = nc.subscribe(internal::undeploy(&agent.id)).await?;
@@ -129,6 +136,16 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// In a sandbox the workload runs beside the agent: keep it from reading the agent's memory or
+/// `/proc/1/environ` (not dumpable), and end the agent with whatever supervises it.
+fn harden() {
+    // SAFETY: prctl with constant arguments on our own process.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+}
+
 async fn handshake(agent: &Agent, message: &str) -> Result<()> {
     let req = HandshakeRequest {
         id: agent.id.clone(),
@@ -169,6 +186,13 @@ async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Option<Arc<Provider>>>, body: &
         Ok(p) => p,
         Err(e) => return reject(format!("Failed to fetch workload: {e:#}")),
     };
+    if agent.sandboxed && req.workload_type == nex_api::workload_type::NATIVE {
+        if let Err(e) = elf::check_static(&path) {
+            let msg = format!("Failed to validate workload: {e}");
+            agent.log("nex-agent", level::ERROR, &msg).await;
+            return reject(msg);
+        }
+    }
     match Provider::deploy(agent.clone(), &req, path).await {
         Ok(p) => {
             *slot = Some(Arc::new(p));
@@ -191,7 +215,10 @@ async fn fetch_artifact(agent: &Agent, req: &AgentDeployRequest) -> Result<PathB
         if len != req.total_bytes {
             return Err(anyhow!("artifact is {len} bytes, expected {}", req.total_bytes));
         }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        // The node writes it executable; a sandboxed agent may not own it.
+        if std::fs::metadata(&path)?.permissions().mode() & 0o111 == 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
         return Ok(path);
     }
     let mut last = None;

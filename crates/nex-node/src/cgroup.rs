@@ -181,4 +181,33 @@ pub async fn remove_run(version: CgroupVersion, run: &str) {
         }
         let _ = std::fs::remove_dir(base);
     }
+    remove_everywhere(run, None);
+}
+
+/// Removes `nex/<run>[/<leaf>]` from every mounted hierarchy (OCI runtimes make one per
+/// controller), deepest directories first. Processes must be gone already.
+pub fn remove_everywhere(run: &str, leaf: Option<&str>) {
+    let Ok(rd) = std::fs::read_dir(ROOT) else {
+        return;
+    };
+    for h in rd.flatten() {
+        let mut base = h.path().join(GROUP).join(run);
+        if let Some(l) = leaf {
+            base = base.join(l);
+        }
+        if base.is_dir() {
+            remove_tree(&base);
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

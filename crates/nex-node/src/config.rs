@@ -175,6 +175,8 @@ pub struct NodeConfig {
     pub no_sandbox: bool,
     /// `process`, `container` or `microvm`; empty = chosen from `no_sandbox` and the host.
     pub isolation: String,
+    /// OCI runtime of the `container` tier (name or path); empty = `runc`, else `crun`.
+    pub container_runtime: String,
     pub preserve_network: bool,
     pub tags: BTreeMap<String, String>,
     pub valid_issuers: Vec<String>,
@@ -231,6 +233,7 @@ impl Default for NodeConfig {
             internal_node_port: 0,
             no_sandbox: false,
             isolation: String::new(),
+            container_runtime: String::new(),
             preserve_network: false,
             tags: BTreeMap::new(),
             valid_issuers: vec![],
@@ -358,10 +361,10 @@ impl NodeConfig {
             }
         }
         match self.tier() {
-            isolation::PROCESS => {}
-            isolation::CONTAINER | isolation::MICROVM => {
+            isolation::PROCESS | isolation::CONTAINER => {}
+            isolation::MICROVM => {
                 return bad(format!(
-                    "isolation tier {:?} is not available in this build; set \"no_sandbox\": true (or \"isolation\": \"process\") to run agents as processes",
+                    "isolation tier {:?} is not available in this build; set \"isolation\": \"container\" for sandboxed agents without KVM, or \"no_sandbox\": true to run agents as processes",
                     self.tier()
                 ))
             }

@@ -91,23 +91,48 @@ async fn run_inner(
     })?;
     let tier: Arc<dyn IsolationTier> = match cfg.tier() {
         isolation::PROCESS => Arc::new(ProcessTier::new(agent_path.clone(), run.run_id.clone(), cgroups)),
+        isolation::CONTAINER => {
+            let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path).ok_or_else(|| {
+                anyhow!("the container tier needs an OCI runtime: install one with `apt-get install -y runc` (or crun), or set container_runtime in the config")
+            })?;
+            Arc::new(
+                crate::tiers::container::ContainerTier::new(
+                    runtime,
+                    agent_path.clone(),
+                    run.run_id.clone(),
+                    &run.dir,
+                    cgroups,
+                )
+                .await
+                .context("preparing the container tier")?,
+            )
+        }
         other => bail!("isolation tier {other:?} is not available in this build"),
     };
     if !tier.sandboxed() {
         tracing::warn!("Sandboxing has been disabled! Workloads are spawned directly by agents");
         tracing::warn!("Do not run untrusted workloads in this mode!");
     }
-    let internal = Arc::new(
-        InternalNats::start(
-            &nats_bin,
-            &tier.internal_listen_host(),
-            cfg.internal_node_port,
-            &run.dir.join("internal-nats"),
-        )
-        .await
-        .context("starting the internal NATS server")?,
-    );
+    let internal = match InternalNats::start(
+        &nats_bin,
+        &tier.internal_listen_host(),
+        cfg.internal_node_port,
+        &run.dir.join("internal-nats"),
+    )
+    .await
+    {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            tier.shutdown().await;
+            return Err(e.context("starting the internal NATS server"));
+        }
+    };
     tracing::info!(port = internal.port(), "internal NATS server started");
+    if let Err(e) = tier.expose(internal.port()).await {
+        internal.shutdown().await;
+        tier.shutdown().await;
+        return Err(e.context("opening the internal NATS port to agents"));
+    }
 
     let mut all_tags: BTreeMap<String, String> = cfg.tags.clone();
     all_tags.insert(tags::OS.into(), std::env::consts::OS.into());
@@ -179,6 +204,7 @@ async fn run_inner(
     }
     mgr.stop_all().await;
     pool.shutdown().await;
+    tier.shutdown().await;
     internal.shutdown().await;
     events.node_event(event_type::NODE_STOPPED, &json!({"id": node_id, "graceful": true})).await;
     events.flush().await;

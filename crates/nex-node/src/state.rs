@@ -67,6 +67,7 @@ pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>
         }
         let run = e.file_name().to_string_lossy().to_string();
         kill_recorded_agents(&dir);
+        crate::tiers::container::cleanup_run(&dir, &run).await;
         if let Some(v) = cgroups {
             cgroup::remove_run(v, &run).await;
         }

@@ -433,6 +433,20 @@ impl WorkloadManager {
                 Err::<RunResponse, DeployError>(msg)
             }
         };
+        let mut environment = v.environment.clone();
+        for (k, url) in environment.iter_mut().filter(|(k, _)| k.eq_ignore_ascii_case("NATS_URL")) {
+            match self.pool.tier().workload_nats_url(url).await {
+                Ok(u) => *url = u,
+                Err(e) => {
+                    return fail(
+                        self,
+                        agent,
+                        format!("Failed to deploy workload: cannot reach {k} from the sandbox: {e:#}"),
+                    )
+                    .await
+                }
+            }
+        }
         let object = match store.get(&loc.key).await {
             Ok(o) => o,
             Err(e) => return fail(self, agent, format!("Failed to cache workload bytes: {e}")).await,
@@ -443,7 +457,7 @@ impl WorkloadManager {
             if let Err(e) = write_file(&path, &mut reader).await {
                 return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
             }
-            Some(path.display().to_string())
+            Some(self.pool.tier().agent_work_dir(&agent.work_dir).join("workload").display().to_string())
         } else {
             if let Err(e) = agent.client.put_artifact(&mut reader).await {
                 return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
@@ -518,7 +532,7 @@ impl WorkloadManager {
         let areq = AgentDeployRequest {
             argv: v.request.argv.clone(),
             description: v.request.description.clone(),
-            environment: v.environment.clone(),
+            environment,
             essential: v.request.essential,
             hash: hash.clone(),
             namespace: v.namespace.clone(),
@@ -886,7 +900,14 @@ impl WorkloadManager {
 async fn write_file<R: tokio::io::AsyncRead + Unpin>(path: &std::path::Path, reader: &mut R) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
-    let mut f = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o755)
+        .open(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
     tokio::io::copy(reader, &mut f).await.with_context(|| format!("writing {}", path.display()))?;
     f.flush().await?;
     Ok(())

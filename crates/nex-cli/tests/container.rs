@@ -1,0 +1,303 @@
+//! The `container` tier against a real OCI runtime (runc): the echo service answers through the
+//! sandbox, and a hostile workload (examples/escapeprobe) finds the walls where they should be.
+//! Every test here is named `container_*`, so `cargo test --release container` runs exactly them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use nex_api::control::AuctionRequest;
+use serde_json::{json, Value};
+
+fn musl_example(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-musl/release").join(name);
+    std::fs::read(&p).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: build it with `make build` (cargo build --release -p {name} --target x86_64-unknown-linux-musl)",
+            p.display()
+        )
+    })
+}
+
+/// Whether this host can run the tier (root and an OCI runtime); CI installs runc.
+fn available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runtime = nex_node::tiers::container::find_runtime("", &[]).is_some();
+    if !(root && runtime) {
+        println!("skipped: the container tier needs root and runc (apt-get install -y runc)");
+    }
+    root && runtime
+}
+
+async fn container_node(nats: &NatsServer, extra: Value) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(dir.path(), json!({"no_sandbox": false, "isolation": "container"}));
+    for (k, v) in extra.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    Node::start_in(nats, dir, cfg, &[]).await
+}
+
+fn run_id(node: &Node) -> String {
+    let runs: Vec<String> = std::fs::read_dir(node.state_dir().join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// What is left on the host of node run `run` (or of one agent `id` of it).
+fn leftovers(run: &str, id: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    let ns_prefix = match id {
+        Some(id) => format!("nex-{run}-{id}"),
+        None => format!("nex-{run}-"),
+    };
+    for l in sh("ip", &["netns", "list"]).lines() {
+        if l.starts_with(&ns_prefix) {
+            out.push(format!("netns {l}"));
+        }
+    }
+    let cid = match id {
+        Some(id) => format!("nex-{run}-{id}"),
+        None => format!("nex-{run}-"),
+    };
+    for (pid, cmd) in processes_matching(&cid) {
+        if cmd.contains("runc") || cmd.contains("crun") {
+            out.push(format!("runtime process {pid}: {cmd}"));
+        }
+    }
+    for h in std::fs::read_dir("/sys/fs/cgroup").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+        let mut p = h.path().join("nex").join(run);
+        if let Some(id) = id {
+            p = p.join(id);
+        }
+        if p.exists() {
+            out.push(format!("cgroup {}", p.display()));
+        }
+    }
+    if id.is_none() {
+        for l in sh("ip", &["-o", "link", "show"]).lines() {
+            if l.contains(&format!("nx{run}")) || l.contains(&format!("nxb{run}")) {
+                out.push(format!("link {l}"));
+            }
+        }
+        if sh("nft", &["list", "tables"]).contains(&format!("nex_{run}")) {
+            out.push(format!("nft table nex_{run}"));
+        }
+    }
+    out
+}
+
+fn log_texts(rec: &Recorder, id: &str) -> Vec<String> {
+    rec.logs(id).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect()
+}
+
+async fn wait_log(rec: &Recorder, id: &str, starts: &str) -> String {
+    rec.wait_until(Duration::from_secs(20), starts, |rec| log_texts(rec, id).iter().any(|t| t.starts_with(starts)))
+        .await;
+    log_texts(rec, id).into_iter().find(|t| t.starts_with(starts)).unwrap()
+}
+
+fn internal_port(node: &Node) -> String {
+    // Drop ANSI colour sequences from the log.
+    let mut log = String::new();
+    let mut esc = false;
+    for c in node.log().chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    let line = log.lines().find(|l| l.contains("internal NATS server started")).expect("internal port in log");
+    line.split("port=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches(|c: char| !c.is_ascii_digit())
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_echoservice_answers_and_is_found_as_sandboxed() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let node = container_node(&nats, json!({})).await;
+    let run = run_id(&node);
+    let user = User::new(&nats).await;
+
+    // Discovery: the node says which tier it runs, and AUCTION sandboxed:true finds it.
+    let info = user.info(&node.id).await;
+    assert_eq!(info.tags.get("nex.sandbox").map(String::as_str), Some("container"), "{:?}", info.tags);
+    assert!(!info.tags.contains_key("nex.unsafe"));
+    let found =
+        user.gather(500).auction(&AuctionRequest { sandboxed: Some(true), ..Default::default() }).await.unwrap();
+    assert!(found.iter().any(|p| p.node_id == node.id), "{found:?}");
+    let unsafe_only =
+        user.gather(500).auction(&AuctionRequest { sandboxed: Some(false), ..Default::default() }).await.unwrap();
+    assert!(!unsafe_only.iter().any(|p| p.node_id == node.id));
+
+    let mut b = user.native("echoservice", &musl_example("echoservice")).await;
+    b.environment = env(&[("NATS_URL", &nats.url())]);
+    let r = user.deploy(&node.id, &b).await.expect("deploy");
+    assert!(r.started);
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(Ok(m)) =
+            tokio::time::timeout(Duration::from_millis(500), user.nc.request("svc.echo", "through the walls".into()))
+                .await
+        {
+            answer = Some(m.payload);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.as_deref(), Some(&b"through the walls"[..]), "no echo:\n{}", node.log());
+
+    let s = user.stop(&node.id, &r.id, "echoservice").await.expect("stop");
+    assert!(s.stopped);
+    eventually(Duration::from_secs(10), "the workload's container, netns and cgroup gone", || {
+        leftovers(&run, Some(&r.id)).is_empty()
+    })
+    .await;
+    assert!(!node.state_dir().join("runs").join(&run).join("container/bundles").join(&r.id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_walls_hold_against_an_escape_probe() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let node = container_node(&nats, json!({})).await;
+    let user = User::new(&nats).await;
+    let rec = Recorder::start(&user.nc).await;
+    let mut b = user.native("probe", &musl_example("escapeprobe")).await;
+    b.argv = vec!["probe".into(), internal_port(&node)];
+    b.environment = env(&[("NATS_URL", &nats.url())]);
+    let r = user.deploy(&node.id, &b).await.expect("deploy");
+    wait_log(&rec, &r.id, "probe done").await;
+    let texts = log_texts(&rec, &r.id);
+    let line = |p: &str| texts.iter().find(|t| t.starts_with(p)).cloned().unwrap_or_else(|| panic!("{p}: {texts:?}"));
+
+    // Only its own processes: the agent (pid 1) and the probe.
+    let procs: usize = line("processes visible: ").trim_start_matches("processes visible: ").parse().unwrap();
+    assert!(procs <= 2, "{texts:?}");
+    // No host files: the root holds only the agent, its libraries and the work directory.
+    for f in ["/etc/passwd", "/etc/hostname", "/root/.bashrc", "/work/../etc/shadow", "/proc/1/environ"] {
+        assert!(line(&format!("read {f}: ")).contains("refused"), "{texts:?}");
+    }
+    assert!(line("write /escape-test: ").contains("refused"), "{texts:?}");
+    for call in ["mount", "ptrace", "init_module", "unshare"] {
+        assert_eq!(line(&format!("{call}: ")), format!("{call}: EPERM"), "{texts:?}");
+    }
+    // The internal NATS refuses a connection without the agent's credentials.
+    assert!(line("internal nats: ").contains("Authorization Violation"), "{texts:?}");
+    // The host file the probe tried to create does not exist either.
+    assert!(!Path::new("/escape-test").exists());
+    let _ = user.stop(&node.id, &r.id, "probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_memory_and_pids_limits_contain_hogs_and_fork_bombs() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let node = container_node(&nats, json!({"machine_template": {"memsize_mib": 48, "pids_max": 32}})).await;
+    let user = User::new(&nats).await;
+    let rec = Recorder::start(&user.nc).await;
+
+    let mut hog = user.native("hog", &musl_example("escapeprobe")).await;
+    hog.argv = vec!["oom".into()];
+    let r = user.deploy(&node.id, &hog).await.expect("deploy hog");
+    rec.wait_until(Duration::from_secs(30), "hog undeployed", |rec| {
+        !rec.workload_events("workload_undeployed", &r.id).is_empty()
+    })
+    .await;
+    let ev = &rec.workload_events("workload_undeployed", &r.id)[0];
+    assert!(ev["data"]["message"].as_str().unwrap().contains("memory limit of 48 MiB"), "{ev}");
+
+    let mut bomb = user.native("bomb", &musl_example("escapeprobe")).await;
+    bomb.argv = vec!["forkbomb".into()];
+    let r = user.deploy(&node.id, &bomb).await.expect("deploy bomb");
+    let refused = wait_log(&rec, &r.id, "fork refused after").await;
+    let n: u32 = refused.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(n < 32, "{refused}");
+    assert!(refused.ends_with("EAGAIN"), "{refused}");
+    // The node is unaffected: it answers and still deploys.
+    let info = user.info(&node.id).await;
+    assert_eq!(info.machines.len(), 1);
+    let s = user.stop(&node.id, &r.id, "bomb").await.expect("stop");
+    assert!(s.stopped);
+    eventually(Duration::from_secs(10), "fork bomb gone", || processes_matching("escapeprobe forkbomb").is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_refuses_a_dynamically_linked_binary() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let node = container_node(&nats, json!({})).await;
+    let user = User::new(&nats).await;
+    let b = user.native("dynamic", &std::fs::read("/bin/true").unwrap()).await;
+    let err = user.deploy(&node.id, &b).await.unwrap_err();
+    assert!(err.contains("native binary contains at least one dynamically linked dependency"), "{err}");
+    // The node keeps serving: a static binary deploys next.
+    let b = user.native("static", &musl_example("escapeprobe")).await;
+    assert!(user.deploy(&node.id, &b).await.expect("deploy").started);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_node_sigkill_and_restart_leave_nothing_behind() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = node_config(dir.path(), json!({"no_sandbox": false, "isolation": "container"}));
+    let mut node = Node::start_in(&nats, dir, cfg.clone(), &[]).await;
+    let run = run_id(&node);
+    let user = User::new(&nats).await;
+    let b = user.native("probe", &musl_example("escapeprobe")).await;
+    user.deploy(&node.id, &b).await.expect("deploy");
+    assert!(!leftovers(&run, None).is_empty(), "the run made nothing?");
+    node.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg2 = cfg;
+    cfg2["state_dir"] = json!(state);
+    let node2 = Node::start_in(&nats, dir2, cfg2, &[]).await;
+    eventually(Duration::from_secs(10), "the dead run cleaned up", || leftovers(&run, None).is_empty()).await;
+    assert!(!state.join("runs").join(&run).exists());
+    assert!(processes_matching("escapeprobe").is_empty());
+    // A clean stop of the new node removes its own bridge, firewall and namespaces too.
+    let run2: Vec<String> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(run2.len(), 1, "{run2:?}");
+    let run2 = run2[0].clone();
+    drop(node2);
+    assert!(leftovers(&run2, None).is_empty(), "{:?}", leftovers(&run2, None));
+}

@@ -1,0 +1,776 @@
+//! The `container` tier: each agent runs in its own OCI container, started by the distribution's
+//! `runc` (or `crun`) from a bundle this module writes.
+//!
+//! Walls, per agent: new pid, mount, ipc, uts, cgroup, network and user namespaces (container
+//! root is host uid [`UID_BASE`], without capabilities); a read-only root holding only the agent,
+//! the libraries it links, a tmpfs `/tmp` and its own work directory at `/work`; `no_new_privs`;
+//! a seccomp filter refusing what a service never needs ([`DENIED_SYSCALLS`]); the memory, pids
+//! and CPU limits of `machine_template`.
+//!
+//! Network: one bridge per node run (`nxb<run>`, `10.213.X.1/24`) with one veth pair per agent
+//! in a named network namespace; bridge ports are isolated from each other, the container has no
+//! default route, and an nftables table lets it reach only the node's internal NATS and the
+//! node's relays to the NATS URLs named in workload environments. Everything is keyed by the run
+//! id, so a node restarted after SIGKILL removes what the dead run left ([`cleanup_run`]).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::future::BoxFuture;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::{AgentExit, AgentHandle, AgentSpec, IsolationTier};
+use crate::cgroup::{Cgroup, CgroupVersion};
+
+/// Host uid (and gid) that container root maps to; 65536 ids from here are the container's.
+pub const UID_BASE: u32 = 1_000_000;
+/// Where the agent's work directory appears inside the container.
+pub const WORK: &str = "/work";
+/// System calls a workload never needs; they fail with EPERM.
+pub const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "adjtimex",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "fanotify_init",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "init_module",
+    "iopl",
+    "ioperm",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "userfaultfd",
+    "vhangup",
+];
+/// `clone` flags that would make new namespaces.
+const CLONE_NS_FLAGS: &[u64] = &[
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+];
+const SUBNET_PREFIX: [u8; 2] = [10, 213];
+const NET_LOCK: &str = "/run/nex-net.lock";
+
+/// Agents in OCI containers.
+#[derive(Debug)]
+pub struct ContainerTier {
+    runtime: PathBuf,
+    agent_path: PathBuf,
+    run_id: String,
+    dir: PathBuf,
+    rootfs: PathBuf,
+    binds: Vec<PathBuf>,
+    net: Network,
+    cgroups: Option<CgroupVersion>,
+    slots: Arc<Mutex<Vec<bool>>>,
+    relays: tokio::sync::Mutex<HashMap<String, u16>>,
+}
+
+#[derive(Debug)]
+struct Network {
+    bridge: String,
+    subnet: u8,
+    firewall: bool,
+}
+
+impl Network {
+    fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, 1)
+    }
+    fn ip(&self, slot: usize) -> Ipv4Addr {
+        Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, slot as u8)
+    }
+}
+
+/// The runtime to use: `configured` (a name or path), else `runc`, else `crun`.
+pub fn find_runtime(configured: &str, bin_path: &[String]) -> Option<PathBuf> {
+    if !configured.is_empty() {
+        let p = Path::new(configured);
+        if p.is_absolute() {
+            return p.is_file().then(|| p.to_path_buf());
+        }
+        return crate::internal_nats::find_executable(configured, bin_path);
+    }
+    ["runc", "crun"].iter().find_map(|n| crate::internal_nats::find_executable(n, bin_path))
+}
+
+fn bridge_name(run: &str) -> String {
+    format!("nxb{run}")
+}
+fn table_name(run: &str) -> String {
+    format!("nex_{run}")
+}
+fn netns_prefix(run: &str) -> String {
+    format!("nex-{run}-")
+}
+
+impl ContainerTier {
+    /// Prepares the shared read-only root, the bridge and the firewall of this node run.
+    pub async fn new(
+        runtime: PathBuf,
+        agent_path: PathBuf,
+        run_id: String,
+        run_dir: &Path,
+        cgroups: Option<CgroupVersion>,
+    ) -> Result<ContainerTier> {
+        let dir = run_dir.join("container");
+        std::fs::create_dir_all(dir.join("bundles"))?;
+        std::fs::write(dir.join("runtime"), runtime.as_os_str().as_encoded_bytes())?;
+        let binds = agent_files(&agent_path).await?;
+        let rootfs = dir.join("rootfs");
+        build_rootfs(&rootfs, &binds)?;
+        let net = create_network(&run_id).await?;
+        let tier = ContainerTier {
+            runtime,
+            agent_path,
+            run_id,
+            dir,
+            rootfs,
+            binds,
+            net,
+            cgroups,
+            slots: Arc::new(Mutex::new(vec![false; 256])),
+            relays: tokio::sync::Mutex::new(HashMap::new()),
+        };
+        Ok(tier)
+    }
+
+    fn alloc_slot(&self) -> Result<usize> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let i = (2..255).find(|&i| !s[i]).ok_or_else(|| anyhow!("no free container address: 253 agents run"))?;
+        s[i] = true;
+        Ok(i)
+    }
+
+    fn free_slot(&self, i: usize) {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())[i] = false;
+    }
+
+    fn runtime_cmd(&self) -> Command {
+        let mut c = Command::new(&self.runtime);
+        c.arg("--root").arg(self.dir.join("state"));
+        c
+    }
+
+    /// Lets containers reach `port` on the host side of the bridge.
+    async fn allow_port(&self, port: u16) -> Result<()> {
+        if !self.net.firewall {
+            return Ok(());
+        }
+        run_cmd(
+            "nft",
+            &["add", "element", "inet", &table_name(&self.run_id), "allowed", &format!("{{ {port} }}")],
+            None,
+        )
+        .await
+    }
+
+    /// A relay on the bridge address to `target` (host:port), created once per target.
+    async fn relay(&self, target: &str) -> Result<u16> {
+        let mut relays = self.relays.lock().await;
+        if let Some(p) = relays.get(target) {
+            return Ok(*p);
+        }
+        let listener = tokio::net::TcpListener::bind((self.net.host_ip(), 0)).await?;
+        let port = listener.local_addr()?.port();
+        self.allow_port(port).await?;
+        let to = target.to_string();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = to.clone();
+                tokio::spawn(async move {
+                    match tokio::net::TcpStream::connect(&to).await {
+                        Ok(mut out) => {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                        Err(e) => tracing::debug!(target = %to, error = %e, "relay could not reach NATS"),
+                    }
+                });
+            }
+        });
+        relays.insert(target.to_string(), port);
+        Ok(port)
+    }
+
+    fn config(&self, spec: &AgentSpec, netns: &str) -> serde_json::Value {
+        let t = &spec.template;
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+            json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", t.memsize_mib.min(512))]}),
+            json!({"destination": WORK, "type": "bind", "source": spec.work_dir, "options": ["rbind", "rw", "nosuid", "nodev"]}),
+            json!({"destination": "/nex-agent", "type": "bind", "source": self.agent_path, "options": ["bind", "ro", "nosuid", "nodev"]}),
+        ];
+        for b in &self.binds {
+            mounts.push(
+                json!({"destination": b, "type": "bind", "source": b, "options": ["bind", "ro", "nosuid", "nodev"]}),
+            );
+        }
+        let mut rules = vec![
+            json!({"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
+            // Make libc fall back to clone(2), whose flags the rules below can see.
+            json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
+        ];
+        for f in CLONE_NS_FLAGS {
+            rules.push(json!({"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
+                "args": [{"index": 0, "value": f, "valueTwo": f, "op": "SCMP_CMP_MASKED_EQ"}]}));
+        }
+        let ids = json!([{"containerID": 0, "hostID": UID_BASE, "size": 65536}]);
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": ["/nex-agent"],
+                "env": [
+                    "PATH=/usr/local/bin:/usr/bin:/bin",
+                    format!("{}=true", nex_api::agent::env::SANDBOX),
+                    format!("{}={}", nex_api::agent::env::WORKLOAD_ID, spec.id),
+                    format!("{}={}", nex_api::agent::env::NODE_NATS_HOST, spec.nats_host),
+                    format!("{}={}", nex_api::agent::env::NODE_NATS_PORT, spec.nats_port),
+                    format!("NEX_NODE_NATS_NKEY_SEED_FILE={WORK}/.agent-seed"),
+                    format!("NEX_AGENT_WORKDIR={WORK}"),
+                    format!("NEX_STOP_GRACE_MS={}", spec.stop_grace_ms),
+                    format!("NEX_AGENT_LOG={}", std::env::var("NEX_AGENT_LOG").unwrap_or_default()),
+                    "TMPDIR=/tmp",
+                ],
+                "cwd": WORK,
+                "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096u64, "soft": 4096u64}],
+                "noNewPrivileges": true,
+            },
+            "root": {"path": self.rootfs, "readonly": true},
+            "hostname": format!("nex-{}", &spec.id[..spec.id.len().min(12)]),
+            "mounts": mounts,
+            "linux": {
+                "uidMappings": ids,
+                "gidMappings": ids,
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": format!("/run/netns/{netns}")},
+                    {"type": "ipc"},
+                    {"type": "uts"},
+                    {"type": "mount"},
+                    {"type": "user"},
+                    {"type": "cgroup"},
+                ],
+                "cgroupsPath": format!("/nex/{}/{}", self.run_id, spec.id),
+                "resources": {
+                    "devices": [{"allow": false, "access": "rwm"}],
+                    "memory": {"limit": t.memsize_mib * 1024 * 1024},
+                    "pids": {"limit": t.pids_max},
+                    "cpu": {"quota": t.vcpu_count as u64 * 100_000, "period": 100_000u64},
+                },
+                "seccomp": {
+                    "defaultAction": "SCMP_ACT_ALLOW",
+                    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                    "syscalls": rules,
+                },
+                "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                    "/proc/sched_debug", "/proc/scsi"],
+                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            }
+        })
+    }
+
+    async fn launch_inner(&self, spec: &AgentSpec, slot: usize, netns: &str, cid: &str) -> Result<ContainerAgent> {
+        let chown = |p: &Path| std::os::unix::fs::chown(p, Some(UID_BASE), Some(UID_BASE));
+        std::fs::create_dir_all(&spec.work_dir)
+            .with_context(|| format!("creating agent directory {}", spec.work_dir.display()))?;
+        chown(&spec.work_dir)?;
+        let seed = spec.work_dir.join(".agent-seed");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&seed)?;
+            std::io::Write::write_all(&mut f, spec.nkey_seed.as_bytes())?;
+        }
+        chown(&seed)?;
+
+        run_cmd("ip", &["netns", "add", netns], None).await?;
+        let veth = format!("nx{}{slot:02x}", self.run_id);
+        let host_side = format!(
+            "link add {veth} type veth peer name eth0 netns {netns}\nlink set {veth} master {br}\nlink set {veth} type bridge_slave isolated on\nlink set {veth} up\n",
+            br = self.net.bridge
+        );
+        run_cmd("ip", &["-b", "-"], Some(&host_side)).await?;
+        let inside = format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n", self.net.ip(slot));
+        run_cmd("ip", &["-n", netns, "-b", "-"], Some(&inside)).await?;
+
+        let bundle = self.dir.join("bundles").join(&spec.id);
+        std::fs::create_dir_all(&bundle)?;
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&self.config(spec, netns))?)?;
+
+        let mut cmd = self.runtime_cmd();
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(cid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.runtime.display()))?;
+        let runtime_pid = child.id().unwrap_or(0);
+        for (stream, name) in [
+            (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stdout"),
+            (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stderr"),
+        ] {
+            if let Some(s) = stream {
+                let id = spec.id.clone();
+                tokio::spawn(async move {
+                    let mut lines = BufReader::new(s).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if l.contains("level=error") {
+                            tracing::warn!(workload_id = %id, "container runtime: {l}");
+                        } else {
+                            tracing::debug!(workload_id = %id, from_agent = true, stream = name, "{l}");
+                        }
+                    }
+                });
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let exit = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    AgentExit { code: s.code(), signal: s.signal() }
+                }
+                Err(_) => AgentExit { code: None, signal: None },
+            };
+            let _ = tx.send(Some(exit));
+        });
+        Ok(ContainerAgent {
+            tier: self.handle_info(),
+            id: spec.id.clone(),
+            cid: cid.to_string(),
+            netns: netns.to_string(),
+            slot,
+            runtime_pid,
+            exited: rx,
+            work_dir: spec.work_dir.clone(),
+            bundle,
+            slots: self.slots.clone(),
+        })
+    }
+
+    fn handle_info(&self) -> TierInfo {
+        TierInfo {
+            runtime: self.runtime.clone(),
+            state: self.dir.join("state"),
+            run_id: self.run_id.clone(),
+            cgroups: self.cgroups,
+        }
+    }
+}
+
+/// What a container handle needs of its tier to clean up.
+#[derive(Debug, Clone)]
+struct TierInfo {
+    runtime: PathBuf,
+    state: PathBuf,
+    run_id: String,
+    cgroups: Option<CgroupVersion>,
+}
+
+impl IsolationTier for ContainerTier {
+    fn name(&self) -> &'static str {
+        crate::config::isolation::CONTAINER
+    }
+
+    fn sandboxed(&self) -> bool {
+        true
+    }
+
+    fn internal_listen_host(&self) -> String {
+        self.net.host_ip().to_string()
+    }
+
+    fn agent_nats_host(&self) -> String {
+        self.net.host_ip().to_string()
+    }
+
+    fn shares_host_filesystem(&self) -> bool {
+        true
+    }
+
+    fn agent_work_dir(&self, _host: &Path) -> PathBuf {
+        PathBuf::from(WORK)
+    }
+
+    fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.allow_port(port))
+    }
+
+    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            let mut ports = HashMap::new();
+            for target in nats_url_targets(urls) {
+                let port = self.relay(&target).await?;
+                ports.insert(target, port);
+            }
+            let host = self.net.host_ip();
+            Ok(rewrite_nats_urls(urls, |t| ports.get(t).map(|p| format!("{host}:{p}"))))
+        })
+    }
+
+    fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
+        Box::pin(async move {
+            let slot = self.alloc_slot()?;
+            let netns = format!("{}{}", netns_prefix(&self.run_id), spec.id);
+            let cid = format!("nex-{}-{}", self.run_id, spec.id);
+            match self.launch_inner(&spec, slot, &netns, &cid).await {
+                Ok(a) => Ok(Box::new(a) as Box<dyn AgentHandle>),
+                Err(e) => {
+                    let info = self.handle_info();
+                    teardown(&info, &cid, &netns, &spec.id, &self.dir.join("bundles").join(&spec.id), &spec.work_dir)
+                        .await;
+                    self.free_slot(slot);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            remove_network(&self.run_id).await;
+        })
+    }
+}
+
+/// A running container agent.
+#[derive(Debug)]
+struct ContainerAgent {
+    tier: TierInfo,
+    id: String,
+    cid: String,
+    netns: String,
+    slot: usize,
+    runtime_pid: u32,
+    exited: watch::Receiver<Option<AgentExit>>,
+    work_dir: PathBuf,
+    bundle: PathBuf,
+    slots: Arc<Mutex<Vec<bool>>>,
+}
+
+impl ContainerAgent {
+    fn cgroup(&self) -> Option<Cgroup> {
+        self.tier.cgroups.map(|v| Cgroup::at(v, &self.tier.run_id, &self.id))
+    }
+
+    /// Host pid of the container's init (the agent): the process of its cgroup that is pid 1 in
+    /// its own pid namespace.
+    fn init_pid(&self) -> Option<u32> {
+        self.cgroup()?.pids().into_iter().find_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let ns = s.lines().find(|l| l.starts_with("NSpid:"))?;
+            (ns.split_whitespace().last() == Some("1") && ns.split_whitespace().count() > 2).then_some(p as u32)
+        })
+    }
+}
+
+impl AgentHandle for ContainerAgent {
+    fn exited(&self) -> watch::Receiver<Option<AgentExit>> {
+        self.exited.clone()
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.exited.borrow().is_none() {
+                let _ = Command::new(&self.tier.runtime)
+                    .arg("--root")
+                    .arg(&self.tier.state)
+                    .args(["kill", &self.cid, "KILL"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+            }
+            let mut rx = self.exited.clone();
+            if tokio::time::timeout(Duration::from_secs(5), super::wait_exit(&mut rx)).await.is_err()
+                && self.runtime_pid > 0
+            {
+                // SAFETY: signalling the process group of the runtime we started.
+                unsafe { libc::kill(-(self.runtime_pid as i32), libc::SIGKILL) };
+            }
+            teardown(&self.tier, &self.cid, &self.netns, &self.id, &self.bundle, &self.work_dir).await;
+            self.slots.lock().unwrap_or_else(|e| e.into_inner())[self.slot] = false;
+        })
+    }
+
+    fn oom_killed(&self) -> bool {
+        self.cgroup().map(|c| c.oom_killed()).unwrap_or(false)
+    }
+
+    fn agent_rss_bytes(&self) -> Option<u64> {
+        super::process::rss_of(self.init_pid()?)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.init_pid()
+    }
+}
+
+/// Removes a container and everything made for it; safe to call on half-made ones.
+async fn teardown(tier: &TierInfo, cid: &str, netns: &str, id: &str, bundle: &Path, work_dir: &Path) {
+    let _ = Command::new(&tier.runtime)
+        .arg("--root")
+        .arg(&tier.state)
+        .args(["delete", "--force", cid])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Some(v) = tier.cgroups {
+        Cgroup::at(v, &tier.run_id, id).destroy().await;
+        crate::cgroup::remove_everywhere(&tier.run_id, Some(id));
+    }
+    // Deleting the namespace (now without processes) deletes the veth pair with it.
+    let _ = run_cmd("ip", &["netns", "delete", netns], None).await;
+    let _ = std::fs::remove_dir_all(bundle);
+    let _ = std::fs::remove_dir_all(work_dir);
+}
+
+/// Runs a command, failing with its stderr when it fails.
+async fn run_cmd(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
+    let mut c = Command::new(prog);
+    c.args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("running {prog}: is it installed?"))?;
+    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(input.as_bytes()).await?;
+        drop(w);
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!("{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The agent binary's shared libraries (from `ldd`), to bind into the container read-only.
+async fn agent_files(agent: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(agent).output().await.context("running ldd on the agent")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        return Ok(Vec::new());
+    }
+    let mut files = Vec::new();
+    for line in text.lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    Ok(files)
+}
+
+/// An empty root with the mount points of [`ContainerTier::config`]; shared read-only.
+fn build_rootfs(root: &Path, binds: &[PathBuf]) -> Result<()> {
+    for d in ["proc", "dev", "tmp", "work"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::write(root.join("nex-agent"), b"")?;
+    for b in binds {
+        let rel = b.strip_prefix("/").unwrap_or(b);
+        if let Some(parent) = rel.parent() {
+            std::fs::create_dir_all(root.join(parent))?;
+        }
+        std::fs::write(root.join(rel), b"")?;
+    }
+    Ok(())
+}
+
+/// Creates this run's bridge on a free `10.213.X.0/24` and its nftables table.
+async fn create_network(run: &str) -> Result<Network> {
+    let lock = std::fs::File::create(NET_LOCK).with_context(|| format!("creating {NET_LOCK}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    let out =
+        Command::new("ip").args(["-o", "-4", "addr", "show"]).output().await.context("running ip: install iproute2")?;
+    let used = String::from_utf8_lossy(&out.stdout).to_string();
+    let subnet = (0..=255u8)
+        .find(|x| !used.contains(&format!(" {}.{}.{x}.", SUBNET_PREFIX[0], SUBNET_PREFIX[1])))
+        .ok_or_else(|| anyhow!("no free 10.213.X.0/24 subnet for the container bridge"))?;
+    let bridge = bridge_name(run);
+    let net = Network { bridge: bridge.clone(), subnet, firewall: false };
+    let script = format!(
+        "link add {bridge} type bridge
+addr add {}/24 dev {bridge}
+link set {bridge} up
+",
+        net.host_ip()
+    );
+    run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the container bridge")?;
+    drop(lock);
+    let table = table_name(run);
+    let rules = format!(
+        "table inet {table} {{
+ set allowed {{ type inet_service; }}
+ chain input {{ type filter hook input priority -10; policy accept;
+  iifname \"{bridge}\" tcp dport @allowed accept
+  iifname \"{bridge}\" drop
+ }}
+ chain forward {{ type filter hook forward priority -10; policy accept;
+  iifname \"{bridge}\" drop
+  oifname \"{bridge}\" drop
+ }}
+}}
+"
+    );
+    let firewall = match run_cmd("nft", &["-f", "-"], Some(&rules)).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no nftables: containers can reach any host service listening on all addresses; install nftables (apt-get install -y nftables)");
+            false
+        }
+    };
+    Ok(Network { firewall, ..net })
+}
+
+async fn remove_network(run: &str) {
+    let _ = run_cmd("nft", &["delete", "table", "inet", &table_name(run)], None).await;
+    let _ = run_cmd("ip", &["link", "delete", &bridge_name(run)], None).await;
+}
+
+/// Removes what a dead node run of this tier left: containers, namespaces, bridge, firewall,
+/// cgroups. Called before the run directory is deleted.
+pub async fn cleanup_run(run_dir: &Path, run: &str) {
+    let dir = run_dir.join("container");
+    let Ok(runtime) = std::fs::read_to_string(dir.join("runtime")) else {
+        return;
+    };
+    let state = dir.join("state");
+    if let Ok(out) = Command::new(&runtime).arg("--root").arg(&state).args(["list", "-q"]).output().await {
+        for cid in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
+            let _ =
+                Command::new(&runtime).arg("--root").arg(&state).args(["delete", "--force", cid.trim()]).output().await;
+        }
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output().await {
+        let prefix = netns_prefix(run);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(&prefix)) {
+                let _ = run_cmd("ip", &["netns", "delete", name], None).await;
+            }
+        }
+    }
+    remove_network(run).await;
+}
+
+/// `host:port` of every URL in a comma-separated NATS URL list (port 4222 when absent).
+pub fn nats_url_targets(urls: &str) -> Vec<String> {
+    urls.split(',').filter_map(|u| split_url(u.trim()).map(|(_, _, hp)| hp)).collect()
+}
+
+/// Replaces the `host:port` of every URL in `urls` with `map(host:port)` where it answers.
+pub fn rewrite_nats_urls(urls: &str, map: impl Fn(&str) -> Option<String>) -> String {
+    urls.split(',')
+        .map(|u| {
+            let u = u.trim();
+            match split_url(u) {
+                Some((scheme, userinfo, hp)) => match map(&hp) {
+                    Some(new) => format!("{scheme}{userinfo}{new}"),
+                    None => u.to_string(),
+                },
+                None => u.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// (`scheme://`, `user:pass@`, `host:port`) of one URL.
+fn split_url(u: &str) -> Option<(String, String, String)> {
+    if u.is_empty() {
+        return None;
+    }
+    let (scheme, rest) = match u.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), u),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (userinfo, hostport) = match rest.rsplit_once('@') {
+        Some((ui, hp)) => (format!("{ui}@"), hp),
+        None => (String::new(), rest),
+    };
+    if hostport.is_empty() || hostport.contains('/') {
+        return None;
+    }
+    let has_port = match hostport.rsplit_once(':') {
+        Some((h, p)) => !h.ends_with(':') && p.parse::<u16>().is_ok(),
+        None => false,
+    };
+    let hp = if has_port { hostport.to_string() } else { format!("{hostport}:4222") };
+    Some((scheme, userinfo, hp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_rewritten_to_relays() {
+        let m = |t: &str| (t == "127.0.0.1:4222").then(|| "10.213.0.1:5000".to_string());
+        assert_eq!(rewrite_nats_urls("nats://127.0.0.1:4222", m), "nats://10.213.0.1:5000");
+        assert_eq!(rewrite_nats_urls("nats://u:p@127.0.0.1", m), "nats://u:p@10.213.0.1:5000");
+        assert_eq!(rewrite_nats_urls("127.0.0.1:4222, tls://other:1", m), "10.213.0.1:5000,tls://other:1");
+        assert_eq!(nats_url_targets("nats://a:1,b"), vec!["a:1".to_string(), "b:4222".to_string()]);
+        assert!(nats_url_targets("").is_empty());
+    }
+}

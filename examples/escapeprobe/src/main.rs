@@ -1,0 +1,133 @@
+//! EscapeProbe: a native workload that tries what a hostile service would try and prints one
+//! line per attempt (`<attempt>: <outcome>`), so that tests can read the outcome from its logs.
+//!
+//! `escapeprobe probe [port]` — processes, files, mount, ptrace, modules, and (with a port)
+//! a credential-less connection to NATS on that port of the host `NATS_URL` names; `escapeprobe oom` — allocates until
+//! stopped; `escapeprobe forkbomb` — forks until refused. Each mode then sleeps.
+//!
+//! Build it statically: `cargo build --release -p escapeprobe --target x86_64-unknown-linux-musl`
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn errno() -> String {
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EAGAIN) => "EAGAIN".into(),
+        Some(libc::ENOSYS) => "ENOSYS".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn say(line: String) {
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn probe(nats: Option<&str>) {
+    let pids = std::fs::read_dir("/proc")
+        .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count())
+        .unwrap_or(0);
+    say(format!("processes visible: {pids}"));
+    for f in ["/etc/passwd", "/etc/hostname", "/root/.bashrc", "/work/../etc/shadow", "/proc/1/environ"] {
+        match std::fs::read(f) {
+            Ok(b) => say(format!("read {f}: ok {} bytes", b.len())),
+            Err(e) => say(format!("read {f}: refused ({e})")),
+        }
+    }
+    match std::fs::write("/escape-test", b"x") {
+        Ok(()) => say("write /escape-test: ok".into()),
+        Err(e) => say(format!("write /escape-test: refused ({e})")),
+    }
+    // SAFETY: plain system calls with valid (or null) pointers; failure is the expected outcome.
+    unsafe {
+        let rc = libc::mount(c"none".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null());
+        say(format!("mount: {}", if rc == 0 { "ok".into() } else { errno() }));
+        let rc = libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+        say(format!("ptrace: {}", if rc == 0 { "ok".into() } else { errno() }));
+        let rc = libc::syscall(libc::SYS_init_module, std::ptr::null::<u8>(), 0usize, c"".as_ptr());
+        say(format!("init_module: {}", if rc == 0 { "ok".into() } else { errno() }));
+        let rc = libc::unshare(libc::CLONE_NEWUSER);
+        say(format!("unshare: {}", if rc == 0 { "ok".into() } else { errno() }));
+    }
+    if let Some(port) = nats {
+        // The node's internal NATS listens on the same host as the relay NATS_URL names.
+        let url = std::env::var("NATS_URL").unwrap_or_default();
+        let host =
+            url.rsplit("://").next().unwrap_or("").rsplit('@').next().unwrap_or("").split(':').next().unwrap_or("");
+        let addr = format!("{host}:{port}");
+        say(format!("internal nats: {}", nats_without_credentials(&addr)));
+    }
+    say("probe done".into());
+}
+
+/// Connects without credentials, subscribes to everything, and reports the server's answer.
+fn nats_without_credentials(addr: &str) -> String {
+    let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
+        return "bad address".into();
+    };
+    let mut s = match std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect refused ({e})"),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB > 1\r\nPING\r\n");
+    let mut buf = vec![0u8; 8192];
+    let mut got = String::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if got.contains("-ERR") || got.contains("PONG") {
+            break;
+        }
+    }
+    got.lines().find(|l| l.starts_with("-ERR") || l.starts_with("PONG")).unwrap_or("no answer").to_string()
+}
+
+fn oom() {
+    let mut hold: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hold.push(vec![7u8; 16 << 20]);
+        say(format!("allocated {} MiB", hold.len() * 16));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn forkbomb() {
+    let mut n = 0u32;
+    loop {
+        // SAFETY: the child only sleeps and exits, calling async-signal-safe functions.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            say(format!("fork refused after {n} children: {}", errno()));
+            return;
+        }
+        if pid == 0 {
+            unsafe {
+                libc::sleep(600);
+                libc::_exit(0);
+            }
+        }
+        n += 1;
+        if n >= 100_000 {
+            say("fork never refused".into());
+            return;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("oom") => oom(),
+        Some("forkbomb") => forkbomb(),
+        _ => probe(args.get(2).map(String::as_str)),
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
