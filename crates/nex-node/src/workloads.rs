@@ -108,7 +108,11 @@ impl Workload {
 #[derive(Debug)]
 struct Chain {
     attempts: u32,
+    /// The latest instance; a STOP naming it ends a restart still waiting in its back-off.
     current_id: String,
+    issuer: String,
+    name: String,
+    namespace: String,
 }
 
 /// Runs workloads on this node.
@@ -522,12 +526,13 @@ impl WorkloadManager {
         let mut life = w.life.lock().await;
         self.workloads.lock().unwrap().insert(w.id.clone(), w.clone());
         if let Some(c) = v.chain {
-            self.chains
-                .lock()
-                .unwrap()
-                .entry(c)
-                .and_modify(|ch| ch.current_id = w.id.clone())
-                .or_insert(Chain { attempts: 0, current_id: w.id.clone() });
+            self.chains.lock().unwrap().entry(c).and_modify(|ch| ch.current_id = w.id.clone()).or_insert(Chain {
+                attempts: 0,
+                current_id: w.id.clone(),
+                issuer: w.issuer.clone(),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+            });
         }
         let areq = AgentDeployRequest {
             argv: v.request.argv.clone(),
@@ -740,9 +745,12 @@ impl WorkloadManager {
         };
         let req: StopRequest =
             serde_json::from_slice(body).map_err(|e| format!("Unable to deserialize stop request: {e}"))?;
-        let w = self.get(&req.workload_id).ok_or_else(|| "No such workload".to_string())?;
         let claims = WorkloadClaims::decode(&req.workload_jwt)
-            .map_err(|e| format!("Invalid stop request: could not decode workload JWT: {e}"))?;
+            .map_err(|e| format!("Invalid stop request: could not decode workload JWT: {e}"));
+        let Some(w) = self.get(&req.workload_id) else {
+            return self.stop_pending_restart(ns, &req.workload_id, claims?);
+        };
+        let claims = claims?;
         if claims.jti == w.claims.jti {
             return Err("Invalid stop request: stop claims appear to be cloned or captured from the original start claims. Rejecting for security reasons".into());
         }
@@ -760,6 +768,28 @@ impl WorkloadManager {
         }
         self.stop_workload(&w).await;
         Ok(StopResponse { stopped: true, id: w.id.clone(), issuer: w.issuer.clone(), name: w.name.clone() })
+    }
+
+    /// A STOP for an essential workload that exited and waits to be restarted: ends the chain.
+    fn stop_pending_restart(&self, ns: &str, id: &str, claims: WorkloadClaims) -> Result<StopResponse, String> {
+        let mut chains = self.chains.lock().unwrap();
+        let Some((&key, ch)) = chains.iter().find(|(_, c)| c.current_id == id && c.namespace.eq_ignore_ascii_case(ns))
+        else {
+            return Err("No such workload".into());
+        };
+        if claims.sub != ch.name {
+            return Err("Invalid stop request: stop claims subject does not match original start claims subject".into());
+        }
+        if claims.iss != ch.issuer {
+            return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
+        }
+        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
+            return Err(format!("Invalid stop request: standard claims within JWT are not valid: {why}"));
+        }
+        let resp = StopResponse { stopped: true, id: id.to_string(), issuer: ch.issuer.clone(), name: ch.name.clone() };
+        chains.remove(&key);
+        tracing::info!(id, "stop ended a pending essential restart");
+        Ok(resp)
     }
 
     /// Stops a workload gracefully (SIGTERM, grace period, SIGKILL of the whole tree).
