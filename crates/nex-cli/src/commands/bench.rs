@@ -289,7 +289,7 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         big_ms = t.elapsed().as_secs_f64() * 1e3;
     }
 
-    // The container tier: a second node, the static echo service.
+    // The container tier: a second node, a small static service.
     let container = if args.no_container {
         None
     } else {
@@ -387,7 +387,8 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// DEPLOY → running of the static echo service on a container-tier node, and the idle RSS of
+/// DEPLOY → running of a small static service (examples/escapeprobe, 0.5 MB, so the figure is the
+/// tier's cost rather than the artifact transfer) on a container-tier node, and the idle RSS of
 /// its warm agents. Fails (and the figures are skipped) where the tier cannot run.
 async fn container_deploys(
     exe: &Path,
@@ -403,7 +404,7 @@ async fn container_deploys(
     if nex_node::tiers::container::find_runtime("", &[]).is_none() {
         bail!("no OCI runtime: apt-get install -y runc");
     }
-    let echo = exe.parent().unwrap_or(Path::new(".")).join("../x86_64-unknown-linux-musl/release/echoservice");
+    let echo = exe.parent().unwrap_or(Path::new(".")).join("../x86_64-unknown-linux-musl/release/escapeprobe");
     let bytes = std::fs::read(&echo).with_context(|| format!("{}: build it with `make build`", echo.display()))?;
     let state = dir.join("state-container");
     let cfg = dir.join("config-container.json");
@@ -432,11 +433,11 @@ async fn container_deploys(
         let xkey = client.node_info(&node).await?.public_xkey;
         let js = async_nats::jetstream::new(nc.clone());
         let store = js.get_object_store("NEXBENCH").await?;
-        store.put("echoservice", &mut bytes.as_slice()).await.map_err(|e| anyhow::anyhow!("upload: {e}"))?;
+        store.put("escapeprobe", &mut bytes.as_slice()).await.map_err(|e| anyhow::anyhow!("upload: {e}"))?;
         let b = DeployBuilder {
-            name: "echoservice".into(),
+            name: "probe".into(),
             workload_type: "native".into(),
-            location: "nats://NEXBENCH/echoservice".into(),
+            location: "nats://NEXBENCH/escapeprobe".into(),
             hash: nex_api::jwt::sha256_hex(&bytes),
             environment: [("NATS_URL".to_string(), url.to_string())].into_iter().collect(),
             ..Default::default()
