@@ -235,8 +235,7 @@ async fn essential_workload_restarts_with_backoff_until_stopped() {
         let latest = rec
             .events("workload_deployed")
             .into_iter()
-            .filter(|e| e["data"]["workload_name"] == "crasher")
-            .last()
+            .rfind(|e| e["data"]["workload_name"] == "crasher")
             .map(|e| e["data"]["workload_id"].as_str().unwrap().to_string())
             .unwrap();
         match user.stop(&node.id, &latest, "crasher").await {
