@@ -191,7 +191,7 @@ async fn node_killed_mid_deploy_and_mid_trigger() {
     slow.trigger_subjects = vec!["slow.fn".into()];
     user.deploy(&node.id, &slow).await.unwrap();
     let mut big = script("exec /bin/sleep 7701");
-    big.resize(40 * 1024 * 1024, b'#');
+    big.resize(64 * 1024 * 1024, b'#');
     let b = user.native("bigone", &big).await;
     let nc = user.nc.clone();
     let pending_call = tokio::spawn(async move {
@@ -209,7 +209,8 @@ async fn node_killed_mid_deploy_and_mid_trigger() {
             .timeout(Some(Duration::from_secs(5)));
         nc.send_request(subject, r).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Soon enough that the 64 MiB copy is still running (a whole deploy of it takes ~350 ms here).
+    tokio::time::sleep(Duration::from_millis(60)).await;
     let state = node.state_dir();
     node.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
 
