@@ -42,7 +42,8 @@ T() { tmux -u -S "$SOCK" -f "$WORK/tmux.conf" "$@"; }
 
 cleanup() {
     T kill-server >/dev/null 2>&1 || true
-    rm -rf "$WORK"
+    # The shells may still be exiting; never let the clean-up decide the tour's status.
+    rm -rf "$WORK" 2>/dev/null || { sleep 0.5; rm -rf "$WORK" || true; }
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -79,7 +80,8 @@ PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 # the script knows when a typed command has finished (and how) without printing markers.
 # `nex` is found on PATH, so the typed commands read like the README's.
 shell() { # window-name
-    printf "env -u NATS_URL -u NEX_NAMESPACE HOME=%q PATH=%q PS1='\$ ' PROMPT_COMMAND=%q bash --noprofile --norc -i" \
+    # HISTFILE= : a shell killed with the tmux server must not write a history file into $WORK.
+    printf "env -u NATS_URL -u NEX_NAMESPACE HOME=%q PATH=%q HISTFILE= PS1='\$ ' PROMPT_COMMAND=%q bash --noprofile --norc -i" \
         "$WORK/home" "$(dirname "$NEX"):$PATH" "echo \$? >>$WORK/$1.status"
 }
 status_lines() { # window-name
