@@ -15,6 +15,8 @@ build: setup
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release -p echoservice -p escapeprobe --target x86_64-unknown-linux-musl
 	$(CARGO) build --release -p echofunction -p kvfunction --target wasm32-wasip1
+	@# The micro-VM guest image: Debian's cloud kernel + nex-agent as init (downloads once).
+	target/release/nex rootfs --out target/microvm || echo "warning: no micro-VM guest image (see above); the microvm tests will fail"
 
 run: build
 	@scripts/run.sh

@@ -10,6 +10,10 @@ command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
 command -v runc >/dev/null || need_apt+=(runc)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The microvm tier: QEMU boots the guests; `nex rootfs` unpacks the kernel package with dpkg-deb
+# and strips the agent with objcopy (binutils).
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+command -v objcopy >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt-get)"
   if [ "$(id -u)" = 0 ]; then

@@ -5,6 +5,7 @@
 //! events on `hostint.<id>.*` (REFERENCE §4).
 
 mod elf;
+mod guest;
 mod metadata;
 mod providers;
 
@@ -62,6 +63,20 @@ impl Agent {
 }
 
 fn main() -> ExitCode {
+    if guest::is_init() {
+        // The init of a micro-VM: when the agent ends, so does the guest.
+        if let Err(e) = guest::boot() {
+            eprintln!("nex-agent: guest set-up failed: {e:#}");
+            guest::power_off();
+        }
+        let code = agent_main();
+        eprintln!("nex-agent: agent ended ({code:?}); powering off");
+        guest::power_off();
+    }
+    agent_main()
+}
+
+fn agent_main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -43,6 +43,33 @@ pub struct MachineMetadata {
     pub message: String,
 }
 
+/// What a micro-VM guest's agent prints on its serial console when it is ready for
+/// [`GuestMetadata`]; the node answers with one JSON line on the same console.
+pub const METADATA_PROMPT: &str = "nex-agent: metadata?";
+
+/// The metadata a micro-VM guest receives over its serial console (never on a command line).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuestMetadata {
+    /// Workload (agent) id.
+    pub id: String,
+    /// The guest's address on the node's agent bridge.
+    pub ip: String,
+    /// Prefix length of that network.
+    pub prefix_len: u8,
+    /// Internal NATS host (the bridge address of the node).
+    pub node_nats_host: String,
+    /// Internal NATS port.
+    pub node_nats_port: u16,
+    /// The agent's nkey user seed.
+    pub nkey_seed: String,
+    /// Grace period between SIGTERM and SIGKILL of the workload.
+    #[serde(default)]
+    pub stop_grace_ms: u64,
+    /// `NEX_AGENT_LOG` for the agent.
+    #[serde(default)]
+    pub log: String,
+}
+
 /// `hostint.<id>.handshake` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct HandshakeRequest {

@@ -4,22 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use nex_api::control::AuctionRequest;
 use serde_json::{json, Value};
-
-fn musl_example(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-musl/release").join(name);
-    std::fs::read(&p).unwrap_or_else(|_| {
-        panic!(
-            "{} is missing: build it with `make build` (cargo build --release -p {name} --target x86_64-unknown-linux-musl)",
-            p.display()
-        )
-    })
-}
 
 /// Whether this host can run the tier (root and an OCI runtime); CI installs runc.
 fn available() -> bool {
@@ -39,16 +29,6 @@ async fn container_node(nats: &NatsServer, extra: Value) -> Node {
         cfg[k] = v.clone();
     }
     Node::start_in(nats, dir, cfg, &[]).await
-}
-
-fn run_id(node: &Node) -> String {
-    let runs: Vec<String> = std::fs::read_dir(node.state_dir().join("runs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs[0].clone()
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -97,16 +77,6 @@ fn leftovers(run: &str, id: Option<&str>) -> Vec<String> {
         }
     }
     out
-}
-
-fn log_texts(rec: &Recorder, id: &str) -> Vec<String> {
-    rec.logs(id).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect()
-}
-
-async fn wait_log(rec: &Recorder, id: &str, starts: &str) -> String {
-    rec.wait_until(Duration::from_secs(20), starts, |rec| log_texts(rec, id).iter().any(|t| t.starts_with(starts)))
-        .await;
-    log_texts(rec, id).into_iter().find(|t| t.starts_with(starts)).unwrap()
 }
 
 fn internal_port(node: &Node) -> String {

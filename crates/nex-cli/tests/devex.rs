@@ -221,9 +221,13 @@ fn preflight_missing_config_and_missing_resource_dir() {
         .unwrap();
     let v: Value = serde_json::from_slice(&std::fs::read(&fresh).unwrap()).unwrap();
     assert_eq!(v["no_sandbox"], true, "{}", String::from_utf8_lossy(&out.stdout));
-    // A tier this build lacks is reported with what to do.
+    // A tier whose guest image is missing is reported with what to do.
     let sandbox = dir.path().join("sandbox.json");
-    std::fs::write(&sandbox, br#"{"isolation":"microvm"}"#).unwrap();
+    std::fs::write(
+        &sandbox,
+        br#"{"isolation":"microvm","kernel_filepath":"/nonexistent/vmlinuz","rootfs_filepath":"/nonexistent/rootfs.cpio"}"#,
+    )
+    .unwrap();
     let out = Command::new(nex_bin())
         .args(["node", "preflight", "--config"])
         .arg(&sandbox)
@@ -232,8 +236,8 @@ fn preflight_missing_config_and_missing_resource_dir() {
         .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(so.contains("⛔ Dependency Missing - the microvm isolation tier"), "{so}");
-    assert!(so.contains("to fix:"), "{so}");
+    assert!(so.contains("⛔ Dependency Missing - guest kernel (kernel_filepath)"), "{so}");
+    assert!(so.contains("to fix: nex rootfs --out /nonexistent"), "{so}");
 }
 
 #[test]

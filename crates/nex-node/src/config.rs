@@ -177,6 +177,9 @@ pub struct NodeConfig {
     pub isolation: String,
     /// OCI runtime of the `container` tier (name or path); empty = `runc`, else `crun`.
     pub container_runtime: String,
+    /// How the `microvm` tier runs guests: `auto` (KVM when a probe guest boots on it, else
+    /// software emulation), `kvm` or `tcg`.
+    pub microvm_accel: String,
     pub preserve_network: bool,
     pub tags: BTreeMap<String, String>,
     pub valid_issuers: Vec<String>,
@@ -234,6 +237,7 @@ impl Default for NodeConfig {
             no_sandbox: false,
             isolation: String::new(),
             container_runtime: String::new(),
+            microvm_accel: String::new(),
             preserve_network: false,
             tags: BTreeMap::new(),
             valid_issuers: vec![],
@@ -363,10 +367,15 @@ impl NodeConfig {
         match self.tier() {
             isolation::PROCESS | isolation::CONTAINER => {}
             isolation::MICROVM => {
-                return bad(format!(
-                    "isolation tier {:?} is not available in this build; set \"isolation\": \"container\" for sandboxed agents without KVM, or \"no_sandbox\": true to run agents as processes",
-                    self.tier()
-                ))
+                if self.kernel_filepath.is_empty() {
+                    return bad("invalid kernel file setting: set kernel_filepath (or default_resource_dir) to the guest kernel that `nex rootfs` writes, or run agents without VMs with \"isolation\": \"container\" or \"no_sandbox\": true".into());
+                }
+                if self.rootfs_filepath.is_empty() {
+                    return bad("invalid rootfs file setting: set rootfs_filepath (or default_resource_dir) to the guest image that `nex rootfs` writes".into());
+                }
+                if !matches!(self.microvm_accel.as_str(), "" | "auto" | "kvm" | "tcg") {
+                    return bad(format!("microvm_accel must be auto, kvm or tcg (got {:?})", self.microvm_accel));
+                }
             }
             other => {
                 return bad(format!(

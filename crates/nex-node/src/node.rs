@@ -107,6 +107,17 @@ async fn run_inner(
                 .context("preparing the container tier")?,
             )
         }
+        isolation::MICROVM => {
+            let qemu = crate::tiers::microvm::find_qemu(&cfg.bin_path).ok_or_else(|| {
+                anyhow!("the microvm tier needs QEMU: install it with `apt-get install -y qemu-system-x86`, or run agents with \"isolation\": \"container\"")
+            })?;
+            let (kernel, image) = crate::tiers::microvm::image_paths(&cfg);
+            Arc::new(
+                crate::tiers::microvm::MicrovmTier::new(qemu, kernel, image, &cfg.microvm_accel, run.run_id.clone())
+                    .await
+                    .context("preparing the microvm tier")?,
+            )
+        }
         other => bail!("isolation tier {other:?} is not available in this build"),
     };
     if !tier.sandboxed() {

@@ -110,6 +110,11 @@ impl AgentPool {
         self.warm.lock().unwrap().len()
     }
 
+    /// How long starting one agent may take in this tier.
+    pub fn start_timeout(&self) -> Duration {
+        self.tier.start_timeout(Duration::from_millis(self.cfg.agent_handshake_timeout_ms.max(1000)))
+    }
+
     /// The last reason an agent failed to start, if the pool is struggling.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap().clone()
@@ -208,7 +213,7 @@ impl AgentPool {
             }
         };
         let agent = Agent { id, client, handle, work_dir: self.run.agent_dir(&spec_id) };
-        let within = Duration::from_millis(self.cfg.agent_handshake_timeout_ms);
+        let within = self.tier.start_timeout(Duration::from_millis(self.cfg.agent_handshake_timeout_ms));
         let mut exited = agent.handle.exited();
         let outcome = tokio::select! {
             r = agent.client.wait_handshake(within) => r,

@@ -68,6 +68,7 @@ pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>
         let run = e.file_name().to_string_lossy().to_string();
         kill_recorded_agents(&dir);
         crate::tiers::container::cleanup_run(&dir, &run).await;
+        crate::tiers::microvm::cleanup_run(&run).await;
         if let Some(v) = cgroups {
             cgroup::remove_run(v, &run).await;
         }

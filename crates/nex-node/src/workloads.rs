@@ -418,7 +418,7 @@ impl WorkloadManager {
             return Err("Workload file size would exceed node total limitations".into());
         }
         // 11
-        let wait = Duration::from_millis(self.cfg.agent_handshake_timeout_ms.max(1000) * 2);
+        let wait = self.pool.start_timeout() * 2;
         let agent = match self.pool.take(wait).await {
             Ok(a) => a,
             Err(e) => {

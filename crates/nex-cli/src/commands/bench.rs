@@ -48,6 +48,13 @@ pub struct BenchArgs {
     /// Skip the container-tier figures (they need root and runc)
     #[arg(long)]
     pub no_container: bool,
+    /// Skip the micro-VM figures (they need root, QEMU and the image of `nex rootfs`)
+    #[arg(long)]
+    pub no_microvm: bool,
+    /// Directory with the micro-VM kernel and image (`nex rootfs --out DIR`); default
+    /// target/microvm beside this build, else /var/lib/nex/microvm
+    #[arg(long)]
+    pub microvm_image: Option<PathBuf>,
 }
 
 const JS_ECHO: &str = "(function (subject, payload) { return String.fromCharCode(...payload); })";
@@ -289,17 +296,17 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         big_ms = t.elapsed().as_secs_f64() * 1e3;
     }
 
-    // The container tier: a second node, a small static service.
+    // The sandboxed tiers: a second node each, a small static service.
     let container = if args.no_container {
         None
     } else {
-        match container_deploys(&exe, &url, &nc, dir.path(), args.deploys.max(1)).await {
-            Ok(c) => Some(c),
-            Err(e) => {
-                eprintln!("bench: container tier skipped: {e:#}");
-                None
-            }
-        }
+        tier_figures(&exe, &url, &nc, dir.path(), container_bench(args.deploys)).await
+    };
+    let microvm = if args.no_microvm {
+        None
+    } else {
+        tier_figures(&exe, &url, &nc, dir.path(), microvm_bench(&exe, args.microvm_image.as_deref(), args.deploys))
+            .await
     };
 
     let mut out = json!({
@@ -317,6 +324,12 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         out["container_deploy_p50_ms"] = json!(st.p50_us / 1e3);
         out["container_deploy_p99_ms"] = json!(st.p99_us / 1e3);
         out["container_agent_idle_rss_mib"] = json!(rss);
+    }
+    if let Some((st, rss)) = &microvm {
+        out["microvm_deploy_p50_ms"] = json!(st.p50_us / 1e3);
+        out["microvm_deploy_p99_ms"] = json!(st.p99_us / 1e3);
+        out["microvm_guest_idle_rss_mib"] = json!(rss);
+        out["microvm_accel"] = json!("tcg");
     }
     let mut t = Table::new(
         "nex bench (ratios against plain NATS request/reply in this run)",
@@ -367,6 +380,15 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         ]);
         t.row(vec!["idle container agent RSS".into(), format!("{rss:.1} MiB"), "".into(), "".into()]);
     }
+    if let Some((st, rss)) = &microvm {
+        t.row(vec![
+            "micro-VM deploy p50 / p99 (TCG)".into(),
+            format!("{:.1} / {:.1} ms", st.p50_us / 1e3, st.p99_us / 1e3),
+            "".into(),
+            "≤ 150 ms".into(),
+        ]);
+        t.row(vec!["idle micro-VM (QEMU) RSS".into(), format!("{rss:.1} MiB"), "".into(), "".into()]);
+    }
     print!("{}", t.render());
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_vec_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
@@ -387,31 +409,102 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// DEPLOY → running of a small static service (examples/escapeprobe, 0.5 MB, so the figure is the
-/// tier's cost rather than the artifact transfer) on a container-tier node, and the idle RSS of
-/// its warm agents. Fails (and the figures are skipped) where the tier cannot run.
-async fn container_deploys(
+/// A sandboxed tier to measure: how to configure its node and how to find its idle agents.
+struct TierBench {
+    name: &'static str,
+    /// Why it cannot run here, if it cannot.
+    unavailable: Option<String>,
+    config: serde_json::Value,
+    deploys: usize,
+    /// Recognises the host process that holds one idle agent, by its command line.
+    is_agent: fn(&[u8]) -> bool,
+}
+
+fn container_bench(deploys: usize) -> TierBench {
+    let unavailable = if nex_node::tiers::container::find_runtime("", &[]).is_none() {
+        Some("no OCI runtime: apt-get install -y runc".to_string())
+    } else {
+        None
+    };
+    TierBench {
+        name: "container",
+        unavailable,
+        config: json!({"isolation": "container", "machine_pool_size": 2}),
+        deploys,
+        // Container agents run as `/nex-agent` (their cwd is inside the container).
+        is_agent: |c| c == b"/nex-agent\0",
+    }
+}
+
+fn microvm_bench(exe: &Path, image: Option<&Path>, deploys: usize) -> TierBench {
+    let dir = image.map(Path::to_path_buf).unwrap_or_else(|| {
+        let built = exe.parent().unwrap_or(Path::new(".")).join("../microvm");
+        if built.join("rootfs.cpio").is_file() {
+            built
+        } else {
+            PathBuf::from("/var/lib/nex/microvm")
+        }
+    });
+    let unavailable = if nex_node::tiers::microvm::find_qemu(&[]).is_none() {
+        Some("no QEMU: apt-get install -y qemu-system-x86".to_string())
+    } else if !dir.join("rootfs.cpio").is_file() {
+        Some(format!("no guest image in {}: nex rootfs --out {}", dir.display(), dir.display()))
+    } else {
+        None
+    };
+    TierBench {
+        name: "micro-VM",
+        unavailable,
+        config: json!({
+            "isolation": "microvm", "microvm_accel": "tcg", "machine_pool_size": 2,
+            "kernel_filepath": dir.join("vmlinuz"), "rootfs_filepath": dir.join("rootfs.cpio"),
+        }),
+        // Every deploy waits for a replacement guest to boot under emulation: keep it short.
+        deploys: deploys.min(8),
+        is_agent: |c| c.starts_with(b"qemu-system-x86_64\0") || c.windows(20).any(|w| w == b"/qemu-system-x86_64\0"),
+    }
+}
+
+/// The figures of one sandboxed tier, or `None` (with the reason on stderr) where it cannot run.
+async fn tier_figures(
     exe: &Path,
     url: &str,
     nc: &async_nats::Client,
     dir: &Path,
-    n: usize,
-) -> Result<(Stats, f64)> {
+    tier: TierBench,
+) -> Option<(Stats, f64)> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("needs root");
+    let why = if unsafe { libc::geteuid() } != 0 { Some("needs root".to_string()) } else { tier.unavailable.clone() };
+    if let Some(why) = why {
+        eprintln!("bench: {} tier skipped: {why}", tier.name);
+        return None;
     }
-    if nex_node::tiers::container::find_runtime("", &[]).is_none() {
-        bail!("no OCI runtime: apt-get install -y runc");
+    match tier_deploys(exe, url, nc, dir, &tier).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("bench: {} tier skipped: {e:#}", tier.name);
+            None
+        }
     }
+}
+
+/// DEPLOY → running of a small static service (examples/escapeprobe, 0.5 MB, so the figure is the
+/// tier's cost rather than the artifact transfer) on a node of `tier`, and the idle RSS of its
+/// warm agents.
+async fn tier_deploys(
+    exe: &Path,
+    url: &str,
+    nc: &async_nats::Client,
+    dir: &Path,
+    tier: &TierBench,
+) -> Result<(Stats, f64)> {
     let echo = exe.parent().unwrap_or(Path::new(".")).join("../x86_64-unknown-linux-musl/release/escapeprobe");
     let bytes = std::fs::read(&echo).with_context(|| format!("{}: build it with `make build`", echo.display()))?;
-    let state = dir.join("state-container");
-    let cfg = dir.join("config-container.json");
-    std::fs::write(
-        &cfg,
-        serde_json::to_vec(&json!({"isolation": "container", "state_dir": state, "machine_pool_size": 2}))?,
-    )?;
+    let slug = tier.name.replace('-', "").to_lowercase();
+    let cfg = dir.join(format!("config-{slug}.json"));
+    let mut config = tier.config.clone();
+    config["state_dir"] = json!(dir.join(format!("state-{slug}")));
+    std::fs::write(&cfg, serde_json::to_vec(&config)?)?;
     let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
     nex_node::nats_ext::round_trip(nc).await?;
     let mut child = tokio::process::Command::new(exe)
@@ -422,9 +515,9 @@ async fn container_deploys(
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    eprintln!("bench: container deploys");
+    eprintln!("bench: {} deploys", tier.name);
     let result = async {
-        let ev = tokio::time::timeout(Duration::from_secs(20), started.next()).await.context("node did not start")?;
+        let ev = tokio::time::timeout(Duration::from_secs(60), started.next()).await.context("node did not start")?;
         let ev: serde_json::Value = serde_json::from_slice(&ev.context("no event")?.payload)?;
         let node = ev["data"]["id"].as_str().context("node id")?.to_string();
         let client = ControlClient::new(nc.clone(), Duration::from_secs(60), "default");
@@ -443,22 +536,21 @@ async fn container_deploys(
             ..Default::default()
         };
         // Warm agents are ready once INFO says so.
-        for _ in 0..100 {
+        for _ in 0..600 {
             if client.node_info(&node).await?.available_agents >= 2 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Container agents run as `/nex-agent` (their cwd is inside the container).
         let pids: Vec<u32> = std::fs::read_dir("/proc")?
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"/nex-agent\0"))
+            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| (tier.is_agent)(&c)))
             .collect();
         let rss = if pids.is_empty() { 0.0 } else { pids.iter().map(|p| rss_mib(*p)).sum::<f64>() / pids.len() as f64 };
         let mut times = Vec::new();
-        for _ in 0..n {
-            for _ in 0..100 {
+        for _ in 0..tier.deploys.max(1) {
+            for _ in 0..600 {
                 if client.node_info(&node).await?.available_agents >= 1 {
                     break;
                 }

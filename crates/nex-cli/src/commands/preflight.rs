@@ -154,11 +154,60 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
                 fix: "apt-get install -y nftables".into(),
             });
         }
+        isolation::MICROVM => {
+            checks.push(Check {
+                what: "QEMU (boots the micro-VMs)".into(),
+                found: nex_node::tiers::microvm::find_qemu(&cfg.bin_path).map(|p| p.display().to_string()),
+                fix: "apt-get install -y qemu-system-x86".into(),
+            });
+            let (kernel, image) = nex_node::tiers::microvm::image_paths(&cfg);
+            let dir = kernel.parent().map(|d| d.display().to_string()).unwrap_or_else(|| "/var/lib/nex/microvm".into());
+            for (what, p) in [("guest kernel (kernel_filepath)", &kernel), ("guest image (rootfs_filepath)", &image)] {
+                checks.push(Check {
+                    what: what.into(),
+                    found: p.is_file().then(|| p.display().to_string()),
+                    fix: format!(
+                        "nex rootfs --out {dir}   (downloads Debian's cloud kernel and packs nex-agent as init)"
+                    ),
+                });
+            }
+            checks.push(Check {
+                what: "/dev/kvm (hardware virtualisation; without it guests run under slow emulation)".into(),
+                found: Some(if nex_node::tiers::microvm::kvm_openable() {
+                    "/dev/kvm opens (the node probes that a guest boots on it)".to_string()
+                } else {
+                    "not usable: guests will run under TCG emulation (development only)".to_string()
+                }),
+                fix: String::new(),
+            });
+            checks.push(Check {
+                what: "/dev/net/tun (tap devices for guest networking)".into(),
+                found: Path::new("/dev/net/tun").exists().then(|| "/dev/net/tun".to_string()),
+                fix: "modprobe tun".into(),
+            });
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            checks.push(Check {
+                what: "root (tap devices, bridge, firewall)".into(),
+                found: root.then(|| "uid 0".to_string()),
+                fix: "run the node as root (sudo nex node up ...)".into(),
+            });
+            checks.push(Check {
+                what: "iproute2 (bridge and tap devices)".into(),
+                found: find("ip"),
+                fix: "apt-get install -y iproute2".into(),
+            });
+            checks.push(Check {
+                what: "nftables (keeps guests off host services)".into(),
+                found: find("nft"),
+                fix: "apt-get install -y nftables".into(),
+            });
+        }
         other => {
             checks.push(Check {
                 what: format!("the {other} isolation tier"),
                 found: None,
-                fix: "this build runs the process and container tiers: set \"isolation\": \"container\" (sandboxed, no KVM needed) or \"no_sandbox\": true".into(),
+                fix: "set \"isolation\" to \"process\", \"container\" or \"microvm\"".into(),
             });
         }
     }

@@ -189,7 +189,8 @@ impl Node {
     /// Waits until the node has a warm agent.
     pub async fn wait_warm(&self, nc: &async_nats::Client) {
         let c = ControlClient::new(nc.clone(), Duration::from_secs(2), "default");
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Micro-VM guests boot under emulation here: seconds, not milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(i) = c.node_info(&self.id).await {
                 if i.available_agents > 0 {
@@ -447,4 +448,38 @@ pub async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> boo
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A static example built for musl (`make build`).
+pub fn musl_example(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-musl/release").join(name);
+    std::fs::read(&p).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: build it with `make build` (cargo build --release -p {name} --target x86_64-unknown-linux-musl)",
+            p.display()
+        )
+    })
+}
+
+/// The id of the node's one run (`<state_dir>/runs/<run>`).
+pub fn run_id(node: &Node) -> String {
+    let runs: Vec<String> = std::fs::read_dir(node.state_dir().join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+/// The texts of the log lines of workload `id`.
+pub fn log_texts(rec: &Recorder, id: &str) -> Vec<String> {
+    rec.logs(id).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect()
+}
+
+/// Waits for a log line of workload `id` starting with `starts` and returns it.
+pub async fn wait_log(rec: &Recorder, id: &str, starts: &str) -> String {
+    rec.wait_until(Duration::from_secs(30), starts, |rec| log_texts(rec, id).iter().any(|t| t.starts_with(starts)))
+        .await;
+    log_texts(rec, id).into_iter().find(|t| t.starts_with(starts)).unwrap()
 }

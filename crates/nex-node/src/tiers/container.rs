@@ -7,26 +7,23 @@
 //! a seccomp filter refusing what a service never needs ([`DENIED_SYSCALLS`]); the memory, pids
 //! and CPU limits of `machine_template`.
 //!
-//! Network: one bridge per node run (`nxb<run>`, `10.213.X.1/24`) with one veth pair per agent
-//! in a named network namespace; bridge ports are isolated from each other, the container has no
-//! default route, and an nftables table lets it reach only the node's internal NATS and the
-//! node's relays to the NATS URLs named in workload environments. Everything is keyed by the run
-//! id, so a node restarted after SIGKILL removes what the dead run left ([`cleanup_run`]).
+//! Network: the run's bridge ([`super::net::BridgeNet`]) with one veth pair per agent in a named
+//! network namespace. Everything is keyed by the run id, so a node restarted after SIGKILL removes
+//! what the dead run left ([`cleanup_run`]).
 
-use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use futures::future::BoxFuture;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::net::{run_cmd, BridgeNet};
 use super::{AgentExit, AgentHandle, AgentSpec, IsolationTier};
 use crate::cgroup::{Cgroup, CgroupVersion};
 
@@ -90,8 +87,6 @@ const CLONE_NS_FLAGS: &[u64] = &[
     0x2000_0000, // CLONE_NEWPID
     0x4000_0000, // CLONE_NEWNET
 ];
-const SUBNET_PREFIX: [u8; 2] = [10, 213];
-const NET_LOCK: &str = "/run/nex-net.lock";
 
 /// Agents in OCI containers.
 #[derive(Debug)]
@@ -102,26 +97,8 @@ pub struct ContainerTier {
     dir: PathBuf,
     rootfs: PathBuf,
     binds: Vec<PathBuf>,
-    net: Network,
+    net: Arc<BridgeNet>,
     cgroups: Option<CgroupVersion>,
-    slots: Arc<Mutex<Vec<bool>>>,
-    relays: tokio::sync::Mutex<HashMap<String, u16>>,
-}
-
-#[derive(Debug)]
-struct Network {
-    bridge: String,
-    subnet: u8,
-    firewall: bool,
-}
-
-impl Network {
-    fn host_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, 1)
-    }
-    fn ip(&self, slot: usize) -> Ipv4Addr {
-        Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, slot as u8)
-    }
 }
 
 /// The runtime to use: `configured` (a name or path), else `runc`, else `crun`.
@@ -136,12 +113,6 @@ pub fn find_runtime(configured: &str, bin_path: &[String]) -> Option<PathBuf> {
     ["runc", "crun"].iter().find_map(|n| crate::internal_nats::find_executable(n, bin_path))
 }
 
-fn bridge_name(run: &str) -> String {
-    format!("nxb{run}")
-}
-fn table_name(run: &str) -> String {
-    format!("nex_{run}")
-}
 fn netns_prefix(run: &str) -> String {
     format!("nex-{run}-")
 }
@@ -161,77 +132,14 @@ impl ContainerTier {
         let binds = agent_files(&agent_path).await?;
         let rootfs = dir.join("rootfs");
         build_rootfs(&rootfs, &binds)?;
-        let net = create_network(&run_id).await?;
-        let tier = ContainerTier {
-            runtime,
-            agent_path,
-            run_id,
-            dir,
-            rootfs,
-            binds,
-            net,
-            cgroups,
-            slots: Arc::new(Mutex::new(vec![false; 256])),
-            relays: tokio::sync::Mutex::new(HashMap::new()),
-        };
-        Ok(tier)
-    }
-
-    fn alloc_slot(&self) -> Result<usize> {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let i = (2..255).find(|&i| !s[i]).ok_or_else(|| anyhow!("no free container address: 253 agents run"))?;
-        s[i] = true;
-        Ok(i)
-    }
-
-    fn free_slot(&self, i: usize) {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())[i] = false;
+        let net = Arc::new(BridgeNet::create(&run_id).await?);
+        Ok(ContainerTier { runtime, agent_path, run_id, dir, rootfs, binds, net, cgroups })
     }
 
     fn runtime_cmd(&self) -> Command {
         let mut c = Command::new(&self.runtime);
         c.arg("--root").arg(self.dir.join("state"));
         c
-    }
-
-    /// Lets containers reach `port` on the host side of the bridge.
-    async fn allow_port(&self, port: u16) -> Result<()> {
-        if !self.net.firewall {
-            return Ok(());
-        }
-        run_cmd(
-            "nft",
-            &["add", "element", "inet", &table_name(&self.run_id), "allowed", &format!("{{ {port} }}")],
-            None,
-        )
-        .await
-    }
-
-    /// A relay on the bridge address to `target` (host:port), created once per target.
-    async fn relay(&self, target: &str) -> Result<u16> {
-        let mut relays = self.relays.lock().await;
-        if let Some(p) = relays.get(target) {
-            return Ok(*p);
-        }
-        let listener = tokio::net::TcpListener::bind((self.net.host_ip(), 0)).await?;
-        let port = listener.local_addr()?.port();
-        self.allow_port(port).await?;
-        let to = target.to_string();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let to = to.clone();
-                tokio::spawn(async move {
-                    match tokio::net::TcpStream::connect(&to).await {
-                        Ok(mut out) => {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                        }
-                        Err(e) => tracing::debug!(target = %to, error = %e, "relay could not reach NATS"),
-                    }
-                });
-            }
-        });
-        relays.insert(target.to_string(), port);
-        Ok(port)
     }
 
     fn config(&self, spec: &AgentSpec, netns: &str) -> serde_json::Value {
@@ -333,7 +241,7 @@ impl ContainerTier {
         let veth = format!("nx{}{slot:02x}", self.run_id);
         let host_side = format!(
             "link add {veth} type veth peer name eth0 netns {netns}\nlink set {veth} master {br}\nlink set {veth} type bridge_slave isolated on\nlink set {veth} up\n",
-            br = self.net.bridge
+            br = self.net.bridge()
         );
         run_cmd("ip", &["-b", "-"], Some(&host_side)).await?;
         let inside = format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n", self.net.ip(slot));
@@ -402,7 +310,7 @@ impl ContainerTier {
             exited: rx,
             work_dir: spec.work_dir.clone(),
             bundle,
-            slots: self.slots.clone(),
+            net: self.net.clone(),
         })
     }
 
@@ -451,24 +359,16 @@ impl IsolationTier for ContainerTier {
     }
 
     fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.allow_port(port))
+        Box::pin(self.net.allow_port(port))
     }
 
     fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, Result<String>> {
-        Box::pin(async move {
-            let mut ports = HashMap::new();
-            for target in nats_url_targets(urls) {
-                let port = self.relay(&target).await?;
-                ports.insert(target, port);
-            }
-            let host = self.net.host_ip();
-            Ok(rewrite_nats_urls(urls, |t| ports.get(t).map(|p| format!("{host}:{p}"))))
-        })
+        Box::pin(self.net.workload_nats_url(urls))
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
         Box::pin(async move {
-            let slot = self.alloc_slot()?;
+            let slot = self.net.alloc_slot()?;
             let netns = format!("{}{}", netns_prefix(&self.run_id), spec.id);
             let cid = format!("nex-{}-{}", self.run_id, spec.id);
             match self.launch_inner(&spec, slot, &netns, &cid).await {
@@ -477,7 +377,7 @@ impl IsolationTier for ContainerTier {
                     let info = self.handle_info();
                     teardown(&info, &cid, &netns, &spec.id, &self.dir.join("bundles").join(&spec.id), &spec.work_dir)
                         .await;
-                    self.free_slot(slot);
+                    self.net.free_slot(slot);
                     Err(e)
                 }
             }
@@ -485,9 +385,7 @@ impl IsolationTier for ContainerTier {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            remove_network(&self.run_id).await;
-        })
+        Box::pin(self.net.remove())
     }
 }
 
@@ -503,7 +401,7 @@ struct ContainerAgent {
     exited: watch::Receiver<Option<AgentExit>>,
     work_dir: PathBuf,
     bundle: PathBuf,
-    slots: Arc<Mutex<Vec<bool>>>,
+    net: Arc<BridgeNet>,
 }
 
 impl ContainerAgent {
@@ -547,7 +445,7 @@ impl AgentHandle for ContainerAgent {
                 unsafe { libc::kill(-(self.runtime_pid as i32), libc::SIGKILL) };
             }
             teardown(&self.tier, &self.cid, &self.netns, &self.id, &self.bundle, &self.work_dir).await;
-            self.slots.lock().unwrap_or_else(|e| e.into_inner())[self.slot] = false;
+            self.net.free_slot(self.slot);
         })
     }
 
@@ -584,25 +482,6 @@ async fn teardown(tier: &TierInfo, cid: &str, netns: &str, id: &str, bundle: &Pa
     let _ = std::fs::remove_dir_all(work_dir);
 }
 
-/// Runs a command, failing with its stderr when it fails.
-async fn run_cmd(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
-    let mut c = Command::new(prog);
-    c.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().with_context(|| format!("running {prog}: is it installed?"))?;
-    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(input.as_bytes()).await?;
-        drop(w);
-    }
-    let out = child.wait_with_output().await?;
-    if !out.status.success() {
-        bail!("{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
 /// The agent binary's shared libraries (from `ldd`), to bind into the container read-only.
 async fn agent_files(agent: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(agent).output().await.context("running ldd on the agent")?;
@@ -635,59 +514,6 @@ fn build_rootfs(root: &Path, binds: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Creates this run's bridge on a free `10.213.X.0/24` and its nftables table.
-async fn create_network(run: &str) -> Result<Network> {
-    let lock = std::fs::File::create(NET_LOCK).with_context(|| format!("creating {NET_LOCK}"))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    let out =
-        Command::new("ip").args(["-o", "-4", "addr", "show"]).output().await.context("running ip: install iproute2")?;
-    let used = String::from_utf8_lossy(&out.stdout).to_string();
-    let subnet = (0..=255u8)
-        .find(|x| !used.contains(&format!(" {}.{}.{x}.", SUBNET_PREFIX[0], SUBNET_PREFIX[1])))
-        .ok_or_else(|| anyhow!("no free 10.213.X.0/24 subnet for the container bridge"))?;
-    let bridge = bridge_name(run);
-    let net = Network { bridge: bridge.clone(), subnet, firewall: false };
-    let script = format!(
-        "link add {bridge} type bridge
-addr add {}/24 dev {bridge}
-link set {bridge} up
-",
-        net.host_ip()
-    );
-    run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the container bridge")?;
-    drop(lock);
-    let table = table_name(run);
-    let rules = format!(
-        "table inet {table} {{
- set allowed {{ type inet_service; }}
- chain input {{ type filter hook input priority -10; policy accept;
-  iifname \"{bridge}\" tcp dport @allowed accept
-  iifname \"{bridge}\" drop
- }}
- chain forward {{ type filter hook forward priority -10; policy accept;
-  iifname \"{bridge}\" drop
-  oifname \"{bridge}\" drop
- }}
-}}
-"
-    );
-    let firewall = match run_cmd("nft", &["-f", "-"], Some(&rules)).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "no nftables: containers can reach any host service listening on all addresses; install nftables (apt-get install -y nftables)");
-            false
-        }
-    };
-    Ok(Network { firewall, ..net })
-}
-
-async fn remove_network(run: &str) {
-    let _ = run_cmd("nft", &["delete", "table", "inet", &table_name(run)], None).await;
-    let _ = run_cmd("ip", &["link", "delete", &bridge_name(run)], None).await;
-}
-
 /// Removes what a dead node run of this tier left: containers, namespaces, bridge, firewall,
 /// cgroups. Called before the run directory is deleted.
 pub async fn cleanup_run(run_dir: &Path, run: &str) {
@@ -710,67 +536,5 @@ pub async fn cleanup_run(run_dir: &Path, run: &str) {
             }
         }
     }
-    remove_network(run).await;
-}
-
-/// `host:port` of every URL in a comma-separated NATS URL list (port 4222 when absent).
-pub fn nats_url_targets(urls: &str) -> Vec<String> {
-    urls.split(',').filter_map(|u| split_url(u.trim()).map(|(_, _, hp)| hp)).collect()
-}
-
-/// Replaces the `host:port` of every URL in `urls` with `map(host:port)` where it answers.
-pub fn rewrite_nats_urls(urls: &str, map: impl Fn(&str) -> Option<String>) -> String {
-    urls.split(',')
-        .map(|u| {
-            let u = u.trim();
-            match split_url(u) {
-                Some((scheme, userinfo, hp)) => match map(&hp) {
-                    Some(new) => format!("{scheme}{userinfo}{new}"),
-                    None => u.to_string(),
-                },
-                None => u.to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// (`scheme://`, `user:pass@`, `host:port`) of one URL.
-fn split_url(u: &str) -> Option<(String, String, String)> {
-    if u.is_empty() {
-        return None;
-    }
-    let (scheme, rest) = match u.split_once("://") {
-        Some((s, r)) => (format!("{s}://"), r),
-        None => (String::new(), u),
-    };
-    let rest = rest.trim_end_matches('/');
-    let (userinfo, hostport) = match rest.rsplit_once('@') {
-        Some((ui, hp)) => (format!("{ui}@"), hp),
-        None => (String::new(), rest),
-    };
-    if hostport.is_empty() || hostport.contains('/') {
-        return None;
-    }
-    let has_port = match hostport.rsplit_once(':') {
-        Some((h, p)) => !h.ends_with(':') && p.parse::<u16>().is_ok(),
-        None => false,
-    };
-    let hp = if has_port { hostport.to_string() } else { format!("{hostport}:4222") };
-    Some((scheme, userinfo, hp))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_rewritten_to_relays() {
-        let m = |t: &str| (t == "127.0.0.1:4222").then(|| "10.213.0.1:5000".to_string());
-        assert_eq!(rewrite_nats_urls("nats://127.0.0.1:4222", m), "nats://10.213.0.1:5000");
-        assert_eq!(rewrite_nats_urls("nats://u:p@127.0.0.1", m), "nats://u:p@10.213.0.1:5000");
-        assert_eq!(rewrite_nats_urls("127.0.0.1:4222, tls://other:1", m), "10.213.0.1:5000,tls://other:1");
-        assert_eq!(nats_url_targets("nats://a:1,b"), vec!["a:1".to_string(), "b:4222".to_string()]);
-        assert!(nats_url_targets("").is_empty());
-    }
+    super::net::remove(run).await;
 }

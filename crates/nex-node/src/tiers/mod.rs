@@ -6,6 +6,8 @@
 //! control API.
 
 pub mod container;
+pub mod microvm;
+pub mod net;
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -75,6 +77,11 @@ pub trait IsolationTier: Send + Sync {
     /// Where the agent sees its work directory `host` (same path unless the tier remaps it).
     fn agent_work_dir(&self, host: &Path) -> PathBuf {
         host.to_path_buf()
+    }
+    /// How long a new agent may take to start and handshake, given the configured
+    /// `agent_handshake_timeout_ms` (tiers that boot a kernel need longer).
+    fn start_timeout(&self, configured: std::time::Duration) -> std::time::Duration {
+        configured
     }
     /// Lets agents reach `port` on the internal NATS host (firewalled tiers).
     fn expose(&self, _port: u16) -> BoxFuture<'_, anyhow::Result<()>> {

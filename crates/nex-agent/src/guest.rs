@@ -1,0 +1,188 @@
+//! The agent as the init of a micro-VM guest (PID 1 in an initramfs built by `nex rootfs`).
+//!
+//! Before the usual agent starts, init mounts the kernel's file systems, loads the modules the
+//! guest needs for its network card (listed in [`MODULES`]`/order`), asks the node for its
+//! metadata on the serial console ([`METADATA_PROMPT`]; the answer is one JSON line, never on the
+//! kernel command line, which every guest process could read), configures `eth0`, and hands the
+//! metadata to [`crate::metadata::obtain`] through the environment and a seed file it deletes.
+//! When the agent ends, the guest powers off.
+
+use std::ffi::CString;
+use std::io::{BufRead, Write};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use nex_api::agent::{env, GuestMetadata, METADATA_PROMPT};
+
+/// Where the image keeps kernel modules and their load order.
+const MODULES: &str = "/lib/modules/nex";
+/// Where the seed is handed to [`crate::metadata::obtain`], which deletes it.
+const SEED_FILE: &str = "/run/agent-seed";
+
+/// True when this process is the init of a guest.
+pub fn is_init() -> bool {
+    std::process::id() == 1
+}
+
+/// Prepares the guest and the environment the agent reads its metadata from.
+pub fn boot() -> Result<()> {
+    for (src, target, fstype) in
+        [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")]
+    {
+        mount(src, target, fstype).with_context(|| format!("mounting {target}"))?;
+    }
+    load_modules()?;
+    set_interface("lo", None)?;
+    wait_for_interface("eth0", Duration::from_secs(10))?;
+    let md = ask_metadata()?;
+    let ip: Ipv4Addr = md.ip.parse().with_context(|| format!("guest address {:?}", md.ip))?;
+    set_interface("eth0", Some((ip, md.prefix_len)))?;
+    write_seed(&md.nkey_seed)?;
+    std::env::set_var(env::SANDBOX, "true");
+    std::env::set_var(env::WORKLOAD_ID, &md.id);
+    std::env::set_var(env::NODE_NATS_HOST, &md.node_nats_host);
+    std::env::set_var(env::NODE_NATS_PORT, md.node_nats_port.to_string());
+    std::env::set_var(crate::metadata::SEED_FILE, SEED_FILE);
+    std::env::set_var("NEX_AGENT_WORKDIR", "/work");
+    std::env::set_var("NEX_STOP_GRACE_MS", md.stop_grace_ms.to_string());
+    std::env::set_var("NEX_AGENT_LOG", &md.log);
+    std::env::set_var("TMPDIR", "/tmp");
+    std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin");
+    Ok(())
+}
+
+/// Ends the guest: QEMU exits when its guest powers off.
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot with constant arguments; we are init and the guest is ending.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn mount(src: &str, target: &str, fstype: &str) -> Result<()> {
+    std::fs::create_dir_all(target)?;
+    let (s, t, f) = (CString::new(src)?, CString::new(target)?, CString::new(fstype)?);
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+fn load_modules() -> Result<()> {
+    let Ok(order) = std::fs::read_to_string(format!("{MODULES}/order")) else {
+        return Ok(()); // a kernel with everything built in
+    };
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("{MODULES}/{name}");
+        let f = std::fs::File::open(&path).with_context(|| format!("opening module {path}"))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: finit_module on a descriptor we own, with empty parameters.
+        let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                bail!("loading kernel module {name}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_interface(name: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !std::path::Path::new(&format!("/sys/class/net/{name}")).exists() {
+        if Instant::now() > deadline {
+            bail!("no network interface {name}: does the VM have a virtio-net device and the image its modules?");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Prints the prompt on the console and reads the node's answer, without echoing it back.
+fn ask_metadata() -> Result<GuestMetadata> {
+    // SAFETY: termios calls on stdin with a zeroed struct that tcgetattr fills.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) == 0 {
+            t.c_lflag &= !(libc::ECHO | libc::ECHONL);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n{METADATA_PROMPT}")?;
+    out.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("reading metadata from the console")?;
+    serde_json::from_str(line.trim()).map_err(|e| anyhow!("metadata from the node is not valid: {e}"))
+}
+
+fn write_seed(seed: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all("/run")?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(SEED_FILE)?;
+    f.write_all(seed.as_bytes())?;
+    Ok(())
+}
+
+/// Brings `name` up, with an IPv4 address when given.
+fn set_interface(name: &str, addr: Option<(Ipv4Addr, u8)>) -> Result<()> {
+    // SAFETY: a datagram socket used only for interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let res = (|| -> Result<()> {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            ifr.ifr_name[i] = b as libc::c_char;
+        }
+        let ioctl = |req: libc::c_ulong, ifr: &mut libc::ifreq, what: &str| -> Result<()> {
+            // SAFETY: `ifr` is a valid ifreq for these interface requests.
+            if unsafe { libc::ioctl(fd, req as _, ifr as *mut libc::ifreq) } != 0 {
+                bail!("{what} on {name}: {}", std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if let Some((ip, prefix)) = addr {
+            let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+            for (req, value, what) in [
+                (libc::SIOCSIFADDR, u32::from(ip), "setting the address"),
+                (libc::SIOCSIFNETMASK, mask, "setting the netmask"),
+            ] {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr { s_addr: value.to_be() },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_in fits in the sockaddr of the union and is what the kernel reads.
+                unsafe {
+                    std::ptr::write(std::ptr::addr_of_mut!(ifr.ifr_ifru.ifru_addr) as *mut libc::sockaddr_in, sin);
+                }
+                ioctl(req, &mut ifr, what)?;
+            }
+        }
+        ioctl(libc::SIOCGIFFLAGS, &mut ifr, "reading flags")?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        unsafe {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        }
+        ioctl(libc::SIOCSIFFLAGS, &mut ifr, "bringing it up")
+    })();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    res
+}

@@ -1,0 +1,414 @@
+//! The `microvm` tier: each agent is the init of its own guest, booted by QEMU's `microvm`
+//! machine (KVM where it works, software emulation otherwise) from the kernel and initramfs
+//! that `nex rootfs` builds.
+//!
+//! Walls, per agent: a separate kernel; the guest's memory and vCPUs of `machine_template`; one
+//! virtio-net card on a tap device of the run's bridge ([`BridgeNet`]: isolated ports, no
+//! default route, a firewall that lets guests reach only the internal NATS and the node's relays).
+//!
+//! Metadata never appears on a command line (QEMU's argv is readable by every host user): the
+//! agent prints [`METADATA_PROMPT`] on the serial console once its network is up, and the node
+//! answers with one JSON line ([`GuestMetadata`]) on the same console.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::net::{run_cmd, BridgeNet};
+use super::{AgentExit, AgentHandle, AgentSpec, IsolationTier};
+use nex_api::agent::GuestMetadata;
+
+pub use nex_api::agent::METADATA_PROMPT;
+
+/// How guests are executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation: slow, for development and hosts without working KVM.
+    Tcg,
+}
+
+impl Accel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The QEMU binary: `qemu-system-x86_64` in `bin_path` or on PATH.
+pub fn find_qemu(bin_path: &[String]) -> Option<PathBuf> {
+    crate::internal_nats::find_executable("qemu-system-x86_64", bin_path)
+}
+
+/// The guest kernel and image of `cfg`. The names that `default_resource_dir` implies
+/// (`vmlinux`, `rootfs.ext4`, Firecracker's) fall back to what `nex rootfs` writes beside them
+/// (`vmlinuz`, `rootfs.cpio`).
+pub fn image_paths(cfg: &crate::NodeConfig) -> (PathBuf, PathBuf) {
+    let pick = |configured: &str, alt: &str| {
+        let p = PathBuf::from(configured);
+        if p.is_file() {
+            return p;
+        }
+        match p.parent().map(|d| d.join(alt)) {
+            Some(a) if a.is_file() => a,
+            _ => p,
+        }
+    };
+    (pick(&cfg.kernel_filepath, "vmlinuz"), pick(&cfg.rootfs_filepath, "rootfs.cpio"))
+}
+
+/// True when `/dev/kvm` can be opened for reading and writing.
+pub fn kvm_openable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// Kernel parameters of every guest: a quiet serial console, no probing of hardware a microvm
+/// does not have, and power-off instead of a reboot loop when init dies.
+fn kernel_cmdline(accel: Accel, extra: &str) -> String {
+    let mut s = String::from(
+        "console=ttyS0 quiet panic=-1 reboot=t pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
+         cryptomgr.notests 8250.nr_uarts=1 random.trust_cpu=on",
+    );
+    if accel == Accel::Tcg {
+        // Without it the emulated TSC calibration sometimes never ends.
+        s.push_str(" tsc_early_khz=2300000");
+    }
+    if !extra.is_empty() {
+        s.push(' ');
+        s.push_str(extra);
+    }
+    s
+}
+
+/// Agents in QEMU micro-VMs.
+#[derive(Debug)]
+pub struct MicrovmTier {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    accel: Accel,
+    run_id: String,
+    net: Arc<BridgeNet>,
+}
+
+fn tap_prefix(run: &str) -> String {
+    format!("nv{run}")
+}
+
+impl MicrovmTier {
+    /// Checks the guest image and prepares the run's bridge. `accel` is `kvm`, `tcg` or `auto`
+    /// (KVM when a probe guest boots on it within a few seconds).
+    pub async fn new(
+        qemu: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        accel: &str,
+        run_id: String,
+    ) -> Result<MicrovmTier> {
+        for (what, p) in [("kernel (kernel_filepath)", &kernel), ("guest image (rootfs_filepath)", &initrd)] {
+            if !p.is_file() {
+                return Err(anyhow!(
+                    "the micro-VM {what} {} does not exist: build both with `nex rootfs --out {}`",
+                    p.display(),
+                    p.parent().map(|d| d.display().to_string()).unwrap_or_else(|| "/var/lib/nex/microvm".into())
+                ));
+            }
+        }
+        let accel = match accel {
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            "" | "auto" => {
+                if kvm_openable() && probe_kvm(&qemu, &kernel, &initrd).await {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            other => return Err(anyhow!("microvm_accel must be auto, kvm or tcg (got {other:?})")),
+        };
+        if accel == Accel::Tcg {
+            tracing::warn!("micro-VMs run under software emulation (TCG): fine for development, slow for production; use a host with working KVM");
+        }
+        let net = Arc::new(BridgeNet::create(&run_id).await?);
+        Ok(MicrovmTier { qemu, kernel, initrd, accel, run_id, net })
+    }
+
+    /// How guests are executed.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn qemu_cmd(&self, spec: &AgentSpec, tap: &str, mac: &str) -> Command {
+        let t = &spec.template;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.arg("-name")
+            .arg(format!("nex-{}-{}", self.run_id, spec.id))
+            .args(["-M", "microvm", "-accel", self.accel.as_str()])
+            .args(["-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }])
+            .args(["-smp", &t.vcpu_count.to_string(), "-m", &format!("{}M", t.memsize_mib)])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+            .arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-device,netdev=n0,mac={mac}"))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(kernel_cmdline(self.accel, ""))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    async fn launch_inner(&self, spec: &AgentSpec, slot: usize, tap: &str) -> Result<MicrovmAgent> {
+        std::fs::create_dir_all(&spec.work_dir)
+            .with_context(|| format!("creating agent directory {}", spec.work_dir.display()))?;
+        let script = format!(
+            "tuntap add dev {tap} mode tap\nlink set {tap} master {br}\nlink set {tap} type bridge_slave isolated on\nlink set {tap} up\n",
+            br = self.net.bridge()
+        );
+        run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the guest's tap device")?;
+        let mac = format!("52:54:00:d5:{:02x}:{slot:02x}", (self.net.host_ip().octets()[2]));
+        let mut child =
+            self.qemu_cmd(spec, tap, &mac).spawn().with_context(|| format!("starting {}", self.qemu.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let md = GuestMetadata {
+            id: spec.id.clone(),
+            ip: self.net.ip(slot).to_string(),
+            prefix_len: 24,
+            node_nats_host: spec.nats_host.clone(),
+            node_nats_port: spec.nats_port,
+            nkey_seed: spec.nkey_seed.clone(),
+            stop_grace_ms: spec.stop_grace_ms,
+            log: std::env::var("NEX_AGENT_LOG").unwrap_or_default(),
+        };
+        let mut answer = serde_json::to_vec(&md)?;
+        answer.push(b'\n');
+        let stdin = child.stdin.take();
+        if let Some(out) = child.stdout.take() {
+            let id = spec.id.clone();
+            tokio::spawn(async move {
+                let mut stdin = stdin;
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let l = l.trim_end_matches('\r');
+                    if l.ends_with(METADATA_PROMPT) {
+                        if let Some(w) = stdin.as_mut() {
+                            let _ = w.write_all(&answer).await;
+                            let _ = w.flush().await;
+                        }
+                        continue;
+                    }
+                    tracing::debug!(workload_id = %id, from_agent = true, stream = "console", "{l}");
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            let id = spec.id.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    tracing::warn!(workload_id = %id, "qemu: {l}");
+                }
+            });
+        }
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let exit = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    AgentExit { code: s.code(), signal: s.signal() }
+                }
+                Err(_) => AgentExit { code: None, signal: None },
+            };
+            let _ = tx.send(Some(exit));
+        });
+        Ok(MicrovmAgent {
+            tap: tap.to_string(),
+            slot,
+            pid,
+            exited: rx,
+            work_dir: spec.work_dir.clone(),
+            net: self.net.clone(),
+        })
+    }
+}
+
+/// Boots a guest with KVM and waits for its agent to ask for metadata.
+async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> bool {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(kernel_cmdline(Accel::Kvm, ""))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let Ok(mut child) = cmd.spawn() else { return false };
+    let Some(out) = child.stdout.take() else { return false };
+    let booted = tokio::time::timeout(Duration::from_secs(4), async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.trim_end().ends_with(METADATA_PROMPT) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    let _ = child.kill().await;
+    if !booted {
+        tracing::info!("a probe guest did not boot with KVM within 4 s");
+    }
+    booted
+}
+
+impl IsolationTier for MicrovmTier {
+    fn name(&self) -> &'static str {
+        crate::config::isolation::MICROVM
+    }
+
+    fn sandboxed(&self) -> bool {
+        true
+    }
+
+    fn internal_listen_host(&self) -> String {
+        self.net.host_ip().to_string()
+    }
+
+    fn agent_nats_host(&self) -> String {
+        self.net.host_ip().to_string()
+    }
+
+    fn start_timeout(&self, configured: Duration) -> Duration {
+        match self.accel {
+            // An emulated boot takes seconds, more when guests boot side by side.
+            Accel::Tcg => configured.max(Duration::from_secs(20)),
+            Accel::Kvm => configured.max(Duration::from_secs(10)),
+        }
+    }
+
+    fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.net.allow_port(port))
+    }
+
+    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, Result<String>> {
+        Box::pin(self.net.workload_nats_url(urls))
+    }
+
+    fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
+        Box::pin(async move {
+            let slot = self.net.alloc_slot()?;
+            let tap = format!("{}{slot:02x}", tap_prefix(&self.run_id));
+            match self.launch_inner(&spec, slot, &tap).await {
+                Ok(a) => Ok(Box::new(a) as Box<dyn AgentHandle>),
+                Err(e) => {
+                    let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
+                    let _ = std::fs::remove_dir_all(&spec.work_dir);
+                    self.net.free_slot(slot);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.net.remove())
+    }
+}
+
+/// A running guest.
+#[derive(Debug)]
+struct MicrovmAgent {
+    tap: String,
+    slot: usize,
+    pid: u32,
+    exited: watch::Receiver<Option<AgentExit>>,
+    work_dir: PathBuf,
+    net: Arc<BridgeNet>,
+}
+
+impl AgentHandle for MicrovmAgent {
+    fn exited(&self) -> watch::Receiver<Option<AgentExit>> {
+        self.exited.clone()
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.exited.borrow().is_none() && self.pid > 0 {
+                // SAFETY: signalling the process group of the QEMU we started. The guest holds
+                // nothing the host needs back, so there is no point in a graceful power-off.
+                unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
+            }
+            let mut rx = self.exited.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), super::wait_exit(&mut rx)).await;
+            let _ = run_cmd("ip", &["link", "delete", &self.tap], None).await;
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+            self.net.free_slot(self.slot);
+        })
+    }
+
+    fn oom_killed(&self) -> bool {
+        false
+    }
+
+    fn agent_rss_bytes(&self) -> Option<u64> {
+        super::process::rss_of(self.pid)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        (self.pid > 0).then_some(self.pid)
+    }
+}
+
+/// Removes what a dead node run of this tier left: QEMU processes (normally gone with the node,
+/// which they are tied to), tap devices, the bridge and the firewall.
+pub async fn cleanup_run(run: &str) {
+    let name = format!("nex-{run}-");
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let mut args = cmd.split(|b| *b == 0);
+            let is_guest = args.next().is_some_and(|a| a.ends_with(b"qemu-system-x86_64"))
+                && args.any(|a| a.starts_with(name.as_bytes()));
+            if is_guest {
+                // SAFETY: killing a guest of a dead run of ours.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    for tap in super::net::links_with_prefix(&tap_prefix(run)).await {
+        let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
+    }
+    super::net::remove(run).await;
+}
