@@ -55,6 +55,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Preflight(args)) => return commands::preflight::preflight(args),
         Command::Up(args) => return commands::up::up(&g, args).await,
         Command::Bench(args) => return commands::bench::bench(&g, args).await,
+        Command::Rootfs(args) => return commands::rootfs::rootfs(args),
         Command::Completions(args) => {
             commands::misc::completions(args);
             return Ok(());
@@ -74,6 +75,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_))
         | Command::Up(_)
         | Command::Bench(_)
+        | Command::Rootfs(_)
         | Command::Completions(_) => {
             unreachable!("handled above")
         }

@@ -6,6 +6,7 @@ pub mod misc;
 pub mod monitor;
 pub mod node;
 pub mod preflight;
+pub mod rootfs;
 pub mod run;
 pub mod up;
 

@@ -1,0 +1,448 @@
+//! `nex rootfs`: builds the micro-VM guest image without Docker and without root — the kernel
+//! (`vmlinuz`, copied from a distribution kernel package) and an uncompressed initramfs
+//! (`rootfs.cpio`) holding `nex-agent` as `/init`, the libraries it links and the kernel modules a
+//! guest needs for its network card, in the load order their `depends=` fields give.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+
+/// `nex rootfs`
+#[derive(Debug, Args)]
+pub struct RootfsArgs {
+    /// Where to write vmlinuz and rootfs.cpio (and keep the downloaded package in cache/)
+    #[arg(long, default_value = "/var/lib/nex/microvm")]
+    pub out: PathBuf,
+    /// The agent to boot as init (default: nex-agent next to this nex)
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// A static program to use as /init instead of the agent (for debugging guests)
+    #[arg(long, conflicts_with = "agent")]
+    pub init: Option<PathBuf>,
+    /// Debian/Ubuntu kernel package to download with apt-get
+    #[arg(long, default_value = "linux-image-cloud-amd64")]
+    pub kernel_package: String,
+    /// A local kernel package (.deb) instead of downloading one
+    #[arg(long, conflicts_with_all = ["kernel", "modules"])]
+    pub kernel_deb: Option<PathBuf>,
+    /// An existing kernel image (needs --modules)
+    #[arg(long, requires = "modules")]
+    pub kernel: Option<PathBuf>,
+    /// The module directory of --kernel (e.g. /lib/modules/VERSION)
+    #[arg(long, requires = "kernel")]
+    pub modules: Option<PathBuf>,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Modules a guest needs for its network card; their dependencies are added.
+const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_net"];
+
+/// Builds the image.
+pub fn rootfs(args: RootfsArgs) -> Result<()> {
+    let say = |m: String| {
+        if !args.json {
+            eprintln!("{m}");
+        }
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let init = match (&args.init, &args.agent) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) => {
+            std::env::current_exe()?.parent().map(|d| d.join("nex-agent")).context("the directory of nex")?
+        }
+    };
+    if !init.is_file() {
+        bail!("{} does not exist: run `make build` (or pass --agent PATH)", init.display());
+    }
+
+    // The kernel and its module directory.
+    let unpacked = tempfile::Builder::new().prefix("nex-rootfs-").tempdir()?;
+    let (kernel, modules) = match (&args.kernel, &args.modules, &args.kernel_deb) {
+        (Some(k), Some(m), _) => (k.clone(), m.clone()),
+        (_, _, Some(deb)) => unpack(deb, unpacked.path())?,
+        _ => {
+            let deb = download(&args.kernel_package, &args.out.join("cache"), &say)?;
+            unpack(&deb, unpacked.path())?
+        }
+    };
+    let version = modules.file_name().map(|v| v.to_string_lossy().to_string()).unwrap_or_default();
+    let order = module_order(&modules)?;
+    say(format!("Kernel {version}, modules: {}", order.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")));
+
+    // The initramfs.
+    let mut cpio = Cpio::default();
+    for d in ["dev", "proc", "sys", "etc", "run", "work", "lib", "lib/modules", "lib/modules/nex"] {
+        cpio.dir(d, 0o755);
+    }
+    cpio.dir("tmp", 0o1777);
+    cpio.device("dev/console", 0o600, 5, 1);
+    cpio.device("dev/null", 0o666, 1, 3);
+    cpio.file("init", 0o755, &stripped(&init)?);
+    for lib in shared_libraries(&init)? {
+        let bytes = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
+        let rel = lib.strip_prefix("/").unwrap_or(&lib).to_string_lossy().to_string();
+        cpio.parents(&rel);
+        cpio.file(&rel, 0o755, &bytes);
+    }
+    let mut list = String::new();
+    for (name, path) in &order {
+        let file = format!("{name}.ko");
+        cpio.file(&format!("lib/modules/nex/{file}"), 0o644, &std::fs::read(path)?);
+        list.push_str(&file);
+        list.push('\n');
+    }
+    cpio.file("lib/modules/nex/order", 0o644, list.as_bytes());
+    let image = cpio.finish();
+
+    let kernel_out = args.out.join("vmlinuz");
+    let image_out = args.out.join("rootfs.cpio");
+    write_atomic(&kernel_out, &std::fs::read(&kernel).with_context(|| format!("reading {}", kernel.display()))?)?;
+    write_atomic(&image_out, &image)?;
+    say(format!(
+        "Wrote {} and {} ({:.1} MiB)",
+        kernel_out.display(),
+        image_out.display(),
+        image.len() as f64 / 1048576.0
+    ));
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kernel_filepath": abs(&kernel_out), "rootfs_filepath": abs(&image_out),
+                "kernel_version": version, "modules": order.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                "rootfs_bytes": image.len(),
+            })
+        );
+    } else {
+        println!("Add to the node configuration:");
+        println!(
+            "  {}",
+            serde_json::json!({"isolation": "microvm", "kernel_filepath": abs(&kernel_out), "rootfs_filepath": abs(&image_out)})
+        );
+    }
+    Ok(())
+}
+
+/// Downloads the kernel package (resolving a metapackage) into `cache`, reusing a cached one.
+fn download(package: &str, cache: &Path, say: &dyn Fn(String)) -> Result<PathBuf> {
+    std::fs::create_dir_all(cache)?;
+    let out = Command::new("apt-cache")
+        .args(["depends", package])
+        .output()
+        .context("running apt-cache: on hosts without apt, pass --kernel-deb FILE or --kernel FILE --modules DIR")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let real = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|d| d.starts_with("linux-image-"))
+        .unwrap_or(package)
+        .to_string();
+    let cached = |cache: &Path| {
+        std::fs::read_dir(cache).ok().and_then(|rd| {
+            rd.flatten().map(|e| e.path()).find(|p| {
+                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{real}_")))
+                    && p.extension().is_some_and(|x| x == "deb")
+            })
+        })
+    };
+    if let Some(p) = cached(cache) {
+        say(format!("Using {}", p.display()));
+        return Ok(p);
+    }
+    say(format!("Downloading {real} …"));
+    let out =
+        Command::new("apt-get").args(["download", &real]).current_dir(cache).output().context("running apt-get")?;
+    if !out.status.success() {
+        bail!(
+            "apt-get download {real} failed: {}; pass --kernel-deb FILE or --kernel FILE --modules DIR",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    cached(cache).ok_or_else(|| anyhow!("apt-get download {real} left no {real}_*.deb in {}", cache.display()))
+}
+
+/// Unpacks a kernel package; returns its kernel image and module directory.
+fn unpack(deb: &Path, into: &Path) -> Result<(PathBuf, PathBuf)> {
+    let st = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb)
+        .arg(into)
+        .status()
+        .context("running dpkg-deb (apt-get install dpkg)")?;
+    if !st.success() {
+        bail!("dpkg-deb -x {} failed", deb.display());
+    }
+    let single = |dir: PathBuf, what: &str, pick: &dyn Fn(&str) -> bool| -> Result<PathBuf> {
+        let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("{} holds no {what}", deb.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| pick(&n.to_string_lossy())))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => bail!("{} holds {} {what}s; expected one", deb.display(), found.len()),
+        }
+    };
+    let kernel = single(into.join("boot"), "boot/vmlinuz-*", &|n| n.starts_with("vmlinuz-"))?;
+    let modules = single(into.join("lib/modules"), "lib/modules/<version>", &|_| true)
+        .or_else(|_| single(into.join("usr/lib/modules"), "lib/modules/<version>", &|_| true))?;
+    Ok((kernel, modules))
+}
+
+/// Every `.ko` under `dir`, by module name (`-` read as `_`).
+fn index_modules(dir: &Path, into: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            index_modules(&p, into)?;
+            continue;
+        }
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if let Some(stem) = name.strip_suffix(".ko") {
+            into.insert(stem.replace('-', "_"), p);
+        } else if let Some(stem) = name.strip_suffix(".ko.xz").or_else(|| name.strip_suffix(".ko.zst")) {
+            into.entry(stem.replace('-', "_")).or_insert(p);
+        }
+    }
+    Ok(())
+}
+
+/// The modules the guest must load, dependencies first.
+fn module_order(modules: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut all = BTreeMap::new();
+    index_modules(modules, &mut all).with_context(|| format!("reading {}", modules.display()))?;
+    let builtin = std::fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    let is_builtin = |m: &str| builtin.lines().any(|l| l.rsplit('/').next() == Some(&format!("{m}.ko")));
+    let mut order = Vec::new();
+    let mut visiting = Vec::new();
+    fn visit(
+        m: &str,
+        all: &BTreeMap<String, PathBuf>,
+        is_builtin: &dyn Fn(&str) -> bool,
+        order: &mut Vec<(String, PathBuf)>,
+        visiting: &mut Vec<String>,
+    ) -> Result<()> {
+        if order.iter().any(|(n, _)| n == m) || visiting.iter().any(|n| n == m) {
+            return Ok(());
+        }
+        let Some(path) = all.get(m) else {
+            if is_builtin(m) {
+                return Ok(());
+            }
+            bail!("kernel module {m} is neither in the module directory nor built in");
+        };
+        if path.extension().is_some_and(|x| x != "ko") {
+            bail!(
+                "{} is compressed; unpack it (xz -d / zstd -d) or use a kernel with uncompressed modules",
+                path.display()
+            );
+        }
+        visiting.push(m.to_string());
+        for d in depends(&std::fs::read(path)?) {
+            visit(&d, all, is_builtin, order, visiting)?;
+        }
+        visiting.pop();
+        order.push((m.to_string(), path.clone()));
+        Ok(())
+    }
+    for m in WANTED_MODULES {
+        visit(m, &all, &is_builtin, &mut order, &mut visiting)?;
+    }
+    Ok(order)
+}
+
+/// The `depends=` list of a module's `.modinfo` strings.
+fn depends(ko: &[u8]) -> Vec<String> {
+    ko.split(|b| *b == 0)
+        .find_map(|s| s.strip_prefix(b"depends="))
+        .map(|d| {
+            String::from_utf8_lossy(d)
+                .split(',')
+                .map(|m| m.trim().replace('-', "_"))
+                .filter(|m| !m.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The binary without debug information, when objcopy is there.
+fn stripped(bin: &Path) -> Result<Vec<u8>> {
+    let tmp = tempfile::NamedTempFile::new()?;
+    let ok = Command::new("objcopy").arg("--strip-debug").arg(bin).arg(tmp.path()).status().is_ok_and(|s| s.success());
+    if ok {
+        return Ok(std::fs::read(tmp.path())?);
+    }
+    std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))
+}
+
+/// The shared libraries a dynamically linked binary needs (with its ELF interpreter).
+fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(out) = Command::new("ldd").arg(bin).output() else {
+        return Ok(Vec::new());
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(PathBuf::from).collect())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| anyhow!("writing {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// An uncompressed `newc` cpio archive, entries owned by root with mtime 0.
+#[derive(Default)]
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+    dirs: Vec<String>,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.ino += 1;
+        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+        let fields =
+            [self.ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str, perm: u32) {
+        if !self.dirs.iter().any(|d| d == name) {
+            self.dirs.push(name.to_string());
+            self.entry(name, 0o040000 | perm, &[], (0, 0));
+        }
+    }
+
+    /// Adds the directories above `path`.
+    fn parents(&mut self, path: &str) {
+        let mut acc = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for p in &parts[..parts.len().saturating_sub(1)] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(p);
+            self.dir(&acc.clone(), 0o755);
+        }
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | perm, data, (0, 0));
+    }
+
+    fn device(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
+        self.entry(name, 0o020000 | perm, &[], (major, minor));
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (name, mode, size, rdev major, rdev minor) of every entry, checking alignment.
+    fn parse(mut b: &[u8]) -> Vec<(String, u32, usize, u32, u32)> {
+        let total = b.len();
+        let mut out = Vec::new();
+        loop {
+            assert_eq!((total - b.len()) % 4, 0);
+            assert_eq!(&b[..6], b"070701");
+            let f =
+                |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
+            let (mode, size, maj, min, namesize) = (f(1), f(6) as usize, f(9), f(10), f(11) as usize);
+            let name = String::from_utf8(b[110..110 + namesize - 1].to_vec()).unwrap();
+            let data_at = (110 + namesize).div_ceil(4) * 4;
+            let next = (data_at + size).div_ceil(4) * 4;
+            out.push((name.clone(), mode, size, maj, min));
+            b = &b[next.min(b.len())..];
+            if name == "TRAILER!!!" {
+                assert!(b.is_empty());
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn cpio_round_trips() {
+        let mut c = Cpio::default();
+        c.dir("dev", 0o755);
+        c.device("dev/console", 0o600, 5, 1);
+        c.parents("lib/x86_64-linux-gnu/libc.so.6");
+        c.file("lib/x86_64-linux-gnu/libc.so.6", 0o755, b"abcde");
+        c.file("init", 0o755, b"xyz");
+        let e = parse(&c.finish());
+        let names: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "dev/console",
+                "lib",
+                "lib/x86_64-linux-gnu",
+                "lib/x86_64-linux-gnu/libc.so.6",
+                "init",
+                "TRAILER!!!"
+            ]
+        );
+        assert_eq!(e[1], ("dev/console".into(), 0o020600, 0, 5, 1));
+        assert_eq!(e[4].2, 5);
+        assert_eq!(e[5].1, 0o100755);
+    }
+
+    #[test]
+    fn depends_are_read_from_modinfo() {
+        let ko = b"\x7fELF junk\0license=GPL\0depends=virtio_ring,virtio,net-failover\0vermagic=6.1\0";
+        assert_eq!(depends(ko), ["virtio_ring", "virtio", "net_failover"]);
+        assert!(depends(b"\0depends=\0").is_empty());
+        assert!(depends(b"no modinfo").is_empty());
+    }
+
+    #[test]
+    fn modules_come_after_their_dependencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |name: &str, deps: &str| {
+            std::fs::write(dir.path().join(format!("{name}.ko")), format!("\0depends={deps}\0")).unwrap()
+        };
+        m("virtio_ring", "");
+        m("virtio", "virtio_ring");
+        m("virtio_mmio", "virtio,virtio_ring");
+        m("failover", "");
+        m("net_failover", "failover");
+        m("virtio_net", "virtio_ring,virtio,net_failover");
+        let order: Vec<String> = module_order(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(order, ["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net"]);
+        std::fs::remove_file(dir.path().join("failover.ko")).unwrap();
+        assert!(module_order(dir.path()).unwrap_err().to_string().contains("failover"));
+    }
+}
