@@ -94,21 +94,37 @@ impl AgentClient {
 
     /// Puts the artifact into the workload account's cache bucket.
     pub async fn put_artifact<R: tokio::io::AsyncRead + Unpin>(&self, reader: &mut R) -> Result<()> {
-        let js = async_nats::jetstream::new(self.conn.clone());
-        let store = match js.get_object_store(CACHE_BUCKET).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_object_store(async_nats::jetstream::object_store::Config {
-                    bucket: CACHE_BUCKET.into(),
-                    description: Some("Cache for workload images to be executed by agent".into()),
-                    storage: async_nats::jetstream::stream::StorageType::Memory,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow!("creating {CACHE_BUCKET}: {e}"))?,
-        };
+        let store = self.cache_bucket().await?;
         store.put(CACHE_KEY, reader).await.map_err(|e| anyhow!("storing artifact in {CACHE_BUCKET}: {e}"))?;
         Ok(())
+    }
+
+    /// The agent account's `NEXCACHE` bucket, created when missing. Retried for a few seconds:
+    /// right after a reload of the internal server the account's JetStream can answer
+    /// "jetstream unavailable" for a moment. The pool calls it before an agent counts as warm,
+    /// so a DEPLOY finds the bucket ready.
+    pub async fn cache_bucket(&self) -> Result<async_nats::jetstream::object_store::ObjectStore> {
+        let js = async_nats::jetstream::new(self.conn.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let res = match js.get_object_store(CACHE_BUCKET).await {
+                Ok(s) => Ok(s),
+                Err(_) => js
+                    .create_object_store(async_nats::jetstream::object_store::Config {
+                        bucket: CACHE_BUCKET.into(),
+                        description: Some("Cache for workload images to be executed by agent".into()),
+                        storage: async_nats::jetstream::stream::StorageType::Memory,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| anyhow!("creating {CACHE_BUCKET}: {e}")),
+            };
+            match res {
+                Ok(s) => return Ok(s),
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// Sends the deploy request and returns the agent's answer.

@@ -51,6 +51,7 @@ pub struct InternalNats {
     host_user: KeyPair,
     accounts: Mutex<BTreeMap<String, (String, String)>>,
     reload_lock: tokio::sync::Mutex<()>,
+    last_reload: Mutex<Option<std::time::Instant>>,
 }
 
 impl InternalNats {
@@ -68,6 +69,7 @@ impl InternalNats {
             host_user: KeyPair::new_user(),
             accounts: Mutex::new(BTreeMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            last_reload: Mutex::new(None),
         };
         me.write_config()?;
         let log = std::fs::File::create(dir.join("internal-nats.log"))?;
@@ -173,7 +175,22 @@ impl InternalNats {
         }
     }
 
+    /// Holds off reloads while the guard lives, after letting the last one settle: JetStream
+    /// transfers into an account (the artifact cache) fail when a reload lands in the middle.
+    pub async fn without_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let g = self.reload_lock.lock().await;
+        let last = *self.last_reload.lock().unwrap();
+        if let Some(t) = last {
+            let settle = Duration::from_millis(150);
+            if t.elapsed() < settle {
+                tokio::time::sleep(settle - t.elapsed()).await;
+            }
+        }
+        g
+    }
+
     fn reload(&self) -> Result<()> {
+        *self.last_reload.lock().unwrap() = Some(std::time::Instant::now());
         if self.pid == 0 {
             return Ok(());
         }

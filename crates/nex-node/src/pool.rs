@@ -100,6 +100,11 @@ impl AgentPool {
         tokio::spawn(async move { me.liveness_loop().await });
     }
 
+    /// The node's internal NATS server.
+    pub fn internal_nats(&self) -> &Arc<InternalNats> {
+        &self.nats
+    }
+
     /// The tier agents run in.
     pub fn tier(&self) -> &Arc<dyn IsolationTier> {
         &self.tier
@@ -218,6 +223,12 @@ impl AgentPool {
         let outcome = tokio::select! {
             r = agent.client.wait_handshake(within) => r,
             _ = crate::tiers::wait_exit(&mut exited) => Err(anyhow!("agent {} exited before its handshake", agent.id)),
+        };
+        // Agents without the host's file system get their artifact through the account's
+        // cache bucket: make it before the agent counts as warm.
+        let outcome = match outcome {
+            Ok(()) if !self.tier.shares_host_filesystem() => agent.client.cache_bucket().await.map(|_| ()),
+            other => other,
         };
         match outcome {
             Ok(()) => {

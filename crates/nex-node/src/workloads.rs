@@ -463,7 +463,10 @@ impl WorkloadManager {
             }
             Some(self.pool.tier().agent_work_dir(&agent.work_dir).join("workload").display().to_string())
         } else {
-            if let Err(e) = agent.client.put_artifact(&mut reader).await {
+            let quiet = self.pool.internal_nats().without_reloads().await;
+            let put = agent.client.put_artifact(&mut reader).await;
+            drop(quiet);
+            if let Err(e) = put {
                 return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
             }
             None

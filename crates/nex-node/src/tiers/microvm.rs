@@ -342,7 +342,8 @@ impl IsolationTier for MicrovmTier {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.net.remove())
+        // Also sweeps guests that were still booting for the pool when the node stopped.
+        Box::pin(cleanup_run(&self.run_id))
     }
 }
 
