@@ -21,9 +21,10 @@ const MODULES: &str = "/lib/modules/nex";
 /// Where the seed is handed to [`crate::metadata::obtain`], which deletes it.
 const SEED_FILE: &str = "/run/agent-seed";
 
-/// True when this process is the init of a guest.
+/// True when this process is the init of a guest: PID 1 without the metadata environment that
+/// the process and container tiers give (a container's agent is PID 1 of its namespace too).
 pub fn is_init() -> bool {
-    std::process::id() == 1
+    std::process::id() == 1 && std::env::var_os(env::WORKLOAD_ID).is_none()
 }
 
 /// Prepares the guest and the environment the agent reads its metadata from.

@@ -288,18 +288,7 @@ impl ContainerTier {
                 });
             }
         }
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let exit = match status {
-                Ok(s) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    AgentExit { code: s.code(), signal: s.signal() }
-                }
-                Err(_) => AgentExit { code: None, signal: None },
-            };
-            let _ = tx.send(Some(exit));
-        });
+        let rx = super::watch_exit(child);
         Ok(ContainerAgent {
             tier: self.handle_info(),
             id: spec.id.clone(),

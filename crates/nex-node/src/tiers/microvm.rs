@@ -234,18 +234,7 @@ impl MicrovmTier {
                 }
             });
         }
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let exit = match status {
-                Ok(s) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    AgentExit { code: s.code(), signal: s.signal() }
-                }
-                Err(_) => AgentExit { code: None, signal: None },
-            };
-            let _ = tx.send(Some(exit));
-        });
+        let rx = super::watch_exit(child);
         Ok(MicrovmAgent {
             tap: tap.to_string(),
             slot,

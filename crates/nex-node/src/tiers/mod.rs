@@ -99,6 +99,22 @@ pub trait IsolationTier: Send + Sync {
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, anyhow::Result<Box<dyn AgentHandle>>>;
 }
 
+/// Reaps `child` in the background; the receiver becomes `Some` with how it ended.
+pub fn watch_exit(mut child: tokio::process::Child) -> watch::Receiver<Option<AgentExit>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let exit = match child.wait().await {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                AgentExit { code: s.code(), signal: s.signal() }
+            }
+            Err(_) => AgentExit { code: None, signal: None },
+        };
+        let _ = tx.send(Some(exit));
+    });
+    rx
+}
+
 /// Waits until an agent has exited.
 pub async fn wait_exit(rx: &mut watch::Receiver<Option<AgentExit>>) {
     let _ = rx.wait_for(|e| e.is_some()).await.map(|_| ());
