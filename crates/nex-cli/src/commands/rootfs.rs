@@ -71,7 +71,10 @@ pub fn rootfs(args: RootfsArgs) -> Result<()> {
         }
     };
     let version = modules.file_name().map(|v| v.to_string_lossy().to_string()).unwrap_or_default();
-    let order = module_order(&modules)?;
+    let (order, builtin) = module_order(&modules)?;
+    for m in &builtin {
+        say(format!("Module {m} is built into the kernel (modules.builtin): not added"));
+    }
     say(format!("Kernel {version}, modules: {}", order.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")));
 
     // The initramfs.
@@ -215,29 +218,40 @@ fn index_modules(dir: &Path, into: &mut BTreeMap<String, PathBuf>) -> Result<()>
     Ok(())
 }
 
-/// The modules the guest must load, dependencies first.
-fn module_order(modules: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Module names with their files, in load order.
+type LoadOrder = Vec<(String, PathBuf)>;
+
+/// The modules the guest must load, dependencies first, and the wanted ones the kernel has built in.
+fn module_order(modules: &Path) -> Result<(LoadOrder, Vec<String>)> {
     let mut all = BTreeMap::new();
     index_modules(modules, &mut all).with_context(|| format!("reading {}", modules.display()))?;
     let builtin = std::fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
-    let is_builtin = |m: &str| builtin.lines().any(|l| l.rsplit('/').next() == Some(&format!("{m}.ko")));
+    let is_builtin = |m: &str| {
+        builtin.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.replace('-', "_") == format!("{m}.ko")))
+    };
     let mut order = Vec::new();
+    let mut skipped = Vec::new();
     let mut visiting = Vec::new();
     fn visit(
         m: &str,
         all: &BTreeMap<String, PathBuf>,
         is_builtin: &dyn Fn(&str) -> bool,
         order: &mut Vec<(String, PathBuf)>,
+        skipped: &mut Vec<String>,
         visiting: &mut Vec<String>,
     ) -> Result<()> {
-        if order.iter().any(|(n, _)| n == m) || visiting.iter().any(|n| n == m) {
+        if order.iter().any(|(n, _)| n == m) || skipped.iter().any(|n| n == m) || visiting.iter().any(|n| n == m) {
             return Ok(());
         }
         let Some(path) = all.get(m) else {
             if is_builtin(m) {
+                skipped.push(m.to_string());
                 return Ok(());
             }
-            bail!("kernel module {m} is neither in the module directory nor built in");
+            bail!(
+                "kernel module {m} is neither in the module directory nor listed in its modules.builtin; \
+                 pass the module directory that belongs to the kernel (--modules DIR)"
+            );
         };
         if path.extension().is_some_and(|x| x != "ko") {
             bail!(
@@ -247,16 +261,16 @@ fn module_order(modules: &Path) -> Result<Vec<(String, PathBuf)>> {
         }
         visiting.push(m.to_string());
         for d in depends(&std::fs::read(path)?) {
-            visit(&d, all, is_builtin, order, visiting)?;
+            visit(&d, all, is_builtin, order, skipped, visiting)?;
         }
         visiting.pop();
         order.push((m.to_string(), path.clone()));
         Ok(())
     }
     for m in WANTED_MODULES {
-        visit(m, &all, &is_builtin, &mut order, &mut visiting)?;
+        visit(m, &all, &is_builtin, &mut order, &mut skipped, &mut visiting)?;
     }
-    Ok(order)
+    Ok((order, skipped))
 }
 
 /// The `depends=` list of a module's `.modinfo` strings.
@@ -289,6 +303,13 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     };
     let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(l) = text.lines().find(|l| l.contains("=> not found")) {
+        bail!(
+            "{} needs a library this host lacks ({}); build it statically or install the library",
+            bin.display(),
+            l.trim()
+        );
+    }
     Ok(text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(PathBuf::from).collect())
 }
 
@@ -440,9 +461,20 @@ mod tests {
         m("failover", "");
         m("net_failover", "failover");
         m("virtio_net", "virtio_ring,virtio,net_failover");
-        let order: Vec<String> = module_order(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(order, ["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net"]);
+        let names = |dir: &Path| -> Vec<String> { module_order(dir).unwrap().0.into_iter().map(|(n, _)| n).collect() };
+        assert_eq!(
+            names(dir.path()),
+            ["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net"]
+        );
         std::fs::remove_file(dir.path().join("failover.ko")).unwrap();
         assert!(module_order(dir.path()).unwrap_err().to_string().contains("failover"));
+        // A missing module the kernel has built in is skipped (file names may spell it with '-').
+        std::fs::write(dir.path().join("modules.builtin"), "kernel/drivers/net/failover.ko\n").unwrap();
+        assert_eq!(names(dir.path()), ["virtio_ring", "virtio", "virtio_mmio", "net_failover", "virtio_net"]);
+        assert_eq!(module_order(dir.path()).unwrap().1, ["failover"]);
+        std::fs::remove_file(dir.path().join("virtio_ring.ko")).unwrap();
+        std::fs::write(dir.path().join("modules.builtin"), "kernel/drivers/net/failover.ko\nkernel/virtio-ring.ko\n")
+            .unwrap();
+        assert_eq!(names(dir.path()), ["virtio", "virtio_mmio", "net_failover", "virtio_net"]);
     }
 }
