@@ -8,6 +8,7 @@ mod elf;
 mod guest;
 mod metadata;
 mod providers;
+mod triggers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -141,18 +142,25 @@ async fn run() -> Result<()> {
     handshake(&agent, &md.message).await?;
     trim_idle_memory();
 
-    let provider: Arc<Mutex<Option<Arc<Provider>>>> = Arc::new(Mutex::new(None));
+    let slot: Arc<Mutex<Slot>> = Arc::new(Mutex::new(Slot::default()));
     loop {
         tokio::select! {
             Some(m) = deploys.next() => {
-                let resp = deploy(&agent, &provider, &m.payload).await;
+                let resp = deploy(&agent, &slot, &m.payload).await;
                 if let Some(r) = m.reply {
                     let body = serde_json::to_vec(&resp).unwrap_or_default();
                     let _ = nc.publish(r, body.into()).await;
                 }
             }
             Some(m) = undeploys.next() => {
-                let p = provider.lock().await.clone();
+                let (p, t) = {
+                    let mut s = slot.lock().await;
+                    (s.provider.clone(), s.triggers.take())
+                };
+                // No new calls first, then the workload.
+                if let Some(t) = t {
+                    t.stop().await;
+                }
                 if let Some(p) = p {
                     p.undeploy().await;
                 }
@@ -167,7 +175,7 @@ async fn run() -> Result<()> {
                 }
             }
             Some(m) = triggers.next() => {
-                let p = provider.lock().await.clone();
+                let p = slot.lock().await.provider.clone();
                 let nc = nc.clone();
                 tokio::spawn(async move { trigger(nc, p, m).await });
             }
@@ -210,7 +218,15 @@ async fn handshake(agent: &Agent, message: &str) -> Result<()> {
     }
 }
 
-async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Option<Arc<Provider>>>, body: &[u8]) -> DeployResponse {
+/// What the agent runs: its workload and, for a function holding its own triggers, their
+/// subscriptions.
+#[derive(Default)]
+struct Slot {
+    provider: Option<Arc<Provider>>,
+    triggers: Option<triggers::Triggers>,
+}
+
+async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Slot>, body: &[u8]) -> DeployResponse {
     let reject = |m: String| DeployResponse { accepted: false, message: Some(m) };
     let req: AgentDeployRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -220,7 +236,7 @@ async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Option<Arc<Provider>>>, body: &
         return reject(e);
     }
     let mut slot = slot.lock().await;
-    if slot.is_some() {
+    if slot.provider.is_some() {
         return reject("this agent already runs a workload".into());
     }
     let path = match fetch_artifact(agent, &req).await {
@@ -236,7 +252,18 @@ async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Option<Arc<Provider>>>, body: &
     }
     match Provider::deploy(agent.clone(), &req, path).await {
         Ok(p) => {
-            *slot = Some(Arc::new(p));
+            let p = Arc::new(p);
+            if let Some(dt) = &req.direct_triggers {
+                match triggers::Triggers::start(agent.clone(), p.clone(), &req.trigger_subjects, dt).await {
+                    Ok(t) => slot.triggers = Some(t),
+                    Err(e) => {
+                        p.undeploy().await;
+                        agent.log("nex-agent", level::ERROR, &e).await;
+                        return reject(e);
+                    }
+                }
+            }
+            slot.provider = Some(p);
             DeployResponse { accepted: true, message: Some("Workload deployed".into()) }
         }
         Err(e) => {

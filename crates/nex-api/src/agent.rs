@@ -116,6 +116,34 @@ pub struct AgentDeployRequest {
     /// Where the node already put the artifact, when agent and node share a file system.
     #[serde(default)]
     pub local_path: Option<String>,
+    /// When set, the agent subscribes to the trigger subjects itself on this connection and
+    /// answers requesters directly (our addition; absent: the node relays triggers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_triggers: Option<DirectTriggers>,
+}
+
+/// How a function's agent holds its own trigger subscriptions: the user's NATS as the agent
+/// reaches it, and the queue group every instance of the function shares (W9).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DirectTriggers {
+    /// URL and, when the request supplied them, the user JWT and seed.
+    pub connection: NatsConnectionConfig,
+    /// Queue group of the trigger subscriptions.
+    pub queue_group: String,
+}
+
+/// What an agent holding its own triggers reports after each call, in batches on
+/// `hostint.<id>.execs`; the node publishes the events and logs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FunctionExec {
+    /// The subject the trigger message arrived on.
+    pub trigger_subject: String,
+    /// Run time of the call.
+    #[serde(default)]
+    pub elapsed_nanos: u64,
+    /// Why the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Limits applied to every function call.

@@ -67,6 +67,12 @@ pub mod internal {
     pub fn events(id: &str, event_type: &str) -> String {
         format!("hostint.{id}.events.{event_type}")
     }
+
+    /// Agent → node: a batch of [`crate::agent::FunctionExec`] reports (JSON array) from an
+    /// agent holding its own trigger subscriptions.
+    pub fn execs(id: &str) -> String {
+        format!("hostint.{id}.execs")
+    }
     /// Agent → node host-service call.
     pub fn rpc(id: &str, ns: &str, workload: &str, service: &str, method: &str) -> String {
         format!("hostint.{id}.rpc.{ns}.{workload}.{service}.{method}")

@@ -4,6 +4,20 @@ use anyhow::{Context, Result};
 
 use crate::cli::GlobalOpts;
 
+impl GlobalOpts {
+    /// True when connecting needs nothing but the URL: no credentials, nkey, user, token or TLS
+    /// files, and no user in the URL.
+    pub fn anonymous(&self) -> bool {
+        self.creds.is_none()
+            && self.nkey.is_none()
+            && self.user.is_none()
+            && self.password.is_none()
+            && self.tlscert.is_none()
+            && self.tlsca.is_none()
+            && !self.server.contains('@')
+    }
+}
+
 /// Connects with `g`'s options; `reconnect_forever` for long-running processes (the node).
 pub async fn connect(g: &GlobalOpts, name: &str, reconnect_forever: bool) -> Result<async_nats::Client> {
     let mut opts = match (&g.creds, &g.nkey) {

@@ -23,6 +23,8 @@ pub enum AgentMessage {
     Event(String, serde_json::Value),
     /// A host-service request to answer.
     HostService(async_nats::Message),
+    /// Calls an agent holding its own triggers has answered.
+    Execs(Vec<nex_api::agent::FunctionExec>),
 }
 
 /// Connection to one agent.
@@ -50,6 +52,7 @@ impl AgentClient {
         tokio::spawn(async move {
             let handshake = internal::handshake(&tid);
             let logs = internal::logs(&tid);
+            let execs = internal::execs(&tid);
             let events_prefix = format!("hostint.{tid}.events.");
             let rpc_prefix = format!("hostint.{tid}.rpc.");
             while let Some(msg) = sub.next().await {
@@ -62,6 +65,10 @@ impl AgentClient {
                 } else if subject == logs {
                     if let Ok(entry) = serde_json::from_slice::<LogEntry>(&msg.payload) {
                         let _ = tx.send((tid.clone(), AgentMessage::Log(entry)));
+                    }
+                } else if subject == execs {
+                    if let Ok(v) = serde_json::from_slice(&msg.payload) {
+                        let _ = tx.send((tid.clone(), AgentMessage::Execs(v)));
                     }
                 } else if subject.starts_with(&rpc_prefix) {
                     let _ = tx.send((tid.clone(), AgentMessage::HostService(msg)));

@@ -32,6 +32,10 @@ pub struct NodeOptions {
     pub control: async_nats::Client,
     /// URL of that connection (default for host services).
     pub control_url: String,
+    /// The control connection needs no credentials (no creds, nkey, user, token or client
+    /// certificate), so a function's agent may open its own connection to the same URL for its
+    /// trigger subscriptions.
+    pub control_anonymous: bool,
     /// The node's server key pair (its id).
     pub node_key: nkeys::KeyPair,
     /// Nexus name.
@@ -40,7 +44,7 @@ pub struct NodeOptions {
 
 /// Runs a node until SIGINT/SIGTERM/SIGQUIT or a lame-duck drain ends it.
 pub async fn run(opts: NodeOptions) -> Result<()> {
-    let cfg = Arc::new(opts.config);
+    let cfg = Arc::new(opts.config.clone());
     cfg.validate()?;
     let state_dir = cfg.state_dir();
     std::fs::create_dir_all(&state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
@@ -61,8 +65,7 @@ pub async fn run(opts: NodeOptions) -> Result<()> {
     std::fs::write(&pid_file, std::process::id().to_string())
         .with_context(|| format!("writing pid file {}", pid_file.display()))?;
 
-    let result =
-        run_inner(cfg.clone(), opts.control, opts.control_url, opts.node_key, opts.nexus, run.clone(), cgroups).await;
+    let result = run_inner(cfg.clone(), opts, run.clone(), cgroups).await;
 
     let _ = std::fs::remove_file(&pid_file);
     if let Some(v) = cgroups {
@@ -74,13 +77,11 @@ pub async fn run(opts: NodeOptions) -> Result<()> {
 
 async fn run_inner(
     cfg: Arc<NodeConfig>,
-    control: async_nats::Client,
-    control_url: String,
-    node_key: nkeys::KeyPair,
-    nexus: String,
+    opts: NodeOptions,
     run: Arc<RunState>,
     cgroups: Option<cgroup::CgroupVersion>,
 ) -> Result<()> {
+    let NodeOptions { control, control_url, control_anonymous, node_key, nexus, .. } = opts;
     let node_id = node_key.public_key();
     let explicit_agent = (!cfg.agent_path.is_empty()).then(|| std::path::PathBuf::from(&cfg.agent_path));
     let agent_path = explicit_agent.or_else(|| find_executable("nex-agent", &cfg.bin_path)).ok_or_else(|| {
@@ -165,8 +166,19 @@ async fn run_inner(
     let events = EventPublisher::new(control.clone(), node_id.clone());
     let (msg_tx, msg_rx) = mpsc::unbounded_channel();
     let pool = AgentPool::new(tier.clone(), internal.clone(), run.clone(), cfg.clone(), msg_tx);
-    let mgr =
-        WorkloadManager::new(ident.clone(), cfg.clone(), control.clone(), control_url, pool.clone(), events.clone());
+    // A function's agent may hold its own trigger subscriptions when it can reach the user's
+    // NATS without the node's credentials: the request's trigger_connection, or an anonymous
+    // control connection.
+    let agent_triggers_url = control_anonymous.then_some(control_url.clone());
+    let mgr = WorkloadManager::new(
+        ident.clone(),
+        cfg.clone(),
+        control.clone(),
+        control_url,
+        agent_triggers_url,
+        pool.clone(),
+        events.clone(),
+    );
     tokio::spawn(mgr.clone().run_agent_messages(msg_rx));
     pool.start();
 

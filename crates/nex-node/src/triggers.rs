@@ -13,6 +13,7 @@ use serde_json::json;
 use nex_api::agent::{HEADER_ERROR, HEADER_RUNTIME_NS};
 use nex_api::events::event_type;
 
+use crate::events::EventPublisher;
 use crate::workloads::{Workload, WorkloadManager};
 
 /// The live subscriptions of one function workload.
@@ -33,6 +34,11 @@ impl TriggerSet {
     }
 }
 
+/// The queue group shared by every instance of a function (W9), relayed or agent-held.
+pub fn queue_group(namespace: &str, name: &str) -> String {
+    format!("nex-{namespace}-{name}")
+}
+
 /// Subscribes the workload's trigger subjects.
 pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<TriggerSet> {
     let v = w.trigger_request();
@@ -43,7 +49,7 @@ pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<Tr
         }
         _ => (mgr.control().clone(), None),
     };
-    let group = format!("nex-{}-{}", w.namespace, w.name);
+    let group = queue_group(&w.namespace, &w.name);
     let mut tasks = Vec::new();
     for subject in &v.trigger_subjects {
         let mut sub = conn
@@ -79,7 +85,6 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
         },
         Err(e) => Err(format!("{e:#}")),
     };
-    let events = mgr.events();
     match result {
         Ok(reply) => {
             let ns: u64 = reply
@@ -88,12 +93,31 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
                 .and_then(|h| h.get(HEADER_RUNTIME_NS))
                 .and_then(|v| v.as_str().parse().ok())
                 .unwrap_or_else(|| started.elapsed().as_nanos() as u64);
-            w.runtime_ns.fetch_add(ns, Ordering::Relaxed);
             if let Some(r) = msg.reply {
                 let mut h = async_nats::HeaderMap::new();
                 h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
                 let _ = conn.publish_with_headers(r, h, reply.payload).await;
             }
+            report(mgr.events(), &w, &subject, Ok(ns)).await;
+        }
+        Err(e) => {
+            if let Some(r) = msg.reply {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(HEADER_ERROR, one_line(&e).as_str());
+                let _ = conn.publish_with_headers(r, h, Bytes::new()).await;
+            }
+            report(mgr.events(), &w, &subject, Err(e)).await;
+        }
+    }
+}
+
+/// Publishes what one call did: `function_exec_succeeded` and a DEBUG log line with its run
+/// time, or `function_exec_failed` and an ERROR line (REFERENCE §5.2), whether the node relayed
+/// the call or the agent answered it itself.
+pub async fn report(events: &EventPublisher, w: &Workload, subject: &str, outcome: Result<u64, String>) {
+    match outcome {
+        Ok(ns) => {
+            w.runtime_ns.fetch_add(ns, Ordering::Relaxed);
             events
                 .workload_event(
                     &w.namespace,
@@ -113,11 +137,6 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
                 .await;
         }
         Err(e) => {
-            if let Some(r) = msg.reply {
-                let mut h = async_nats::HeaderMap::new();
-                h.insert(HEADER_ERROR, one_line(&e).as_str());
-                let _ = conn.publish_with_headers(r, h, Bytes::new()).await;
-            }
             events
                 .workload_event(
                     &w.namespace,

@@ -121,6 +121,9 @@ pub struct WorkloadManager {
     cfg: Arc<NodeConfig>,
     control: async_nats::Client,
     control_url: String,
+    /// The user's NATS URL a function's agent may dial itself for its triggers (set when the
+    /// control connection is anonymous).
+    agent_triggers_url: Option<String>,
     pool: Arc<AgentPool>,
     events: EventPublisher,
     workloads: Mutex<HashMap<String, Arc<Workload>>>,
@@ -142,6 +145,7 @@ impl WorkloadManager {
         cfg: Arc<NodeConfig>,
         control: async_nats::Client,
         control_url: String,
+        agent_triggers_url: Option<String>,
         pool: Arc<AgentPool>,
         events: EventPublisher,
     ) -> Arc<WorkloadManager> {
@@ -150,6 +154,7 @@ impl WorkloadManager {
             cfg,
             control,
             control_url,
+            agent_triggers_url,
             pool,
             events,
             workloads: Mutex::new(HashMap::new()),
@@ -213,6 +218,15 @@ impl WorkloadManager {
                         let conn = w.hs_conn.clone().unwrap_or_else(|| me.control.clone());
                         crate::host_services::handle(&me.cfg, &conn, w.agent.client.connection(), &w, msg).await;
                     });
+                }
+                AgentMessage::Execs(execs) => {
+                    for exec in execs {
+                        let outcome = match exec.error {
+                            Some(e) => Err(e),
+                            None => Ok(exec.elapsed_nanos),
+                        };
+                        crate::triggers::report(&self.events, &w, &exec.trigger_subject, outcome).await;
+                    }
                 }
                 AgentMessage::Event(t, data) => {
                     self.events.workload_event(&w.namespace, &w.id, &t, &data).await;
@@ -537,6 +551,7 @@ impl WorkloadManager {
                 namespace: w.namespace.clone(),
             });
         }
+        let direct_triggers = self.direct_triggers(&v).await;
         let areq = AgentDeployRequest {
             argv: v.request.argv.clone(),
             description: v.request.description.clone(),
@@ -557,6 +572,7 @@ impl WorkloadManager {
                 memory_mib: self.cfg.function_memory_mib,
             }),
             local_path,
+            direct_triggers,
         };
         let outcome = agent.client.deploy(&areq, Duration::from_secs(30)).await;
         let accepted = match outcome {
@@ -567,7 +583,7 @@ impl WorkloadManager {
             Err(e) => Err(format!("Failed to deploy workload: {e:#}")),
         };
         let accepted = match accepted {
-            Ok(()) if workload_type::is_function(&w.workload_type) => {
+            Ok(()) if workload_type::is_function(&w.workload_type) && areq.direct_triggers.is_none() => {
                 match crate::triggers::subscribe(self.clone(), w.clone()).await {
                     Ok(set) => {
                         *w.triggers.lock().unwrap() = Some(set);
@@ -916,6 +932,27 @@ impl WorkloadManager {
             _ => return Ok(None),
         };
         Ok(Some(crate::node::connect_workload_nats(&conf, "nex-hostservices").await?))
+    }
+
+    /// How a function's agent can hold its own trigger subscriptions, or `None` when the node
+    /// must relay them (the user's NATS needs the node's credentials, or the tier cannot reach it).
+    /// The agent then answers requesters itself: two hops fewer per call.
+    async fn direct_triggers(&self, v: &Validated) -> Option<nex_api::agent::DirectTriggers> {
+        if !workload_type::is_function(&v.workload_type) {
+            return None;
+        }
+        let mut connection = match &v.request.trigger_connection {
+            Some(tc) if !tc.nats_url.is_empty() => tc.clone(),
+            _ => nex_api::control::NatsConnectionConfig {
+                nats_url: self.agent_triggers_url.clone()?,
+                ..Default::default()
+            },
+        };
+        connection.nats_url = self.pool.tier().workload_nats_url(&connection.nats_url).await.ok()?;
+        Some(nex_api::agent::DirectTriggers {
+            connection,
+            queue_group: crate::triggers::queue_group(&v.namespace, &v.claims.sub),
+        })
     }
 
     /// The control connection (user NATS).

@@ -71,6 +71,7 @@ impl Provider {
         match self {
             Provider::Native(_) => Err("native workloads have no triggers".into()),
             Provider::Wasm(w, agent, name) => {
+                let _slot = w.slots.acquire().await.map_err(|e| format!("wasm call failed: {e}"))?;
                 let w = w.clone();
                 let s = subject.to_string();
                 let started = std::time::Instant::now();

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Config, Engine, Extern, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Caller, Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
+    Store, StoreLimits, StoreLimitsBuilder,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
@@ -18,6 +21,8 @@ use nex_api::agent::{AgentDeployRequest, FunctionLimits};
 const TICK: Duration = Duration::from_millis(5);
 /// Most output a call may write.
 const MAX_OUTPUT: usize = 16 * 1024 * 1024;
+/// Calls that may run at once: the size of the instance pool (more wait for a slot).
+pub const SLOTS: u32 = 64;
 
 struct CallState {
     wasi: WasiP1Ctx,
@@ -27,6 +32,8 @@ struct CallState {
 
 /// A compiled, linked module.
 pub struct Wasm {
+    /// One permit per instance slot; a call holds one while it runs.
+    pub slots: tokio::sync::Semaphore,
     engine: Engine,
     pre: InstancePre<CallState>,
     env: Vec<(String, String)>,
@@ -46,8 +53,27 @@ impl Wasm {
     /// Compiles and links the module at `path`.
     pub fn load(path: &Path, req: &AgentDeployRequest, host: super::js::HostCall) -> Result<Wasm, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("failed to read module: {e}"))?;
+        let limits = req.function_limits.clone().unwrap_or_default();
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
+        // Every call instantiates the module anew (REFERENCE §5.4). A pool of pre-reserved
+        // instance slots makes that cheap: no mmap/munmap per call (which also serialises
+        // concurrent calls on the address-space lock), and the module's memory image is mapped
+        // copy-on-write into a slot that is reset, not rebuilt. The first MiBs of a slot stay
+        // resident and are zeroed on reuse rather than faulted in again (a Rust command's stack
+        // and data live there): 23 → 19 µs per echo call here. Each memory reserves only its
+        // cap (bounds-checked code, no 4 GiB reservations per slot: measured no slower).
+        let mem = (limits.memory_mib as usize) * 1024 * 1024;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(SLOTS)
+            .total_memories(SLOTS)
+            .total_tables(SLOTS)
+            .total_component_instances(0)
+            .max_memory_size(mem)
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10);
+        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        cfg.memory_reservation(mem as u64).memory_guard_size(2 << 20).memory_reservation_for_growth(0);
         let engine = Engine::new(&cfg).map_err(|e| format!("failed to create the wasm engine: {e}"))?;
         let module = Module::new(&engine, &bytes).map_err(|e| format!("failed to compile module: {e}"))?;
         let mut linker: Linker<CallState> = Linker::new(&engine);
@@ -70,10 +96,11 @@ impl Wasm {
             })
             .map_err(|e| format!("failed to start the epoch ticker: {e}"))?;
         Ok(Wasm {
+            slots: tokio::sync::Semaphore::new(SLOTS as usize),
             engine,
             pre,
             env: req.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            limits: req.function_limits.clone().unwrap_or_default(),
+            limits,
             host,
         })
     }

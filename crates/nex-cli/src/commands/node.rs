@@ -109,8 +109,15 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     let key = node_key(&cfg)?;
     let control = crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
     let url = g.server.split(',').next().unwrap_or("").trim().to_string();
-    nex_node::run(nex_node::NodeOptions { config: cfg, control, control_url: url, node_key: key, nexus: args.nexus })
-        .await
+    nex_node::run(nex_node::NodeOptions {
+        config: cfg,
+        control,
+        control_url: url,
+        control_anonymous: g.anonymous(),
+        node_key: key,
+        nexus: args.nexus,
+    })
+    .await
 }
 
 /// Lists nodes.

