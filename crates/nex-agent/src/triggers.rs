@@ -1,17 +1,20 @@
 //! Trigger subscriptions the agent holds itself.
 //!
-//! When the node hands a function's deploy request `direct_triggers`, the agent opens its own
-//! connection to the user's NATS, joins the function's queue group on every trigger subject and
-//! answers requesters directly: requester → NATS → agent → NATS → requester, the same hops as a
-//! plain responder. After each call it tells the node what happened (in batches on
-//! `hostint.<id>.execs`: under load one message carries many calls), and the node publishes the
-//! events and log lines of REFERENCE §5.2 off the call's path.
+//! When the node hands a function's deploy request `direct_triggers`, the agent answers
+//! requesters directly: requester → NATS → agent → NATS → requester, the same hops as a plain
+//! responder. A few worker threads (one per CPU, at most [`MAX_WORKERS`]) each open their own
+//! connection to the user's NATS, join the function's queue group on every trigger subject and
+//! run each call inline on that thread: no hand-off between threads on a call's path, and the
+//! server spreads calls over the workers. After calls a worker tells the node what happened, in
+//! batches on `hostint.<id>.execs`, and the node publishes the events and log lines of
+//! REFERENCE §5.2 off the call's path.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use nex_api::agent::{DirectTriggers, FunctionExec, HEADER_ERROR, HEADER_RUNTIME_NS};
 use nex_api::subjects::internal;
@@ -19,53 +22,175 @@ use nex_api::subjects::internal;
 use crate::providers::Provider;
 use crate::Agent;
 
-/// The live trigger subscriptions of a function.
-pub struct Triggers {
-    conn: async_nats::Client,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
+/// Most trigger worker threads per function.
+pub const MAX_WORKERS: usize = 4;
 /// Most calls one report carries.
 const MAX_BATCH: usize = 256;
+/// A worker with calls to report and no new message for this long reports them.
+const REPORT_IDLE: Duration = Duration::from_millis(5);
 
-type Reports = tokio::sync::mpsc::UnboundedSender<FunctionExec>;
+/// The trigger workers of a function.
+pub struct Triggers {
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct Worker {
+    provider: Arc<Provider>,
+    subjects: Vec<String>,
+    dt: DirectTriggers,
+    reports: mpsc::UnboundedSender<Vec<FunctionExec>>,
+    stopped: watch::Receiver<bool>,
+}
 
 impl Triggers {
-    /// Connects as `dt` says and subscribes to `subjects`; the subscriptions are registered at
-    /// the server when this returns.
+    /// Starts the workers; every subscription is registered at the server when this returns.
     pub async fn start(
         agent: Arc<Agent>,
         provider: Arc<Provider>,
         subjects: &[String],
         dt: &DirectTriggers,
     ) -> Result<Triggers, String> {
-        let conn = connect(dt).await?;
-        let (reports, rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut tasks = vec![tokio::spawn(report(agent, rx))];
-        for subject in subjects {
-            let sub = match conn.queue_subscribe(subject.clone(), dt.queue_group.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tasks.iter().for_each(tokio::task::JoinHandle::abort);
-                    return Err(format!("subscribing to trigger subject {subject}: {e}"));
-                }
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, MAX_WORKERS);
+        let (reports, rx) = mpsc::unbounded_channel();
+        tokio::spawn(report(agent, rx));
+        let (stop, stopped) = watch::channel(false);
+        let mut me = Triggers { stop, threads: Vec::new() };
+        let mut ready = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = oneshot::channel();
+            let w = Worker {
+                provider: provider.clone(),
+                subjects: subjects.to_vec(),
+                dt: dt.clone(),
+                reports: reports.clone(),
+                stopped: stopped.clone(),
             };
-            tasks.push(tokio::spawn(serve(reports.clone(), conn.clone(), provider.clone(), sub)));
+            match std::thread::Builder::new().name(format!("trigger-{i}")).spawn(move || worker(w, tx)) {
+                Ok(t) => me.threads.push(t),
+                Err(e) => {
+                    me.stop().await;
+                    return Err(format!("failed to start a trigger worker: {e}"));
+                }
+            }
+            ready.push(rx);
         }
-        if let Err(e) = round_trip(&conn).await {
-            tasks.iter().for_each(tokio::task::JoinHandle::abort);
-            return Err(format!("registering trigger subscriptions: {e}"));
+        for r in ready {
+            let outcome = r.await.unwrap_or_else(|_| Err("a trigger worker ended before it was ready".into()));
+            if let Err(e) = outcome {
+                me.stop().await;
+                return Err(e);
+            }
         }
-        Ok(Triggers { conn, tasks })
+        Ok(me)
     }
 
-    /// Stops taking calls: unsubscribes, lets replies in flight leave, closes the connection.
+    /// Stops taking calls: the workers unsubscribe, send their replies and reports, and end.
     pub async fn stop(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.drain()).await;
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let join = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())));
+        let _ = tokio::time::timeout(Duration::from_secs(3), join).await;
     }
+}
+
+enum Next {
+    Call(async_nats::Message),
+    Idle,
+    Stop,
+}
+
+/// One worker thread: its own runtime and connection; calls run right here.
+fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("failed to start a trigger worker: {e}")));
+            return;
+        }
+    };
+    let mut callable = match w.provider.callable() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let setup = rt.block_on(async {
+        let conn = connect(&w.dt).await?;
+        let mut subs = Vec::new();
+        for s in &w.subjects {
+            let sub = conn
+                .queue_subscribe(s.clone(), w.dt.queue_group.clone())
+                .await
+                .map_err(|e| format!("subscribing to trigger subject {s}: {e}"))?;
+            subs.push(sub);
+        }
+        round_trip(&conn).await.map_err(|e| format!("registering trigger subscriptions: {e}"))?;
+        Ok::<_, String>((conn, futures::stream::select_all(subs)))
+    });
+    let (conn, mut messages) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut stopped = w.stopped;
+    let mut batch: Vec<FunctionExec> = Vec::new();
+    loop {
+        if *stopped.borrow() {
+            break;
+        }
+        // A message already received is taken at once; otherwise wait on the runtime, which is
+        // also when the connection's task sends the replies published below and reads more.
+        let next = match messages.next().now_or_never() {
+            Some(m) => m.map_or(Next::Stop, Next::Call),
+            None => {
+                let pending = !batch.is_empty();
+                rt.block_on(async {
+                    tokio::select! {
+                        biased;
+                        _ = stopped.wait_for(|s| *s) => Next::Stop,
+                        m = messages.next() => m.map_or(Next::Stop, Next::Call),
+                        _ = tokio::time::sleep(REPORT_IDLE), if pending => Next::Idle,
+                    }
+                })
+            }
+        };
+        let m = match next {
+            Next::Call(m) => m,
+            Next::Idle => {
+                let _ = w.reports.send(std::mem::take(&mut batch));
+                continue;
+            }
+            Next::Stop => break,
+        };
+        let subject = m.subject.to_string();
+        let mut h = async_nats::HeaderMap::new();
+        let (reply, exec) = match callable.call(&subject, &m.payload) {
+            Ok((out, ns)) => {
+                h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
+                (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None })
+            }
+            Err(e) => {
+                h.insert(HEADER_ERROR, e.replace(['\r', '\n'], " ").as_str());
+                (Bytes::new(), FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e) })
+            }
+        };
+        if let Some(r) = m.reply {
+            let _ = rt.block_on(conn.publish_with_headers(r, h, reply));
+        }
+        batch.push(exec);
+        if batch.len() >= MAX_BATCH {
+            let _ = w.reports.send(std::mem::take(&mut batch));
+        }
+    }
+    if !batch.is_empty() {
+        let _ = w.reports.send(batch);
+    }
+    let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(1), conn.drain()));
 }
 
 async fn connect(dt: &DirectTriggers) -> Result<async_nats::Client, String> {
@@ -95,14 +220,13 @@ async fn round_trip(nc: &async_nats::Client) -> Result<(), String> {
     }
 }
 
-/// Sends the node what calls did, as many per message as have piled up.
-async fn report(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::UnboundedReceiver<FunctionExec>) {
+/// Sends the node the workers' reports, as many per message as have piled up.
+async fn report(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Vec<FunctionExec>>) {
     let subject = internal::execs(&agent.id);
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+    while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(more) => batch.extend(more),
                 Err(_) => break,
             }
         }
@@ -110,33 +234,4 @@ async fn report(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
             let _ = agent.nc.publish(subject.clone(), body.into()).await;
         }
     }
-}
-
-async fn serve(reports: Reports, conn: async_nats::Client, provider: Arc<Provider>, mut sub: async_nats::Subscriber) {
-    while let Some(m) = sub.next().await {
-        tokio::spawn(call(reports.clone(), conn.clone(), provider.clone(), m));
-    }
-}
-
-async fn call(reports: Reports, conn: async_nats::Client, provider: Arc<Provider>, m: async_nats::Message) {
-    let subject = m.subject.to_string();
-    let outcome = provider.trigger(&subject, m.payload).await;
-    let mut h = async_nats::HeaderMap::new();
-    let exec = match outcome {
-        Ok((out, ns)) => {
-            if let Some(r) = m.reply {
-                h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
-                let _ = conn.publish_with_headers(r, h, out.into()).await;
-            }
-            FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None }
-        }
-        Err(e) => {
-            if let Some(r) = m.reply {
-                h.insert(HEADER_ERROR, e.replace(['\r', '\n'], " ").as_str());
-                let _ = conn.publish_with_headers(r, h, Bytes::new()).await;
-            }
-            FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e) }
-        }
-    };
-    let _ = reports.send(exec);
 }

@@ -92,19 +92,46 @@ struct Call {
     reply: oneshot::Sender<Result<(Vec<u8>, u64), String>>,
 }
 
-/// A loaded script on its own thread.
+/// What a JavaScript function is made of; every [`Script`] built from it is independent.
+#[derive(Clone)]
+pub struct Spec {
+    /// The source text.
+    pub source: String,
+    /// Per-call limits.
+    pub limits: FunctionLimits,
+    /// Host services.
+    pub host: HostCall,
+    /// Where `console.*` lines go.
+    pub logs: LogSink,
+}
+
+/// A loaded script on its own thread (calls from the async runtime).
 pub struct Js {
     tx: mpsc::Sender<Call>,
 }
 
 impl Js {
-    /// Evaluates `source` and keeps its function for calls.
-    pub fn load(source: String, limits: FunctionLimits, host: HostCall, logs: LogSink) -> Result<Js, String> {
+    /// Evaluates the script on a new thread and keeps its function there for calls.
+    pub fn load(spec: Spec) -> Result<Js, String> {
         let (tx, rx) = mpsc::channel::<Call>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         std::thread::Builder::new()
             .name("js".into())
-            .spawn(move || js_thread(source, limits, host, logs, rx, ready_tx))
+            .spawn(move || {
+                let mut script = match Script::new(&spec) {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(call) = rx.recv() {
+                    let _ = call.reply.send(script.call(&call.subject, call.payload));
+                }
+            })
             .map_err(|e| format!("failed to start the JavaScript thread: {e}"))?;
         ready_rx.recv().map_err(|_| "the JavaScript engine stopped".to_string())??;
         Ok(Js { tx })
@@ -132,75 +159,66 @@ fn describe(e: CaughtError<'_>) -> String {
     }
 }
 
-fn js_thread(
-    source: String,
+/// One QuickJS runtime with the evaluated script, used from the thread that made it.
+pub struct Script {
+    // Dropped in this order: the function and context before their runtime.
+    func: Persistent<Function<'static>>,
+    ctx: Context,
+    rt: Runtime,
     limits: FunctionLimits,
-    host: HostCall,
-    logs: LogSink,
-    rx: mpsc::Receiver<Call>,
-    ready: mpsc::Sender<Result<(), String>>,
-) {
-    let rt = match Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(format!("failed to start JavaScript: {e}")));
-            return;
-        }
-    };
-    rt.set_memory_limit((limits.memory_mib as usize) * 1024 * 1024);
-    rt.set_max_stack_size(1024 * 1024);
-    // Deadline of the running call, in ms since `base`; 0 = no call running.
-    let base = Instant::now();
-    let deadline = Arc::new(AtomicU64::new(0));
-    let d = deadline.clone();
-    rt.set_interrupt_handler(Some(Box::new(move || {
-        let dl = d.load(Ordering::Relaxed);
-        dl != 0 && base.elapsed().as_millis() as u64 > dl
-    })));
-    let ctx = match Context::full(&rt) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(format!("failed to create a JavaScript context: {e}")));
-            return;
-        }
-    };
-    let func: Result<Persistent<Function<'static>>, String> = ctx.with(|ctx| {
-        install_natives(&ctx, host, logs).map_err(|e| format!("failed to install host services: {e}"))?;
-        ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude failed: {}", describe(e)))?;
-        let v: Value = ctx
-            .eval(source.into_bytes())
-            .catch(&ctx)
-            .map_err(|e| format!("failed to compile source for execution: {}", describe(e)))?;
-        let f = v.into_function().ok_or_else(|| {
-            "the script's completion value must be a function(subject, payload); end the script with that function"
-                .to_string()
+    /// Deadline of the running call, in ms since `base`; 0 = no call running.
+    deadline: Arc<AtomicU64>,
+    base: Instant,
+    calls: u64,
+}
+
+impl Script {
+    /// Evaluates the script; its completion value must be the function.
+    pub fn new(spec: &Spec) -> Result<Script, String> {
+        let rt = Runtime::new().map_err(|e| format!("failed to start JavaScript: {e}"))?;
+        rt.set_memory_limit((spec.limits.memory_mib as usize) * 1024 * 1024);
+        rt.set_max_stack_size(1024 * 1024);
+        let base = Instant::now();
+        let deadline = Arc::new(AtomicU64::new(0));
+        let d = deadline.clone();
+        rt.set_interrupt_handler(Some(Box::new(move || {
+            let dl = d.load(Ordering::Relaxed);
+            dl != 0 && base.elapsed().as_millis() as u64 > dl
+        })));
+        let ctx = Context::full(&rt).map_err(|e| format!("failed to create a JavaScript context: {e}"))?;
+        let func: Persistent<Function<'static>> = ctx.with(|ctx| {
+            install_natives(&ctx, spec.host.clone(), spec.logs.clone())
+                .map_err(|e| format!("failed to install host services: {e}"))?;
+            ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude failed: {}", describe(e)))?;
+            let v: Value = ctx
+                .eval(spec.source.clone().into_bytes())
+                .catch(&ctx)
+                .map_err(|e| format!("failed to compile source for execution: {}", describe(e)))?;
+            let f = v.into_function().ok_or_else(|| {
+                "the script's completion value must be a function(subject, payload); end the script with that function"
+                    .to_string()
+            })?;
+            Ok::<_, String>(Persistent::save(&ctx, f))
         })?;
-        Ok(Persistent::save(&ctx, f))
-    });
-    let func = match func {
-        Ok(f) => {
-            let _ = ready.send(Ok(()));
-            f
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let mut calls: u64 = 0;
-    while let Ok(call) = rx.recv() {
+        Ok(Script { func, ctx, rt, limits: spec.limits.clone(), deadline, base, calls: 0 })
+    }
+
+    /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`) and the run
+    /// time in nanoseconds.
+    pub fn call(&mut self, subject: &str, payload: Vec<u8>) -> Result<(Vec<u8>, u64), String> {
+        let limits = &self.limits;
         let started = Instant::now();
-        deadline.store(base.elapsed().as_millis() as u64 + limits.timeout_ms, Ordering::Relaxed);
-        let result = ctx.with(|ctx| -> Result<Vec<u8>, String> {
-            let f = func.clone().restore(&ctx).map_err(|e| e.to_string())?;
-            let payload = TypedArray::<u8>::new(ctx.clone(), call.payload).map_err(|e| e.to_string())?;
-            let out: Value = f.call((call.subject.as_str(), payload)).catch(&ctx).map_err(describe)?;
+        self.deadline.store(self.base.elapsed().as_millis() as u64 + limits.timeout_ms, Ordering::Relaxed);
+        let result = self.ctx.with(|ctx| -> Result<Vec<u8>, String> {
+            let f = self.func.clone().restore(&ctx).map_err(|e| e.to_string())?;
+            let payload = TypedArray::<u8>::new(ctx.clone(), payload).map_err(|e| e.to_string())?;
+            let out: Value = f.call((subject, payload)).catch(&ctx).map_err(describe)?;
             match ctx.json_stringify(out).catch(&ctx).map_err(describe)? {
                 Some(s) => Ok(s.to_string().map_err(|e| e.to_string())?.into_bytes()),
                 None => Ok(Vec::new()),
             }
         });
-        deadline.store(0, Ordering::Relaxed);
+        self.deadline.store(0, Ordering::Relaxed);
         let elapsed = started.elapsed();
         let result = result.map_err(|e| {
             if elapsed.as_millis() as u64 >= limits.timeout_ms && e.contains("interrupted") {
@@ -212,11 +230,11 @@ fn js_thread(
             }
         });
         // Reference counting frees most garbage; collect cycles now and then, not on every call.
-        calls += 1;
-        if calls.is_multiple_of(256) {
-            rt.run_gc();
+        self.calls += 1;
+        if self.calls.is_multiple_of(256) {
+            self.rt.run_gc();
         }
-        let _ = call.reply.send(result.map(|b| (b, elapsed.as_nanos() as u64)));
+        result.map(|b| (b, elapsed.as_nanos() as u64))
     }
 }
 

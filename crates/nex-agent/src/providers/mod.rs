@@ -18,10 +18,54 @@ use crate::Agent;
 pub enum Provider {
     /// A native executable.
     Native(native::Native),
-    /// A WebAssembly function.
-    Wasm(Arc<wasm::Wasm>, Arc<Agent>, String),
-    /// A JavaScript function.
-    Js(js::Js),
+    /// A WebAssembly function and where its stderr lines go.
+    Wasm(Arc<wasm::Wasm>, js::LogSink),
+    /// A JavaScript function on its own thread, and what it was made from.
+    Js(js::Js, js::Spec),
+}
+
+/// A function a trigger worker thread calls directly, without a hop to another thread.
+pub enum Callable {
+    /// The shared compiled module (each call instantiates it).
+    Wasm(Arc<wasm::Wasm>, js::LogSink),
+    /// A JavaScript runtime of this thread's own.
+    Js(js::Script),
+}
+
+impl Callable {
+    /// Runs one call on this thread; the reply and the run time in nanoseconds.
+    pub fn call(&mut self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), String> {
+        match self {
+            Callable::Wasm(w, logs) => {
+                let started = std::time::Instant::now();
+                let out = w.call(subject, payload);
+                let ns = started.elapsed().as_nanos() as u64;
+                let out = out?;
+                stderr_to_logs(&out.stderr, logs);
+                Ok((out.stdout, ns))
+            }
+            Callable::Js(s) => s.call(subject, payload.to_vec()),
+        }
+    }
+}
+
+fn stderr_to_logs(stderr: &[u8], logs: &js::LogSink) {
+    if !stderr.is_empty() {
+        for line in String::from_utf8_lossy(stderr).lines() {
+            let _ = logs.send((level::ERROR, line.to_string()));
+        }
+    }
+}
+
+/// A log sink whose lines the agent ships as the workload's.
+fn log_sink(agent: Arc<Agent>, name: String) -> js::LogSink {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, String)>();
+    tokio::spawn(async move {
+        while let Some((lvl, text)) = rx.recv().await {
+            agent.log(&name, lvl, &text).await;
+        }
+    });
+    tx
 }
 
 impl Provider {
@@ -35,27 +79,34 @@ impl Provider {
                 let w = tokio::task::spawn_blocking(move || wasm::Wasm::load(&path, &r, host))
                     .await
                     .map_err(|e| format!("failed to compile module: {e}"))??;
-                Ok(Provider::Wasm(Arc::new(w), agent, req.workload_name.clone()))
+                Ok(Provider::Wasm(Arc::new(w), log_sink(agent, req.workload_name.clone())))
             }
             nex_api::workload_type::V8 => {
                 let bytes = std::fs::read(&path).map_err(|e| format!("failed to read source: {e}"))?;
                 let source = String::from_utf8(bytes).map_err(|_| "the JavaScript source is not UTF-8".to_string())?;
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, String)>();
-                let logger = agent.clone();
-                let name = req.workload_name.clone();
-                tokio::spawn(async move {
-                    while let Some((lvl, text)) = rx.recv().await {
-                        logger.log(&name, lvl, &text).await;
-                    }
-                });
-                let host = host_call(agent.clone(), req);
-                let limits = req.function_limits.clone().unwrap_or_default();
-                let js = tokio::task::spawn_blocking(move || js::Js::load(source, limits, host, tx))
+                let spec = js::Spec {
+                    source,
+                    limits: req.function_limits.clone().unwrap_or_default(),
+                    host: host_call(agent.clone(), req),
+                    logs: log_sink(agent.clone(), req.workload_name.clone()),
+                };
+                let s = spec.clone();
+                let js = tokio::task::spawn_blocking(move || js::Js::load(s))
                     .await
                     .map_err(|e| format!("failed to start JavaScript: {e}"))??;
-                Ok(Provider::Js(js))
+                Ok(Provider::Js(js, spec))
             }
             other => Err(format!("workload type {other} is not supported by this agent")),
+        }
+    }
+
+    /// Something a trigger worker thread can call directly: the shared module, or a JavaScript
+    /// runtime of its own (build it on the thread that will use it).
+    pub fn callable(&self) -> Result<Callable, String> {
+        match self {
+            Provider::Native(_) => Err("native workloads have no triggers".into()),
+            Provider::Wasm(w, logs) => Ok(Callable::Wasm(w.clone(), logs.clone())),
+            Provider::Js(_, spec) => js::Script::new(spec).map(Callable::Js),
         }
     }
 
@@ -70,7 +121,7 @@ impl Provider {
     pub async fn trigger(&self, subject: &str, payload: bytes::Bytes) -> Result<(Vec<u8>, u64), String> {
         match self {
             Provider::Native(_) => Err("native workloads have no triggers".into()),
-            Provider::Wasm(w, agent, name) => {
+            Provider::Wasm(w, logs) => {
                 let _slot = w.slots.acquire().await.map_err(|e| format!("wasm call failed: {e}"))?;
                 let w = w.clone();
                 let s = subject.to_string();
@@ -80,12 +131,10 @@ impl Provider {
                     .map_err(|e| format!("wasm call failed: {e}"))?;
                 let ns = started.elapsed().as_nanos() as u64;
                 let out = out?;
-                for line in String::from_utf8_lossy(&out.stderr).lines() {
-                    agent.log(name, level::ERROR, line).await;
-                }
+                stderr_to_logs(&out.stderr, logs);
                 Ok((out.stdout, ns))
             }
-            Provider::Js(js) => js.call(subject, &payload).await,
+            Provider::Js(js, _) => js.call(subject, &payload).await,
         }
     }
 }

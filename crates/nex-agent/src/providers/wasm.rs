@@ -21,8 +21,10 @@ use nex_api::agent::{AgentDeployRequest, FunctionLimits};
 const TICK: Duration = Duration::from_millis(5);
 /// Most output a call may write.
 const MAX_OUTPUT: usize = 16 * 1024 * 1024;
-/// Calls that may run at once: the size of the instance pool (more wait for a slot).
+/// Calls relayed by the node that may run at once (more wait for a slot).
 pub const SLOTS: u32 = 64;
+/// Instance slots: the relayed calls' plus one per trigger worker thread.
+const POOL: u32 = SLOTS + crate::triggers::MAX_WORKERS as u32;
 
 struct CallState {
     wasi: WasiP1Ctx,
@@ -60,18 +62,21 @@ impl Wasm {
         // instance slots makes that cheap: no mmap/munmap per call (which also serialises
         // concurrent calls on the address-space lock), and the module's memory image is mapped
         // copy-on-write into a slot that is reset, not rebuilt. The first MiBs of a slot stay
-        // resident and are zeroed on reuse rather than faulted in again (a Rust command's stack
-        // and data live there): 23 → 19 µs per echo call here. Each memory reserves only its
-        // cap (bounds-checked code, no 4 GiB reservations per slot: measured no slower).
+        // resident and are reset on reuse rather than faulted in again (a Rust command's stack
+        // and data live there); where the kernel has PAGEMAP_SCAN (Linux ≥ 6.7) only the pages
+        // the call dirtied are reset. Per echo call here: 23 µs → 19 (resident) → 9 (scan).
+        // Each memory reserves only its cap (bounds-checked code, no 4 GiB reservation per
+        // slot: measured no slower).
         let mem = (limits.memory_mib as usize) * 1024 * 1024;
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(SLOTS)
-            .total_memories(SLOTS)
-            .total_tables(SLOTS)
+        pool.total_core_instances(POOL)
+            .total_memories(POOL)
+            .total_tables(POOL)
             .total_component_instances(0)
             .max_memory_size(mem)
             .linear_memory_keep_resident(2 << 20)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         cfg.memory_reservation(mem as u64).memory_guard_size(2 << 20).memory_reservation_for_growth(0);
         let engine = Engine::new(&cfg).map_err(|e| format!("failed to create the wasm engine: {e}"))?;
