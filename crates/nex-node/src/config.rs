@@ -199,6 +199,10 @@ pub struct NodeConfig {
     pub function_timeout_ms: u64,
     /// Memory one function call may use.
     pub function_memory_mib: u64,
+    /// Let a function's agent hold its trigger subscriptions and answer requesters itself when
+    /// it can reach the user's NATS without the node's credentials (false: the node relays
+    /// every call, as Nex does).
+    pub agent_triggers: bool,
     /// Largest JavaScript source accepted.
     pub max_js_source_bytes: u64,
     /// Where the node keeps its run state (agent work dirs, internal NATS store).
@@ -254,6 +258,7 @@ impl Default for NodeConfig {
             workload_stop_grace_ms: 3000,
             function_timeout_ms: 5000,
             function_memory_mib: 64,
+            agent_triggers: true,
             max_js_source_bytes: 1024 * 1024,
             state_dir: String::new(),
             node_seed_path: String::new(),

@@ -938,7 +938,7 @@ impl WorkloadManager {
     /// must relay them (the user's NATS needs the node's credentials, or the tier cannot reach it).
     /// The agent then answers requesters itself: two hops fewer per call.
     async fn direct_triggers(&self, v: &Validated) -> Option<nex_api::agent::DirectTriggers> {
-        if !workload_type::is_function(&v.workload_type) {
+        if !workload_type::is_function(&v.workload_type) || !self.cfg.agent_triggers {
             return None;
         }
         let mut connection = match &v.request.trigger_connection {
