@@ -169,7 +169,13 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
         };
         let subject = m.subject.to_string();
         let mut h = async_nats::HeaderMap::new();
-        let (reply, exec) = match callable.call(&subject, &m.payload) {
+        // Inside this thread's runtime context, WASI's blocking calls run on it directly instead
+        // of starting wasmtime-wasi's own multi-threaded runtime.
+        let outcome = {
+            let _rt = rt.enter();
+            callable.call(&subject, &m.payload)
+        };
+        let (reply, exec) = match outcome {
             Ok((out, ns)) => {
                 h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
                 (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None })
