@@ -110,20 +110,25 @@ async fn js_echo_exact_json_and_two_instances_share_the_load() {
     let mut b2 = b.clone();
     b2.workload_type = "js".into();
     let second = user.deploy(&node.id, &b2).await.expect("second instance");
+    each_answered_once_by_both(&user, &rec, "helloworld", 30, [&a.id, &second.id]).await;
+}
+
+/// Sends `n` requests on `subject` and checks that each got exactly one answer and that both
+/// instances `ids` ran some of them.
+async fn each_answered_once_by_both(user: &User, rec: &Recorder, subject: &str, n: usize, ids: [&str; 2]) {
     let inbox = user.nc.new_inbox();
     let mut replies = user.nc.subscribe(inbox.clone()).await.unwrap();
     nex_node::nats_ext::round_trip(&user.nc).await.unwrap();
-    for i in 0..30 {
-        user.nc.publish_with_reply("helloworld", inbox.clone(), format!("m{i}").into()).await.unwrap();
+    for i in 0..n {
+        user.nc.publish_with_reply(subject.to_string(), inbox.clone(), format!("m{i}").into()).await.unwrap();
     }
     let mut got = 0;
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut replies)).await {
         got += 1;
     }
-    assert_eq!(got, 30, "every request answered exactly once");
+    assert_eq!(got, n, "every request answered exactly once");
     rec.wait_until(Duration::from_secs(5), "both instances ran", |rec| {
-        !rec.workload_events("function_exec_succeeded", &a.id).is_empty()
-            && !rec.workload_events("function_exec_succeeded", &second.id).is_empty()
+        ids.iter().all(|id| !rec.workload_events("function_exec_succeeded", id).is_empty())
     })
     .await;
 }
@@ -151,22 +156,7 @@ async fn relayed_and_agent_held_triggers_share_one_queue_group() {
     let b = function(&user, "sharedjs", "v8", &js("echofunction.js"), &["shared.js"]).await;
     let a = user.deploy(&direct.id, &b).await.expect("agent-held instance");
     let c = user.deploy(&relaying.id, &b).await.expect("relayed instance");
-    let inbox = user.nc.new_inbox();
-    let mut replies = user.nc.subscribe(inbox.clone()).await.unwrap();
-    nex_node::nats_ext::round_trip(&user.nc).await.unwrap();
-    for i in 0..40 {
-        user.nc.publish_with_reply("shared.js", inbox.clone(), format!("m{i}").into()).await.unwrap();
-    }
-    let mut got = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut replies)).await {
-        got += 1;
-    }
-    assert_eq!(got, 40, "every request answered exactly once");
-    rec.wait_until(Duration::from_secs(5), "both instances ran", |rec| {
-        !rec.workload_events("function_exec_succeeded", &a.id).is_empty()
-            && !rec.workload_events("function_exec_succeeded", &c.id).is_empty()
-    })
-    .await;
+    each_answered_once_by_both(&user, &rec, "shared.js", 40, [&a.id, &c.id]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
