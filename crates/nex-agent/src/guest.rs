@@ -40,7 +40,7 @@ pub fn boot() -> Result<()> {
     let md = ask_metadata()?;
     let ip: Ipv4Addr = md.ip.parse().with_context(|| format!("guest address {:?}", md.ip))?;
     set_interface("eth0", Some((ip, md.prefix_len)))?;
-    write_seed(&md.nkey_seed)?;
+    write_seed(md.nkey_seed.expose())?;
     std::env::set_var(env::SANDBOX, "true");
     std::env::set_var(env::WORKLOAD_ID, &md.id);
     std::env::set_var(env::NODE_NATS_HOST, &md.node_nats_host);

@@ -125,7 +125,7 @@ async fn run() -> Result<()> {
     }
     let md = metadata::obtain()?;
     let url = format!("nats://{}:{}", md.node_nats_host, md.node_nats_port);
-    let nc = async_nats::ConnectOptions::with_nkey(md.node_nats_nkey.clone())
+    let nc = async_nats::ConnectOptions::with_nkey(md.node_nats_nkey.expose().to_string())
         .name(format!("nex-agent-{}", md.vmid))
         .connect(&url)
         .await

@@ -21,9 +21,9 @@ pub fn obtain() -> Result<MachineMetadata> {
                 Ok(f) => {
                     let seed = std::fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
                     let _ = std::fs::remove_file(&f);
-                    seed.trim().to_string()
+                    seed.trim().to_string().into()
                 }
-                Err(_) => get(env::NODE_NATS_NKEY_SEED)?,
+                Err(_) => get(env::NODE_NATS_NKEY_SEED)?.into(),
             },
             message: "Metadata obtained from no-sandbox environment".into(),
         });

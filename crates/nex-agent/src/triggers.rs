@@ -204,7 +204,9 @@ async fn connect(dt: &DirectTriggers) -> Result<async_nats::Client, String> {
     let mut opts = async_nats::ConnectOptions::new().name("workload-trigger-subscription");
     if let (Some(jwt), Some(seed)) = (&c.nats_user_jwt, &c.nats_user_seed) {
         if !jwt.is_empty() && !seed.is_empty() {
-            let kp = Arc::new(nkeys::KeyPair::from_seed(seed).map_err(|e| format!("trigger connection seed: {e}"))?);
+            let kp = Arc::new(
+                nkeys::KeyPair::from_seed(seed.expose()).map_err(|e| format!("trigger connection seed: {e}"))?,
+            );
             opts = opts.jwt(jwt.clone(), move |nonce| {
                 let kp = kp.clone();
                 async move { kp.sign(&nonce).map_err(async_nats::AuthError::new) }

@@ -38,7 +38,7 @@ pub struct MachineMetadata {
     pub node_nats_host: String,
     pub node_nats_port: u16,
     #[serde(default)]
-    pub node_nats_nkey: String,
+    pub node_nats_nkey: crate::secret::Secret,
     #[serde(default)]
     pub message: String,
 }
@@ -61,7 +61,7 @@ pub struct GuestMetadata {
     /// Internal NATS port.
     pub node_nats_port: u16,
     /// The agent's nkey user seed.
-    pub nkey_seed: String,
+    pub nkey_seed: crate::secret::Secret,
     /// Grace period between SIGTERM and SIGKILL of the workload.
     #[serde(default)]
     pub stop_grace_ms: u64,
@@ -79,8 +79,9 @@ pub struct HandshakeRequest {
     pub message: String,
 }
 
-/// `agentint.<id>.deploy` body: the workload after the node validated it (plaintext environment).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// `agentint.<id>.deploy` body: the workload after the node validated it (plaintext environment;
+/// `Debug` prints its keys only).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentDeployRequest {
     #[serde(default)]
     pub argv: Vec<String>,
@@ -120,6 +121,26 @@ pub struct AgentDeployRequest {
     /// answers requesters directly (our addition; absent: the node relays triggers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_triggers: Option<DirectTriggers>,
+}
+
+impl std::fmt::Debug for AgentDeployRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDeployRequest")
+            .field("workload_name", &self.workload_name)
+            .field("workload_type", &self.workload_type)
+            .field("namespace", &self.namespace)
+            .field("argv", &self.argv)
+            .field("environment", &crate::env::redacted(&self.environment))
+            .field("hash", &self.hash)
+            .field("total_bytes", &self.total_bytes)
+            .field("essential", &self.essential)
+            .field("trigger_subjects", &self.trigger_subjects)
+            .field("trigger_connection", &self.trigger_connection)
+            .field("host_services", &self.host_services)
+            .field("direct_triggers", &self.direct_triggers)
+            .field("local_path", &self.local_path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a function's agent holds its own trigger subscriptions: the user's NATS as the agent

@@ -70,7 +70,7 @@ pub struct NatsConnectionConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats_user_jwt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats_user_seed: Option<String>,
+    pub nats_user_seed: Option<crate::secret::Secret>,
 }
 
 /// DEPLOY request body (REFERENCE §3.5).
@@ -253,12 +253,20 @@ pub struct LameDuckResponse {
     pub success: bool,
 }
 
-/// Optional LAMEDUCK request body (our addition): drain after `delay_ms`.
+/// LAMEDUCK request body. Empty on an open node (as in Nex); `{"jwt": …}` signed by an admin
+/// issuer once the node restricts issuers (the delay then comes from the JWT's `nex.delay_ms`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LameDuckRequest {
-    #[serde(default)]
+    /// Drain and exit after this many milliseconds (our addition; unsigned requests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// Generic-claims JWT: `sub` = the node id, signed by an admin issuer, fresh, unused `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<String>,
 }
+
+/// The `nex.op` claim of a LAMEDUCK token.
+pub const LAMEDUCK_OP: &str = "lameduck";
 
 /// Tag keys the node sets itself.
 pub mod tags {

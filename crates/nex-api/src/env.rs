@@ -46,9 +46,59 @@ pub fn open(sealed_b64: &str, node: &XKey, sender_public: &str) -> Result<BTreeM
     serde_json::from_slice(&plain).map_err(|e| EnvError::Json(e.to_string()))
 }
 
+/// Keys of the sealed environment that carry a deploy request's NATS credentials instead of the
+/// clear `host_services` / `trigger_connection` fields (our addition; Nex clients keep using the
+/// clear fields). The node takes them out of the environment before the workload sees it; a
+/// sealed value wins over the clear field.
+pub mod sealed {
+    /// User JWT of the host-services connection.
+    pub const HOST_SERVICES_USER_JWT: &str = "NEX_HOSTSERVICES_USER_JWT";
+    /// User nkey seed of the host-services connection.
+    pub const HOST_SERVICES_USER_SEED: &str = "NEX_HOSTSERVICES_USER_SEED";
+    /// User JWT of the trigger connection.
+    pub const TRIGGER_USER_JWT: &str = "NEX_TRIGGER_USER_JWT";
+    /// User nkey seed of the trigger connection.
+    pub const TRIGGER_USER_SEED: &str = "NEX_TRIGGER_USER_SEED";
+    /// Every key above.
+    pub const ALL: [&str; 4] = [HOST_SERVICES_USER_JWT, HOST_SERVICES_USER_SEED, TRIGGER_USER_JWT, TRIGGER_USER_SEED];
+}
+
+/// Removes the sealed credential keys (any case) from `env` and returns them by canonical key.
+pub fn take_sealed_credentials(env: &mut BTreeMap<String, String>) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    for key in sealed::ALL {
+        let found: Vec<String> = env.keys().filter(|k| k.eq_ignore_ascii_case(key)).cloned().collect();
+        for k in found {
+            if let Some(v) = env.remove(&k).filter(|v| !v.is_empty()) {
+                out.insert(key, v);
+            }
+        }
+    }
+    out
+}
+
+/// A map for `Debug` output with every value replaced: environments hold secrets.
+pub fn redacted(env: &BTreeMap<String, String>) -> BTreeMap<&str, &'static str> {
+    env.keys().map(|k| (k.as_str(), "<redacted>")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_credentials_leave_the_environment() {
+        let mut env: BTreeMap<String, String> =
+            [("nex_hostservices_user_seed", "SUAX"), ("NEX_TRIGGER_USER_JWT", "eyJ"), ("PLAIN", "1")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let c = take_sealed_credentials(&mut env);
+        assert_eq!(c.get(sealed::HOST_SERVICES_USER_SEED).map(String::as_str), Some("SUAX"));
+        assert_eq!(c.get(sealed::TRIGGER_USER_JWT).map(String::as_str), Some("eyJ"));
+        assert_eq!(env.keys().collect::<Vec<_>>(), vec!["PLAIN"]);
+        assert!(!format!("{:?}", redacted(&env)).contains('1'));
+    }
 
     #[test]
     fn seal_open_round_trip_and_wrong_key() {

@@ -49,6 +49,34 @@ pub struct NatsClaims {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// nex's own claims (top-level `nex` object; other NATS JWT readers ignore it). Each one, when
+/// present, binds the token to one use: a node refuses a token whose `nex` claims name another
+/// namespace, node, workload or operation than the request it arrived with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NexClaims {
+    /// The namespace the DEPLOY or STOP is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The node the request is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// The workload a STOP is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_id: Option<String>,
+    /// The operator command a token authorises (`lameduck`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// LAMEDUCK: drain and exit after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+}
+
+impl NexClaims {
+    fn is_empty(&self) -> bool {
+        *self == NexClaims::default()
+    }
+}
+
 /// Claims of a workload JWT (deploy and stop).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct WorkloadClaims {
@@ -69,6 +97,9 @@ pub struct WorkloadClaims {
     pub nbf: Option<i64>,
     #[serde(default)]
     pub nats: NatsClaims,
+    /// nex's binding claims.
+    #[serde(default, skip_serializing_if = "NexClaims::is_empty")]
+    pub nex: NexClaims,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -130,6 +161,38 @@ impl WorkloadClaims {
         Ok(claims)
     }
 
+    /// Checks that the token was issued within `max_age_secs` before `now` (and not more than a
+    /// minute of clock skew after it); the reason when it was not.
+    pub fn check_fresh(&self, now: i64, max_age_secs: u64) -> Result<(), String> {
+        if self.iat <= 0 {
+            return Err("the token has no issued-at time (iat)".into());
+        }
+        if self.iat > now + CLOCK_SKEW_SECS {
+            return Err(format!(
+                "the token was issued in the future ({}): check the signer's clock",
+                rfc3339(self.iat)
+            ));
+        }
+        let age = now.saturating_sub(self.iat);
+        if age > max_age_secs as i64 {
+            return Err(format!(
+                "the token was issued at {}, {age}s ago, and this node accepts tokens for {max_age_secs}s: sign a fresh one",
+                rfc3339(self.iat)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Until when (unix seconds) a node must remember this token's `jti` so that a replay is
+    /// refused: the end of its freshness window, or its expiry when that comes first.
+    pub fn replay_window_end(&self, max_age_secs: u64) -> i64 {
+        let fresh_until = self.iat.max(0).saturating_add(max_age_secs as i64 + CLOCK_SKEW_SECS);
+        match self.exp {
+            Some(e) if e > 0 => fresh_until.min(e),
+            _ => fresh_until,
+        }
+    }
+
     /// Checks `exp` and `nbf` against `now` (unix seconds); the reason when invalid.
     pub fn check_time(&self, now: i64) -> Result<(), String> {
         if let Some(exp) = self.exp {
@@ -145,6 +208,9 @@ impl WorkloadClaims {
         Ok(())
     }
 }
+
+/// Clock skew tolerated between a token's signer and the node.
+pub const CLOCK_SKEW_SECS: i64 = 60;
 
 fn rfc3339(secs: i64) -> String {
     chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339()).unwrap_or_else(|| secs.to_string())
@@ -209,6 +275,34 @@ mod tests {
         c.exp = Some(100);
         assert!(c.check_time(99).is_ok());
         assert!(c.check_time(100).unwrap_err().contains("expired"));
+    }
+
+    #[test]
+    fn freshness_window() {
+        let mut c = WorkloadClaims::new("x", None);
+        c.iat = 1_000_000;
+        assert!(c.check_fresh(1_000_000 + 600, 600).is_ok());
+        assert!(c.check_fresh(1_000_000 + 601, 600).unwrap_err().contains("601s ago"));
+        assert!(c.check_fresh(1_000_000 - 120, 600).unwrap_err().contains("future"));
+        assert_eq!(c.replay_window_end(600), 1_000_000 + 600 + CLOCK_SKEW_SECS);
+        c.exp = Some(1_000_010);
+        assert_eq!(c.replay_window_end(600), 1_000_010);
+        c.iat = 0;
+        assert!(c.check_fresh(5, 600).is_err());
+    }
+
+    #[test]
+    fn nex_claims_travel_signed_and_are_omitted_when_empty() {
+        let issuer = KeyPair::new_account();
+        let plain = WorkloadClaims::new("x", None).encode(&issuer).unwrap();
+        let payload = URL_SAFE_NO_PAD.decode(plain.split('.').nth(1).unwrap()).unwrap();
+        assert!(!String::from_utf8_lossy(&payload).contains("\"nex\""));
+        let mut c = WorkloadClaims::new("x", None);
+        c.nex.namespace = Some("team".into());
+        c.nex.target_node = Some("Nxyz".into());
+        let d = WorkloadClaims::decode(&c.encode(&issuer).unwrap()).unwrap();
+        assert_eq!(d.nex.namespace.as_deref(), Some("team"));
+        assert_eq!(d.nex.target_node.as_deref(), Some("Nxyz"));
     }
 
     #[test]

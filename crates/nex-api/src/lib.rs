@@ -5,7 +5,8 @@
 //! * [`jwt`] — workload JWTs (NATS generic claims signed by an issuer nkey).
 //! * [`env`] — environments sealed to a node's xkey (`xkv1`).
 //! * [`events`] — CloudEvents and log records published by nodes.
-//! * [`subjects`] — subject names and the wildcard overlap test.
+//! * [`subjects`] — subject names, reserved subjects and the wildcard overlap test.
+//! * [`secret`] — strings that `Debug` never prints.
 
 pub mod agent;
 pub mod control;
@@ -13,6 +14,7 @@ pub mod env;
 pub mod events;
 pub mod id;
 pub mod jwt;
+pub mod secret;
 pub mod subjects;
 pub mod uptime;
 

@@ -3,8 +3,38 @@
 /// Prefix of every control subject.
 pub const API_PREFIX: &str = "$NEX";
 
-/// Trigger subjects that may never be used, whatever the node config says.
-pub const ALWAYS_DENIED_TRIGGERS: [&str; 3] = ["$SYS.>", "$JS.>", "$NEX.>"];
+/// Subjects that belong to the NATS system, JetStream, KV and object stores, service discovery,
+/// reply inboxes and nex itself. No trigger subscription may overlap them, and the `messaging` host
+/// service never publishes or requests on them, whatever the node config says: a function that
+/// could would read other tenants' data or command the node with the node's authority.
+pub const RESERVED_SUBJECTS: [&str; 7] = ["$SYS.>", "$JS.>", "$NEX.>", "$KV.>", "$O.>", "$SRV.>", "_INBOX.>"];
+
+/// The first entry of `list` that `subject` overlaps (wildcard-aware), if any.
+pub fn first_overlap<'a>(subject: &str, list: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    list.into_iter().find(|d| subjects_overlap(subject, d))
+}
+
+/// Longest namespace accepted.
+pub const MAX_NAMESPACE_LEN: usize = 64;
+
+/// Why `ns` cannot be a namespace, if it cannot: a namespace is one NATS subject token (no `.`,
+/// wildcards, whitespace or control characters), at most [`MAX_NAMESPACE_LEN`] bytes, and not
+/// the reserved `system` namespace of node events and logs.
+pub fn namespace_problem(ns: &str) -> Option<String> {
+    if ns.is_empty() {
+        return Some("the namespace is empty".into());
+    }
+    if ns.len() > MAX_NAMESPACE_LEN {
+        return Some(format!("the namespace is longer than {MAX_NAMESPACE_LEN} bytes"));
+    }
+    if let Some(c) = ns.chars().find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control()) {
+        return Some(format!("the namespace {ns:?} contains {c:?}: it must be one subject token"));
+    }
+    if ns.eq_ignore_ascii_case(crate::SYSTEM_NAMESPACE) {
+        return Some(format!("the namespace {ns:?} is reserved for node events and logs"));
+    }
+    None
+}
 
 /// Control subjects.
 pub mod control {
@@ -95,6 +125,11 @@ pub mod internal {
     }
 }
 
+/// True when `s` is a valid subject to publish on: tokens without wildcards.
+pub fn is_valid_publish_subject(s: &str) -> bool {
+    is_valid_subscribe_subject(s) && !s.split('.').any(|t| t == "*" || t == ">")
+}
+
 /// True when `s` is a valid subject to subscribe to (wildcards allowed).
 pub fn is_valid_subscribe_subject(s: &str) -> bool {
     if s.is_empty() || s.chars().any(|c| c.is_whitespace()) {
@@ -150,6 +185,34 @@ mod tests {
         assert!(subjects_overlap("a.*.c", "a.b.*"));
         assert!(!subjects_overlap("a.b", "a.b.c"));
         assert!(!subjects_overlap("a.*", "b.>"));
+    }
+
+    #[test]
+    fn reserved_subjects_are_found_by_overlap_not_prefix() {
+        let r = RESERVED_SUBJECTS;
+        assert_eq!(first_overlap("$KV.hs_x.>", r), Some("$KV.>"));
+        assert_eq!(first_overlap(">", r), Some("$SYS.>"));
+        assert_eq!(first_overlap("_INBOX.abc", r), Some("_INBOX.>"));
+        assert_eq!(first_overlap("$SRV.PING", r), Some("$SRV.>"));
+        assert_eq!(first_overlap("$O.bucket.C.x", r), Some("$O.>"));
+        assert_eq!(first_overlap("hello.world", r), None);
+        assert_eq!(first_overlap("$KVX.a", r), None);
+    }
+
+    #[test]
+    fn namespaces_are_one_token() {
+        assert!(namespace_problem("default").is_none());
+        assert!(namespace_problem("team-a_1").is_none());
+        for bad in ["", "a.b", "*", ">", "a b", "system", "SYSTEM", "a\nb", &"x".repeat(65)] {
+            assert!(namespace_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn publish_subjects_have_no_wildcards() {
+        assert!(is_valid_publish_subject("a.b"));
+        assert!(!is_valid_publish_subject("a.*"));
+        assert!(!is_valid_publish_subject(">"));
     }
 
     #[test]

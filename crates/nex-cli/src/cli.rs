@@ -34,9 +34,18 @@ pub struct GlobalOpts {
     /// Username, or token when --password is empty
     #[arg(long, env = "NATS_USER", global = true)]
     pub user: Option<String>,
-    /// Password
-    #[arg(long, env = "NATS_PASSWORD", global = true)]
+    /// Password (prefer NATS_PASSWORD or --password_file: the command line is visible to every local user)
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, global = true)]
     pub password: Option<String>,
+    /// File holding the password
+    #[arg(
+        long = "password_file",
+        alias = "password-file",
+        env = "NATS_PASSWORD_FILE",
+        global = true,
+        conflicts_with = "password"
+    )]
+    pub password_file: Option<PathBuf>,
     /// Client certificate (TLS)
     #[arg(long, env = "NATS_CERT", global = true)]
     pub tlscert: Option<PathBuf>,
@@ -64,6 +73,26 @@ pub struct GlobalOpts {
     /// Log as JSON lines
     #[arg(long, env = "NEX_LOGJSON", global = true)]
     pub logjson: bool,
+}
+
+/// Warns when `flag` was given a value on the command line, where every local user can read it
+/// (`ps`, `/proc/<pid>/cmdline`).
+pub fn warn_if_on_command_line(flag: &str, instead: &str) {
+    let on_argv = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if on_argv {
+        eprintln!("warning: {flag} on the command line is visible to every user of this machine; use {instead}");
+    }
+}
+
+/// Reads a secret from a file: its first non-empty line, trimmed.
+pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+        .with_context(|| format!("{} is empty", path.display()))
 }
 
 /// Parses `2s`, `750ms`, `1m`, `1.5s` or plain seconds.
@@ -113,7 +142,9 @@ pub enum Command {
     #[command(after_help = "Examples:\n  nex events\n  nex events --type workload_undeployed --json")]
     Events(crate::commands::monitor::EventsArgs),
     /// Put a node in lame duck mode: no new work (and with --delay, drain and exit)
-    #[command(after_help = "Example:\n  nex lameduck NBCD… --delay 10s")]
+    #[command(
+        after_help = "Examples:\n  nex lameduck NBCD… --delay 10s\n  nex lameduck NBCD… --issuer ~/.nex/admin.nk     # nodes with admin_issuers or valid_issuers"
+    )]
     Lameduck(crate::commands::misc::LameduckArgs),
     /// Start a local NATS (with JetStream) and a node; Ctrl-C stops both
     #[command(after_help = "Example:\n  nex up            # then, in another terminal: nex node ls")]

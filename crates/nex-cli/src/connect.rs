@@ -12,6 +12,7 @@ impl GlobalOpts {
             && self.nkey.is_none()
             && self.user.is_none()
             && self.password.is_none()
+            && self.password_file.is_none()
             && self.tlscert.is_none()
             && self.tlsca.is_none()
             && !self.server.contains('@')
@@ -30,13 +31,21 @@ pub async fn connect(g: &GlobalOpts, name: &str, reconnect_forever: bool) -> Res
             let seed = seed.lines().map(str::trim).find(|l| l.starts_with('S')).unwrap_or("").to_string();
             async_nats::ConnectOptions::with_nkey(seed)
         }
-        (None, None) => match (&g.user, &g.password) {
-            (Some(u), Some(p)) if !p.is_empty() => {
-                async_nats::ConnectOptions::with_user_and_password(u.clone(), p.clone())
+        (None, None) => {
+            let password = match (&g.password, &g.password_file) {
+                (_, Some(f)) => Some(crate::cli::read_secret_file(f)?),
+                (Some(p), None) => {
+                    crate::cli::warn_if_on_command_line("--password", "NATS_PASSWORD or --password_file");
+                    Some(p.clone())
+                }
+                (None, None) => None,
+            };
+            match (&g.user, password) {
+                (Some(u), Some(p)) if !p.is_empty() => async_nats::ConnectOptions::with_user_and_password(u.clone(), p),
+                (Some(t), _) => async_nats::ConnectOptions::with_token(t.clone()),
+                _ => async_nats::ConnectOptions::new(),
             }
-            (Some(t), _) => async_nats::ConnectOptions::with_token(t.clone()),
-            _ => async_nats::ConnectOptions::new(),
-        },
+        }
     };
     opts = opts.name(g.conn_name.clone().unwrap_or_else(|| name.to_string()));
     if let (Some(cert), Some(key)) = (&g.tlscert, &g.tlskey) {

@@ -306,7 +306,7 @@ async fn lameduck_refuses_deploys_and_reports_itself() {
     let node = Node::start(&nats, json!({})).await;
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
-    let r = user.client.lameduck(&node.id, None).await.unwrap();
+    let r = user.client.lameduck(&node.id, None, None).await.unwrap();
     assert!(r.success);
     assert_eq!(r.node_id, node.id);
     let p = user.client.ping_node(&node.id).await.unwrap();
@@ -317,7 +317,7 @@ async fn lameduck_refuses_deploys_and_reports_itself() {
     rec.wait_until(Duration::from_secs(5), "node_entered_lameduck", |r| !r.events("node_entered_lameduck").is_empty())
         .await;
     // Idempotent.
-    assert!(user.client.lameduck(&node.id, None).await.unwrap().success);
+    assert!(user.client.lameduck(&node.id, None, None).await.unwrap().success);
     assert_eq!(rec.events("node_entered_lameduck").len(), 1);
 }
 

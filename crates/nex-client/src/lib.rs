@@ -159,12 +159,22 @@ impl ControlClient {
         self.request_within(subj::stop(&self.namespace, node), body.into(), node, t).await
     }
 
-    /// Puts a node in lame duck mode, optionally draining it after `delay`.
-    pub async fn lameduck(&self, node: &str, delay: Option<Duration>) -> Result<LameDuckResponse, ClientError> {
-        let body = match delay {
-            Some(d) => {
-                serde_json::to_vec(&LameDuckRequest { delay_ms: Some(d.as_millis() as u64) }).unwrap_or_default().into()
-            }
+    /// Puts a node in lame duck mode, optionally draining it after `delay`. With `issuer` (an
+    /// admin issuer of the node) the request is signed, as nodes that restrict issuers require.
+    pub async fn lameduck(
+        &self,
+        node: &str,
+        delay: Option<Duration>,
+        issuer: Option<&nkeys::KeyPair>,
+    ) -> Result<LameDuckResponse, ClientError> {
+        let req = match issuer {
+            Some(kp) => Some(
+                deploy::lameduck_request(kp, node, delay).map_err(|e| ClientError::Node(format!("signing: {e:#}")))?,
+            ),
+            None => delay.map(|d| LameDuckRequest { delay_ms: Some(d.as_millis() as u64), jwt: None }),
+        };
+        let body = match req {
+            Some(r) => serde_json::to_vec(&r).unwrap_or_default().into(),
             None => Bytes::new(),
         };
         self.request(subj::lameduck(node), body, node).await

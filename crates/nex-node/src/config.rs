@@ -17,6 +17,36 @@ pub mod isolation {
     pub const MICROVM: &str = "microvm";
 }
 
+/// Default `deploy_max_age`: ten minutes.
+pub const DEFAULT_DEPLOY_MAX_AGE_SECS: u64 = 600;
+
+/// Accepts a number of seconds or a string with a unit (`ms`, `s`, `m`, `h`).
+fn de_duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => {
+            n.as_u64().ok_or_else(|| D::Error::custom("expected a whole number of seconds"))
+        }
+        serde_json::Value::String(s) => parse_duration_secs(&s).map_err(D::Error::custom),
+        other => Err(D::Error::custom(format!("expected seconds or a duration like \"10m\", got {other}"))),
+    }
+}
+
+/// Parses `90`, `90s`, `10m`, `1h` or `500ms` (rounded up to whole seconds).
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (try 600, \"90s\" or \"10m\")"))?;
+    Ok(match unit.trim() {
+        "" | "s" => n,
+        "ms" => n.div_ceil(1000),
+        "m" => n * 60,
+        "h" => n * 3600,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    })
+}
+
 /// Workload types this build can run.
 pub const SUPPORTED_WORKLOAD_TYPES: &[&str] = &[workload_type::NATIVE, workload_type::V8, workload_type::WASM];
 
@@ -115,8 +145,16 @@ impl Default for ServiceConfig {
 pub struct HostServicesConfig {
     pub nats_url: String,
     pub nats_user_jwt: String,
-    pub nats_user_seed: String,
+    pub nats_user_seed: nex_api::secret::Secret,
     pub services: BTreeMap<String, ServiceConfig>,
+}
+
+impl HostServicesConfig {
+    /// True when the operator named a connection for host services (URL or credentials): every
+    /// host-service call then uses it, never the node's own control connection.
+    pub fn has_connection(&self) -> bool {
+        !self.nats_url.is_empty() || !self.nats_user_jwt.is_empty() || !self.nats_user_seed.is_empty()
+    }
 }
 
 /// Names of the built-in host services.
@@ -127,7 +165,7 @@ impl Default for HostServicesConfig {
         HostServicesConfig {
             nats_url: String::new(),
             nats_user_jwt: String::new(),
-            nats_user_seed: String::new(),
+            nats_user_seed: Default::default(),
             services: HOST_SERVICES.iter().map(|s| (s.to_string(), ServiceConfig::default())).collect(),
         }
     }
@@ -183,6 +221,17 @@ pub struct NodeConfig {
     pub preserve_network: bool,
     pub tags: BTreeMap<String, String>,
     pub valid_issuers: Vec<String>,
+    /// Issuers (account public keys) allowed to send operator commands (LAMEDUCK). Empty: the
+    /// `valid_issuers`. Once either list is set, operator commands must be signed.
+    pub admin_issuers: Vec<String>,
+    /// How old a DEPLOY, STOP or LAMEDUCK token may be (its `iat`), in seconds or with a unit
+    /// (`"10m"`); accepted `jti`s are remembered on disk for as long.
+    #[serde(deserialize_with = "de_duration_secs")]
+    pub deploy_max_age: u64,
+    /// NATS servers a workload may reach besides the node's own (`host:port`, `host` or a CIDR):
+    /// targets of the sandbox relays and of connections the node opens for a request
+    /// (`trigger_connection`, `host_services`).
+    pub allowed_nats_targets: Vec<String>,
     pub workload_types: Vec<String>,
     pub deny_trigger_subjects: Vec<String>,
     pub node_limits: NodeLimits,
@@ -245,6 +294,9 @@ impl Default for NodeConfig {
             preserve_network: false,
             tags: BTreeMap::new(),
             valid_issuers: vec![],
+            admin_issuers: vec![],
+            deploy_max_age: DEFAULT_DEPLOY_MAX_AGE_SECS,
+            allowed_nats_targets: vec![],
             workload_types: vec![],
             deny_trigger_subjects: vec![],
             node_limits: NodeLimits::default(),
@@ -305,7 +357,7 @@ impl NodeConfig {
         if self.rootfs_filepath.is_empty() && !self.default_resource_dir.is_empty() {
             self.rootfs_filepath = format!("{}/rootfs.ext4", self.default_resource_dir.trim_end_matches('/'));
         }
-        for s in nex_api::subjects::ALWAYS_DENIED_TRIGGERS {
+        for s in nex_api::subjects::RESERVED_SUBJECTS {
             if !self.deny_trigger_subjects.iter().any(|d| d == s) {
                 self.deny_trigger_subjects.push(s.to_string());
             }
@@ -364,9 +416,43 @@ impl NodeConfig {
                 return bad(format!("deny_trigger_subjects: {s:?} is not a valid subject"));
             }
         }
-        for i in &self.valid_issuers {
-            if !i.starts_with('A') || nkeys::KeyPair::from_public_key(i).is_err() {
-                return bad(format!("valid_issuers: {i:?} is not an account public key (A…)"));
+        for (key, list) in [("valid_issuers", &self.valid_issuers), ("admin_issuers", &self.admin_issuers)] {
+            for i in list {
+                if !i.starts_with('A') || nkeys::KeyPair::from_public_key(i).is_err() {
+                    return bad(format!("{key}: {i:?} is not an account public key (A…)"));
+                }
+            }
+        }
+        if self.deploy_max_age == 0 {
+            return bad("deploy_max_age must be > 0 (seconds, or a duration like \"10m\")".into());
+        }
+        for t in &self.allowed_nats_targets {
+            if let Err(e) = crate::nats_targets::Allowed::parse(t) {
+                return bad(format!("allowed_nats_targets: {e}"));
+            }
+        }
+        if let Some(list) = self.service_setting("messaging", "deny_subjects").and_then(|v| v.as_array()) {
+            for s in list {
+                match s.as_str() {
+                    Some(s) if nex_api::subjects::is_valid_subscribe_subject(s) => {}
+                    _ => {
+                        return bad(format!(
+                            "host_services.services.messaging.config.deny_subjects: {s} is not a valid subject"
+                        ))
+                    }
+                }
+            }
+        }
+        for svc in ["kv", "objectstore"] {
+            if let Some(t) = self.service_setting(svc, "bucket_name").and_then(|v| v.as_str()) {
+                if !t.to_ascii_lowercase().contains("${tenant}") {
+                    tracing::warn!(template = t, "host_services.services.{svc}.config.bucket_name has no ${{tenant}}: workloads of different issuers with the same namespace and name share one bucket");
+                }
+            }
+        }
+        if let Some(list) = self.service_setting("http", "allow") {
+            if let Err(e) = crate::host_services::http::AllowList::from_config(list) {
+                return bad(format!("host_services.services.http.config.allow: {e}"));
             }
         }
         match self.tier() {
@@ -413,12 +499,31 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// The directory holding this node's run state.
+    /// The directory holding this node's state: `state_dir`, else `/var/lib/nex` for root and
+    /// the user's state directory (`$XDG_STATE_HOME/nex`, `~/.local/state/nex`) for others. Never
+    /// a shared temporary directory: another local user could create it first.
     pub fn state_dir(&self) -> PathBuf {
-        if self.state_dir.is_empty() {
-            std::env::temp_dir().join("nex")
+        if !self.state_dir.is_empty() {
+            return PathBuf::from(&self.state_dir);
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/lib/nex");
+        }
+        match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+            (Some(x), _) if !x.is_empty() => PathBuf::from(x).join("nex"),
+            (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".local/state/nex"),
+            _ => PathBuf::from("/var/lib/nex"),
+        }
+    }
+
+    /// Issuers whose signature an operator command needs: `admin_issuers`, else `valid_issuers`;
+    /// empty = an open node that obeys unsigned commands, as Nex does.
+    pub fn operator_issuers(&self) -> &[String] {
+        if self.admin_issuers.is_empty() {
+            &self.valid_issuers
         } else {
-            PathBuf::from(&self.state_dir)
+            &self.admin_issuers
         }
     }
 
@@ -431,9 +536,14 @@ impl NodeConfig {
         }
     }
 
-    /// True when `subject` collides with the deny list.
-    pub fn denied_trigger(&self, subject: &str) -> bool {
-        self.deny_trigger_subjects.iter().any(|d| nex_api::subjects::subjects_overlap(subject, d))
+    /// The deny-list entry `subject` collides with (wildcard-aware overlap), if any.
+    pub fn denied_trigger(&self, subject: &str) -> Option<&str> {
+        nex_api::subjects::first_overlap(subject, self.deny_trigger_subjects.iter().map(String::as_str))
+    }
+
+    /// One setting of a host service's `config` object.
+    pub fn service_setting(&self, service: &str, key: &str) -> Option<&serde_json::Value> {
+        self.host_services.services.get(service)?.config.as_ref()?.get(key)
     }
 
     /// Whether a host service is switched on.
@@ -476,6 +586,8 @@ mod tests {
         assert!(c.tags.contains_key("node_name"));
         assert_eq!(c.tags["simple"], "true");
         assert!(c.deny_trigger_subjects.contains(&"$NEX.>".to_string()));
+        assert!(c.deny_trigger_subjects.contains(&"_INBOX.>".to_string()));
+        assert_eq!(c.deploy_max_age, 600);
         assert!(!c.host_service_enabled("http"));
         assert!(c.host_service_enabled("kv"));
         assert_eq!(c.workload_types, vec!["native", "v8", "wasm"]);
@@ -512,5 +624,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("valid_issuers"), "{e}");
+        for (cfg, key) in [
+            (r#"{"no_sandbox":true,"admin_issuers":["Nbogus"]}"#, "admin_issuers"),
+            (r#"{"no_sandbox":true,"allowed_nats_targets":["not a host"]}"#, "allowed_nats_targets"),
+            (
+                r#"{"no_sandbox":true,"host_services":{"services":{"http":{"config":{"allow":["300.1.1.1/8"]}}}}}"#,
+                "allow",
+            ),
+            (
+                r#"{"no_sandbox":true,"host_services":{"services":{"messaging":{"config":{"deny_subjects":["a..b"]}}}}}"#,
+                "deny_subjects",
+            ),
+        ] {
+            let e = NodeConfig::from_json(cfg).unwrap().validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{cfg}: {e}");
+        }
+    }
+
+    #[test]
+    fn deploy_max_age_takes_seconds_or_a_unit() {
+        assert_eq!(NodeConfig::from_json(r#"{"deploy_max_age":90}"#).unwrap().deploy_max_age, 90);
+        assert_eq!(NodeConfig::from_json(r#"{"deploy_max_age":"10m"}"#).unwrap().deploy_max_age, 600);
+        assert_eq!(NodeConfig::from_json(r#"{"deploy_max_age":"1500ms"}"#).unwrap().deploy_max_age, 2);
+        let e = NodeConfig::from_json(r#"{"deploy_max_age":"soon"}"#).unwrap_err().to_string();
+        assert!(e.contains("not a duration"), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use nex_api::control::{
-    response_type, AuctionRequest, Envelope, InfoResponse, LameDuckRequest, LameDuckResponse, MemoryStat, PingResponse,
+    response_type, AuctionRequest, Envelope, InfoResponse, LameDuckResponse, MemoryStat, PingResponse,
     WorkloadPingResponse,
 };
 
@@ -122,19 +122,30 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
             })
         }
         Op::LameDuck => {
-            let req: LameDuckRequest = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            mgr.enter_lameduck().await;
-            if let Some(ms) = req.delay_ms {
-                let tx = ctx.shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    let _ = tx.send(());
-                });
+            match crate::trust::authorize_lameduck(mgr.config(), mgr.replay(), &mgr.identity().node_id, &msg.payload) {
+                Ok(order) => {
+                    tracing::info!(
+                        issuer = order.issuer.as_deref().unwrap_or("(open node)"),
+                        "entering lame duck mode"
+                    );
+                    mgr.enter_lameduck().await;
+                    if let Some(ms) = order.delay_ms {
+                        let tx = ctx.shutdown.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            let _ = tx.send(());
+                        });
+                    }
+                    Some(Envelope::ok(
+                        response_type::LAMEDUCK,
+                        &LameDuckResponse { node_id: mgr.identity().node_id.clone(), success: true },
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lame duck request refused");
+                    Some(Envelope::fail(response_type::LAMEDUCK, e))
+                }
             }
-            Some(Envelope::ok(
-                response_type::LAMEDUCK,
-                &LameDuckResponse { node_id: mgr.identity().node_id.clone(), success: true },
-            ))
         }
     };
     if let Some(env) = envelope {

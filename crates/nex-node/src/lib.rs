@@ -8,6 +8,9 @@
 //! * [`tiers`] — how agents are isolated ([`tiers::process`] today).
 //! * [`internal_nats`] — the private `nats-server` with one account per workload.
 //! * [`triggers`] — function trigger subscriptions.
+//! * [`trust`] — who may ask for what: token binding and freshness, signed operator commands;
+//!   [`replay`] — accepted token ids, on disk; [`nats_targets`] — which NATS servers workloads
+//!   may reach; [`files`] — the node's own files, safe from other local users.
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
 pub mod agent_client;
@@ -16,14 +19,18 @@ pub mod cgroup;
 pub mod config;
 pub mod control_api;
 pub mod events;
+pub mod files;
 pub mod host_services;
 pub mod internal_nats;
 pub mod nats_ext;
+pub mod nats_targets;
 pub mod node;
 pub mod pool;
+pub mod replay;
 pub mod state;
 pub mod tiers;
 pub mod triggers;
+pub mod trust;
 pub mod workloads;
 
 pub use config::NodeConfig;

@@ -46,26 +46,22 @@ pub struct NodeOptions {
 pub async fn run(opts: NodeOptions) -> Result<()> {
     let cfg = Arc::new(opts.config.clone());
     cfg.validate()?;
-    let state_dir = cfg.state_dir();
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let state_dir = crate::files::prepare_state_dir(&cfg.state_dir())?;
     let pid_file = cfg.pid_file();
     check_pid_file(&pid_file)?;
     let cgroups = cgroup::detect();
     if cgroups.is_none() {
         tracing::warn!("no usable cgroup (v1 or v2 with memory and pids) on this host: workloads run without memory or pids limits");
     }
-    let cleaned = state::cleanup_stale_runs(&state_dir, cgroups).await;
+    let cleaned = state::cleanup_stale_runs(&state_dir, cgroups, &cfg).await;
     if cleaned > 0 {
         tracing::info!("removed leftovers of {cleaned} earlier node run(s)");
     }
+    let replay = Arc::new(crate::replay::ReplayGuard::open(&state_dir)?);
     let run = Arc::new(RunState::create(&state_dir)?);
-    if let Some(p) = pid_file.parent() {
-        let _ = std::fs::create_dir_all(p);
-    }
-    std::fs::write(&pid_file, std::process::id().to_string())
-        .with_context(|| format!("writing pid file {}", pid_file.display()))?;
+    crate::files::write_pid_file(&pid_file)?;
 
-    let result = run_inner(cfg.clone(), opts, run.clone(), cgroups).await;
+    let result = run_inner(cfg.clone(), opts, run.clone(), cgroups, replay).await;
 
     let _ = std::fs::remove_file(&pid_file);
     if let Some(v) = cgroups {
@@ -80,6 +76,7 @@ async fn run_inner(
     opts: NodeOptions,
     run: Arc<RunState>,
     cgroups: Option<cgroup::CgroupVersion>,
+    replay: Arc<crate::replay::ReplayGuard>,
 ) -> Result<()> {
     let NodeOptions { control, control_url, control_anonymous, node_key, nexus, .. } = opts;
     let node_id = node_key.public_key();
@@ -178,6 +175,7 @@ async fn run_inner(
         agent_triggers_url,
         pool.clone(),
         events.clone(),
+        replay,
     );
     tokio::spawn(mgr.clone().run_agent_messages(msg_rx));
     pool.start();
@@ -265,15 +263,20 @@ fn check_pid_file(path: &Path) -> Result<()> {
 
 /// Connects to a NATS server named in a deploy request or the host-services config.
 pub async fn connect_workload_nats(cfg: &NatsConnectionConfig, name: &str) -> Result<async_nats::Client> {
-    let mut opts = async_nats::ConnectOptions::new().name(name);
-    if let (Some(jwt), Some(seed)) = (cfg.nats_user_jwt.clone(), cfg.nats_user_seed.clone()) {
-        if !jwt.is_empty() && !seed.is_empty() {
-            let kp = Arc::new(nkeys::KeyPair::from_seed(&seed).context("host services seed")?);
-            opts = opts.jwt(jwt, move |nonce| {
+    let jwt = cfg.nats_user_jwt.clone().filter(|j| !j.is_empty());
+    let seed = cfg.nats_user_seed.as_ref().map(|s| s.expose().to_string()).filter(|s| !s.is_empty());
+    let opts = match (jwt, seed) {
+        (Some(jwt), Some(seed)) => {
+            let kp = Arc::new(
+                nkeys::KeyPair::from_seed(&seed).context("the connection's user seed is not a valid nkey seed")?,
+            );
+            async_nats::ConnectOptions::new().jwt(jwt, move |nonce| {
                 let kp = kp.clone();
                 async move { kp.sign(&nonce).map_err(async_nats::AuthError::new) }
-            });
+            })
         }
-    }
-    opts.connect(cfg.nats_url.as_str()).await.with_context(|| format!("connecting to {}", cfg.nats_url))
+        (None, Some(seed)) => async_nats::ConnectOptions::with_nkey(seed),
+        _ => async_nats::ConnectOptions::new(),
+    };
+    opts.name(name).connect(cfg.nats_url.as_str()).await.with_context(|| format!("connecting to {}", cfg.nats_url))
 }

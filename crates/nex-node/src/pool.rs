@@ -204,7 +204,7 @@ impl AgentPool {
             id: id.clone(),
             nats_host: self.tier.agent_nats_host(),
             nats_port: self.nats.port(),
-            nkey_seed: creds.agent.seed()?,
+            nkey_seed: creds.agent.seed()?.into(),
             work_dir: self.run.agent_dir(&id),
             template: self.cfg.machine_template.clone(),
             stop_grace_ms: self.cfg.workload_stop_grace_ms,

@@ -24,7 +24,8 @@ impl RunState {
     pub fn create(state_dir: &Path) -> Result<RunState> {
         let run_id = format!("{:08x}", rand::random::<u32>());
         let dir = state_dir.join("runs").join(&run_id);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
+        crate::files::private_dir(&state_dir.join("runs"))?;
+        crate::files::private_dir(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
         let lock = File::create(dir.join("lock"))?;
         // SAFETY: flock on a file descriptor we own.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -46,15 +47,25 @@ impl RunState {
     }
 }
 
+/// True for the shape of a run id (8 lowercase hex digits): anything else under `runs/` was not
+/// made by a node and is left alone.
+pub fn is_run_id(s: &str) -> bool {
+    s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Cleans every run under `state_dir` whose node is gone: kills leftover agents and workloads,
-/// removes their cgroups and files. Returns how many runs were cleaned.
-pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>) -> usize {
+/// removes their cgroups and files. Returns how many runs were cleaned. Nothing read from the
+/// state directory is executed: the container runtime is the one `cfg` names.
+pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>, cfg: &crate::NodeConfig) -> usize {
     let Ok(rd) = std::fs::read_dir(state_dir.join("runs")) else {
         return 0;
     };
     let mut cleaned = 0;
     for e in rd.flatten() {
         let dir = e.path();
+        if !is_run_id(&e.file_name().to_string_lossy()) {
+            continue;
+        }
         let Ok(lock) = File::open(dir.join("lock")) else {
             // No lock file: a half-created run; remove it.
             let _ = std::fs::remove_dir_all(&dir);
@@ -67,7 +78,8 @@ pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>
         }
         let run = e.file_name().to_string_lossy().to_string();
         kill_recorded_agents(&dir);
-        crate::tiers::container::cleanup_run(&dir, &run).await;
+        let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path);
+        crate::tiers::container::cleanup_run(&dir, &run, runtime.as_deref()).await;
         crate::tiers::microvm::cleanup_run(&run).await;
         if let Some(v) = cgroups {
             cgroup::remove_run(v, &run).await;

@@ -34,9 +34,11 @@ impl TriggerSet {
     }
 }
 
-/// The queue group shared by every instance of a function (W9), relayed or agent-held.
-pub fn queue_group(namespace: &str, name: &str) -> String {
-    format!("nex-{namespace}-{name}")
+/// The queue group shared by every instance of a function (W9), relayed or agent-held: one per
+/// tenant (namespace, name and issuer), so a stranger who deploys a function under the same
+/// namespace and name does not join it and take a share of its requests.
+pub fn queue_group(namespace: &str, name: &str, issuer: &str) -> String {
+    format!("nex-{}", nex_api::id::tenant_id(namespace, name, issuer))
 }
 
 /// Subscribes the workload's trigger subjects.
@@ -44,12 +46,14 @@ pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<Tr
     let v = w.trigger_request();
     let (conn, own_conn) = match &v.trigger_connection {
         Some(tc) if !tc.nats_url.is_empty() => {
+            // The node dials only servers it lets workloads reach.
+            mgr.nats_targets().check(&tc.nats_url).await.map_err(anyhow::Error::msg)?;
             let c = crate::node::connect_workload_nats(tc, "workload-trigger-subscription").await?;
             (c.clone(), Some(c))
         }
         _ => (mgr.control().clone(), None),
     };
-    let group = queue_group(&w.namespace, &w.name);
+    let group = queue_group(&w.namespace, &w.name, &w.issuer);
     let mut tasks = Vec::new();
     for subject in &v.trigger_subjects {
         let mut sub = conn

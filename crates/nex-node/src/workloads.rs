@@ -1,7 +1,7 @@
 //! The workload manager: the DEPLOY and STOP pipelines (REFERENCE §3.6–3.7, W3–W5), running
 //! workloads and their lifecycle events (W8), essential restarts with back-off, lame duck.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -21,7 +21,9 @@ use crate::agent_client::AgentMessage;
 use crate::artifact::{HashingReader, Location};
 use crate::config::NodeConfig;
 use crate::events::EventPublisher;
+use crate::nats_targets::NatsTargets;
 use crate::pool::{Agent, AgentPool};
+use crate::replay::ReplayGuard;
 use crate::triggers::TriggerSet;
 
 /// Identity of this node.
@@ -40,8 +42,10 @@ pub struct NodeIdentity {
     pub tags: RwLock<BTreeMap<String, String>>,
 }
 
-/// A deploy request that passed validation.
-#[derive(Debug, Clone)]
+/// A deploy request that passed validation. Its `request` carries the effective host-services
+/// and trigger connections (credentials from the sealed environment merged in); `Debug` shows
+/// no environment values.
+#[derive(Clone)]
 struct Validated {
     namespace: String,
     request: DeployRequest,
@@ -51,6 +55,18 @@ struct Validated {
     expected_hash: Option<String>,
     retry_count: u32,
     chain: Option<u64>,
+}
+
+impl std::fmt::Debug for Validated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validated")
+            .field("namespace", &self.namespace)
+            .field("name", &self.claims.sub)
+            .field("workload_type", &self.workload_type)
+            .field("environment", &nex_api::env::redacted(&self.environment))
+            .field("retry_count", &self.retry_count)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +94,8 @@ pub struct Workload {
     pub total_bytes: u64,
     /// Issuer public key.
     pub issuer: String,
+    /// Tenant id (namespace, name, issuer): names its host-service buckets and queue group.
+    pub tenant: String,
     claims: WorkloadClaims,
     validated: Validated,
     agent: Agent,
@@ -127,7 +145,8 @@ pub struct WorkloadManager {
     pool: Arc<AgentPool>,
     events: EventPublisher,
     workloads: Mutex<HashMap<String, Arc<Workload>>>,
-    accepted_jti: Mutex<HashSet<String>>,
+    replay: Arc<ReplayGuard>,
+    targets: NatsTargets,
     lameduck: AtomicBool,
     shutting_down: AtomicBool,
     chains: Mutex<HashMap<u64, Chain>>,
@@ -140,6 +159,7 @@ pub type DeployError = String;
 
 impl WorkloadManager {
     /// A manager deploying into agents from `pool`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ident: Arc<NodeIdentity>,
         cfg: Arc<NodeConfig>,
@@ -148,7 +168,9 @@ impl WorkloadManager {
         agent_triggers_url: Option<String>,
         pool: Arc<AgentPool>,
         events: EventPublisher,
+        replay: Arc<ReplayGuard>,
     ) -> Arc<WorkloadManager> {
+        let targets = NatsTargets::new(&cfg, &control_url, Some(control.clone()));
         Arc::new(WorkloadManager {
             ident,
             cfg,
@@ -158,7 +180,8 @@ impl WorkloadManager {
             pool,
             events,
             workloads: Mutex::new(HashMap::new()),
-            accepted_jti: Mutex::new(HashSet::new()),
+            replay,
+            targets,
             lameduck: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             chains: Mutex::new(HashMap::new()),
@@ -185,6 +208,16 @@ impl WorkloadManager {
     /// The event publisher.
     pub fn events(&self) -> &EventPublisher {
         &self.events
+    }
+
+    /// The record of accepted token ids.
+    pub fn replay(&self) -> &ReplayGuard {
+        &self.replay
+    }
+
+    /// Which NATS servers workloads may reach.
+    pub fn nats_targets(&self) -> &NatsTargets {
+        &self.targets
     }
 
     /// True once LAMEDUCK was received.
@@ -304,7 +337,7 @@ impl WorkloadManager {
         let jti = v.claims.jti.clone();
         let res = self.launch(v).await;
         if res.is_err() {
-            self.accepted_jti.lock().unwrap().remove(&jti);
+            self.replay.forget(&jti);
         }
         res
     }
@@ -315,6 +348,9 @@ impl WorkloadManager {
             Some(n) if !n.is_empty() => n.to_string(),
             _ => return Err("Invalid subject for workload deployment".into()),
         };
+        if let Some(why) = nex_api::subjects::namespace_problem(&ns) {
+            return Err(format!("Invalid subject for workload deployment: {why}"));
+        }
         // 2
         if self.in_lameduck() {
             return Err("Node is in lame duck mode. Workload deploy request denied".into());
@@ -325,8 +361,16 @@ impl WorkloadManager {
             return Err("Node is at maximum workload limit. Deploy request denied".into());
         }
         // 4
-        let req: DeployRequest =
+        let mut req: DeployRequest =
             serde_json::from_slice(body).map_err(|e| format!("Unable to deserialize deploy request: {e}"))?;
+        // The request must name this node: one captured on its way to another node is refused.
+        if req.target_node != self.ident.node_id {
+            return Err(if req.target_node.is_empty() {
+                "Invalid deploy request: the request names no target_node (it must be this node's id)".to_string()
+            } else {
+                format!("Invalid deploy request: the request is for node {}, not this node", req.target_node)
+            });
+        }
         // 5
         let wt = workload_type::canonical(&req.workload_type);
         if !self.cfg.workload_types.contains(&wt) {
@@ -338,8 +382,11 @@ impl WorkloadManager {
         }
         // 7
         for s in &req.trigger_subjects {
-            if !nex_api::subjects::is_valid_subscribe_subject(s) || self.cfg.denied_trigger(s) {
-                return Err(format!("The trigger subject {s} overlaps with subject(s) in this node's deny list"));
+            if !nex_api::subjects::is_valid_subscribe_subject(s) {
+                return Err(format!("The trigger subject {s} overlaps with subject(s) in this node's deny list: it is not a valid subject"));
+            }
+            if let Some(d) = self.cfg.denied_trigger(s) {
+                return Err(format!("The trigger subject {s} overlaps with subject(s) in this node's deny list: {d}"));
             }
         }
         if workload_type::is_function(&wt) && req.trigger_subjects.is_empty() {
@@ -351,8 +398,9 @@ impl WorkloadManager {
             return Err(format!("Failed to deploy workload: essential flag is not supported for workload type {wt}"));
         }
         // 8
-        let environment = nex_api::env::open(&req.environment, &self.ident.xkey, &req.sender_public_key)
+        let mut environment = nex_api::env::open(&req.environment, &self.ident.xkey, &req.sender_public_key)
             .map_err(|e| format!("Failed to decrypt environment for deploy request: {e}"))?;
+        merge_sealed_credentials(&mut req, &mut environment, &self.control_url);
         // 9
         let claims = WorkloadClaims::decode(&req.workload_jwt)
             .map_err(|e| format!("Invalid deploy request: could not decode workload JWT: {e}"))?;
@@ -362,8 +410,11 @@ impl WorkloadManager {
                 claims.sub
             ));
         }
-        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
+        if let Err(why) = crate::trust::check_fresh(&self.cfg, &claims) {
             return Err(format!("Invalid deploy request: standard claims within JWT are not valid: {why}"));
+        }
+        if let Err(why) = crate::trust::check_binding(&claims, &ns, &self.ident.node_id, None) {
+            return Err(format!("Invalid deploy request: {why}"));
         }
         // 10
         if !self.cfg.valid_issuers.is_empty() && !self.cfg.valid_issuers.contains(&claims.iss) {
@@ -379,16 +430,10 @@ impl WorkloadManager {
                 )
             }
         };
-        // W4: replays.
-        if claims.jti.is_empty() {
-            return Err("Invalid deploy request: workload JWT has no jti, so replay protection cannot apply".into());
-        }
-        if !self.accepted_jti.lock().unwrap().insert(claims.jti.clone()) {
-            return Err(format!(
-                "Invalid deploy request: replay detected: a workload JWT with jti {} was already accepted by this node",
-                claims.jti
-            ));
-        }
+        // W4: replays, also across restarts.
+        self.replay
+            .accept(&claims.jti, claims.replay_window_end(self.cfg.deploy_max_age))
+            .map_err(|e| format!("Invalid deploy request: {e}"))?;
         let chain = if req.essential { Some(self.next_chain.fetch_add(1, Ordering::SeqCst)) } else { None };
         Ok(Validated {
             namespace: ns,
@@ -453,16 +498,9 @@ impl WorkloadManager {
         };
         let mut environment = v.environment.clone();
         for (k, url) in environment.iter_mut().filter(|(k, _)| k.eq_ignore_ascii_case("NATS_URL")) {
-            match self.pool.tier().workload_nats_url(url).await {
+            match self.sandbox_nats_url(&agent.id, url).await {
                 Ok(u) => *url = u,
-                Err(e) => {
-                    return fail(
-                        self,
-                        agent,
-                        format!("Failed to deploy workload: cannot reach {k} from the sandbox: {e:#}"),
-                    )
-                    .await
-                }
+                Err(e) => return fail(self, agent, format!("Failed to deploy workload: {k}: {e}")).await,
             }
         }
         let object = match store.get(&loc.key).await {
@@ -491,9 +529,8 @@ impl WorkloadManager {
                 return fail(
                     self,
                     agent,
-                    format!(
-                        "Failed to cache workload bytes: artifact hash mismatch: the workload JWT claims {expected} but the artifact's SHA-256 is {hash}"
-                    ),
+                    // Neither digest is echoed: the requester may not be able to read the bucket.
+                    "Failed to cache workload bytes: artifact hash mismatch: the artifact's SHA-256 differs from the workload JWT's nats.hash claim".to_string(),
                 )
                 .await;
             }
@@ -528,6 +565,7 @@ impl WorkloadManager {
             hash: hash.clone(),
             total_bytes,
             issuer: v.claims.iss.clone(),
+            tenant: nex_api::id::tenant_id(&v.namespace, &v.claims.sub, &v.claims.iss),
             claims: v.claims.clone(),
             validated: v.clone(),
             agent: agent.clone(),
@@ -551,7 +589,7 @@ impl WorkloadManager {
                 namespace: w.namespace.clone(),
             });
         }
-        let direct_triggers = self.direct_triggers(&v).await;
+        let direct_triggers = self.direct_triggers(&v, &agent.id).await;
         let areq = AgentDeployRequest {
             argv: v.request.argv.clone(),
             description: v.request.description.clone(),
@@ -566,7 +604,8 @@ impl WorkloadManager {
             trigger_connection: v.request.trigger_connection.clone(),
             workload_name: v.claims.sub.clone(),
             workload_type: v.workload_type.clone(),
-            host_services: v.request.host_services.clone(),
+            // Host services are answered by the node: their credentials stay here.
+            host_services: None,
             function_limits: Some(FunctionLimits {
                 timeout_ms: self.cfg.function_timeout_ms,
                 memory_mib: self.cfg.function_memory_mib,
@@ -757,6 +796,9 @@ impl WorkloadManager {
     // ---------------------------------------------------------------- STOP
 
     /// The STOP pipeline for a request received on `$NEX.STOP.{ns}.{node}`.
+    ///
+    /// A workload in another namespace is "No such workload" before anything else is checked, so
+    /// the answer tells a stranger nothing about it.
     pub async fn stop(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<StopResponse, String> {
         let ns = match ns {
             Some(n) if !n.is_empty() => n,
@@ -766,27 +808,43 @@ impl WorkloadManager {
             serde_json::from_slice(body).map_err(|e| format!("Unable to deserialize stop request: {e}"))?;
         let claims = WorkloadClaims::decode(&req.workload_jwt)
             .map_err(|e| format!("Invalid stop request: could not decode workload JWT: {e}"));
-        let Some(w) = self.get(&req.workload_id) else {
+        let Some(w) = self.get(&req.workload_id).filter(|w| w.namespace.eq_ignore_ascii_case(ns)) else {
             return self.stop_pending_restart(ns, &req.workload_id, claims?);
         };
         let claims = claims?;
         if claims.jti == w.claims.jti {
             return Err("Invalid stop request: stop claims appear to be cloned or captured from the original start claims. Rejecting for security reasons".into());
         }
-        if claims.sub != w.claims.sub {
-            return Err("Invalid stop request: stop claims subject does not match original start claims subject".into());
-        }
-        if claims.iss != w.claims.iss {
-            return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
-        }
-        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
-            return Err(format!("Invalid stop request: standard claims within JWT are not valid: {why}"));
-        }
-        if !w.namespace.eq_ignore_ascii_case(ns) {
-            return Err("No such workload".into());
-        }
+        self.check_stop_claims(&claims, ns, &w.id, &w.claims.sub, &w.claims.iss)?;
         self.stop_workload(&w).await;
         Ok(StopResponse { stopped: true, id: w.id.clone(), issuer: w.issuer.clone(), name: w.name.clone() })
+    }
+
+    /// The rules of a STOP token: same subject and issuer as the deploy, fresh, bound to this
+    /// node, namespace and workload when it says so, and never used before.
+    fn check_stop_claims(
+        &self,
+        claims: &WorkloadClaims,
+        ns: &str,
+        id: &str,
+        sub: &str,
+        iss: &str,
+    ) -> Result<(), String> {
+        if claims.sub != sub {
+            return Err("Invalid stop request: stop claims subject does not match original start claims subject".into());
+        }
+        if claims.iss != iss {
+            return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
+        }
+        if let Err(why) = crate::trust::check_fresh(&self.cfg, claims) {
+            return Err(format!("Invalid stop request: standard claims within JWT are not valid: {why}"));
+        }
+        if let Err(why) = crate::trust::check_binding(claims, ns, &self.ident.node_id, Some(id)) {
+            return Err(format!("Invalid stop request: {why}"));
+        }
+        self.replay
+            .accept(&claims.jti, claims.replay_window_end(self.cfg.deploy_max_age))
+            .map_err(|e| format!("Invalid stop request: {e}"))
     }
 
     /// A STOP for an essential workload that exited and waits to be restarted: ends the chain.
@@ -796,15 +854,7 @@ impl WorkloadManager {
         else {
             return Err("No such workload".into());
         };
-        if claims.sub != ch.name {
-            return Err("Invalid stop request: stop claims subject does not match original start claims subject".into());
-        }
-        if claims.iss != ch.issuer {
-            return Err("Invalid stop request: the only entity allowed to terminate a workload is the issuer that originally started it".into());
-        }
-        if let Err(why) = claims.check_time(chrono::Utc::now().timestamp()) {
-            return Err(format!("Invalid stop request: standard claims within JWT are not valid: {why}"));
-        }
+        self.check_stop_claims(&claims, ns, id, &ch.name, &ch.issuer)?;
         let resp = StopResponse { stopped: true, id: id.to_string(), issuer: ch.issuer.clone(), name: ch.name.clone() };
         chains.remove(&key);
         tracing::info!(id, "stop ended a pending essential restart");
@@ -916,28 +966,53 @@ impl WorkloadManager {
         }
     }
 
-    /// The connection host services use for a function, when it is not the control connection.
+    /// The connection host services use for a function, when it is not the control connection:
+    /// the operator's host-services connection whenever one is configured (URL or credentials),
+    /// else the request's own (`host_services`, credentials possibly sealed), to an allowed server.
     async fn host_services_connection(&self, v: &Validated) -> anyhow::Result<Option<async_nats::Client>> {
         if !workload_type::is_function(&v.workload_type) {
             return Ok(None);
         }
         let hs = &self.cfg.host_services;
-        let conf = match &v.request.host_services {
-            Some(o) if !o.nats_url.is_empty() => o.clone(),
-            _ if !hs.nats_url.is_empty() && hs.nats_url != self.control_url => nex_api::control::NatsConnectionConfig {
-                nats_url: hs.nats_url.clone(),
+        let conf = if hs.has_connection() {
+            nex_api::control::NatsConnectionConfig {
+                nats_url: if hs.nats_url.is_empty() { self.control_url.clone() } else { hs.nats_url.clone() },
                 nats_user_jwt: Some(hs.nats_user_jwt.clone()).filter(|s| !s.is_empty()),
                 nats_user_seed: Some(hs.nats_user_seed.clone()).filter(|s| !s.is_empty()),
-            },
-            _ => return Ok(None),
+            }
+        } else {
+            match &v.request.host_services {
+                Some(o) if !o.nats_url.is_empty() || o.nats_user_seed.is_some() => {
+                    let mut o = o.clone();
+                    if o.nats_url.is_empty() {
+                        o.nats_url = self.control_url.clone();
+                    }
+                    self.targets.check(&o.nats_url).await.map_err(anyhow::Error::msg)?;
+                    o
+                }
+                _ => return Ok(None),
+            }
         };
         Ok(Some(crate::node::connect_workload_nats(&conf, "nex-hostservices").await?))
+    }
+
+    /// `urls` as a workload of agent `agent_id` must dial them: in a sandboxed tier only allowed
+    /// NATS servers, each through a relay that serves this agent alone.
+    async fn sandbox_nats_url(&self, agent_id: &str, urls: &str) -> Result<String, String> {
+        let tier = self.pool.tier();
+        if !tier.sandboxed() {
+            return Ok(urls.to_string());
+        }
+        let targets = self.targets.check(urls).await?;
+        tier.workload_nats_url(agent_id, urls, &targets)
+            .await
+            .map_err(|e| format!("cannot reach it from the sandbox: {e:#}"))
     }
 
     /// How a function's agent can hold its own trigger subscriptions, or `None` when the node
     /// must relay them (the user's NATS needs the node's credentials, or the tier cannot reach it).
     /// The agent then answers requesters itself: two hops fewer per call.
-    async fn direct_triggers(&self, v: &Validated) -> Option<nex_api::agent::DirectTriggers> {
+    async fn direct_triggers(&self, v: &Validated, agent_id: &str) -> Option<nex_api::agent::DirectTriggers> {
         if !workload_type::is_function(&v.workload_type) || !self.cfg.agent_triggers {
             return None;
         }
@@ -948,10 +1023,10 @@ impl WorkloadManager {
                 ..Default::default()
             },
         };
-        connection.nats_url = self.pool.tier().workload_nats_url(&connection.nats_url).await.ok()?;
+        connection.nats_url = self.sandbox_nats_url(agent_id, &connection.nats_url).await.ok()?;
         Some(nex_api::agent::DirectTriggers {
             connection,
-            queue_group: crate::triggers::queue_group(&v.namespace, &v.claims.sub),
+            queue_group: crate::triggers::queue_group(&v.namespace, &v.claims.sub, &v.claims.iss),
         })
     }
 
@@ -966,7 +1041,34 @@ impl WorkloadManager {
     }
 }
 
-/// Streams an artifact into a file next to its agent (tiers sharing the host file system).
+/// Moves NATS credentials sealed in the environment into the request's connection settings
+/// (they win over the clear fields), so the workload never sees them in its environment.
+/// Credentials without a URL are for `default_url` (the node's control connection's server).
+fn merge_sealed_credentials(req: &mut DeployRequest, env: &mut BTreeMap<String, String>, default_url: &str) {
+    use nex_api::env::sealed;
+    let creds = nex_api::env::take_sealed_credentials(env);
+    let merge = |slot: &mut Option<nex_api::control::NatsConnectionConfig>, jwt_key: &str, seed_key: &str| {
+        let (jwt, seed) = (creds.get(jwt_key), creds.get(seed_key));
+        if jwt.is_none() && seed.is_none() {
+            return;
+        }
+        let c = slot.get_or_insert_with(Default::default);
+        if let Some(j) = jwt {
+            c.nats_user_jwt = Some(j.clone());
+        }
+        if let Some(s) = seed {
+            c.nats_user_seed = Some(s.as_str().into());
+        }
+        if c.nats_url.is_empty() {
+            c.nats_url = default_url.to_string();
+        }
+    };
+    merge(&mut req.host_services, sealed::HOST_SERVICES_USER_JWT, sealed::HOST_SERVICES_USER_SEED);
+    merge(&mut req.trigger_connection, sealed::TRIGGER_USER_JWT, sealed::TRIGGER_USER_SEED);
+}
+
+/// Streams an artifact into a file next to its agent (tiers sharing the host file system);
+/// only the agent's user may read it.
 async fn write_file<R: tokio::io::AsyncRead + Unpin>(path: &std::path::Path, reader: &mut R) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
@@ -974,7 +1076,7 @@ async fn write_file<R: tokio::io::AsyncRead + Unpin>(path: &std::path::Path, rea
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o755)
+        .mode(0o700)
         .open(path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;

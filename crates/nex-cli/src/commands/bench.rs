@@ -269,7 +269,7 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         let t = Instant::now();
         let r = deploy(format!("native{i}"), "native", &native_loc, vec![]).await?;
         times.push(t.elapsed());
-        let stop = nex_client::deploy::stop_request(&issuer, &node, &r.id, &r.name)?;
+        let stop = nex_client::deploy::stop_request(&issuer, client.namespace(), &node, &r.id, &r.name)?;
         client.stop(&node, &stop).await?;
     }
     let nat = stats(times);
@@ -560,7 +560,7 @@ async fn tier_deploys(
             let t = Instant::now();
             let r = client.deploy(&node, &req).await?;
             times.push(t.elapsed());
-            let stop = nex_client::deploy::stop_request(&issuer, &node, &r.id, &r.name)?;
+            let stop = nex_client::deploy::stop_request(&issuer, client.namespace(), &node, &r.id, &r.name)?;
             client.stop(&node, &stop).await?;
         }
         Ok::<_, anyhow::Error>((stats(times), rss))

@@ -204,7 +204,7 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
     upload(client.nats(), g.jsdomain.as_deref(), DEV_BUCKET, &key, &args.file, args.bucketmaxbytes).await?;
     if args.stop {
         for m in info.machines.iter().filter(|m| m.workload.name == key) {
-            let req = nex_client::deploy::stop_request(&issuer, &node, &m.id, &key)?;
+            let req = nex_client::deploy::stop_request(&issuer, client.namespace(), &node, &m.id, &key)?;
             let r = client
                 .stop(&node, &req)
                 .await
@@ -231,6 +231,8 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
         description: Some("Workload published in devmode".into()),
         jsdomain: Some(g.jsdomain.clone().unwrap_or_default()),
         host_services: None,
+        trigger_connection: None,
+        namespace: Some(client.namespace().to_string()),
     };
     let req = b.build(&issuer, &sender, &node, &info.public_xkey)?;
     match client.deploy(&node, &req).await {

@@ -47,11 +47,14 @@ pub struct RunArgs {
     #[arg(long = "hs_url")]
     pub hs_url: Option<String>,
     /// Host-services user JWT
-    #[arg(long = "hs_jwt")]
+    #[arg(long = "hs_jwt", env = "NEX_HS_JWT", hide_env_values = true)]
     pub hs_jwt: Option<String>,
-    /// Host-services user seed
-    #[arg(long = "hs_seed")]
+    /// Host-services user seed (prefer NEX_HS_SEED or --hs_seed_file: the command line is visible to every local user)
+    #[arg(long = "hs_seed", env = "NEX_HS_SEED", hide_env_values = true)]
     pub hs_seed: Option<String>,
+    /// File holding the host-services user seed
+    #[arg(long = "hs_seed_file", env = "NEX_HS_SEED_FILE", conflicts_with = "hs_seed")]
+    pub hs_seed_file: Option<PathBuf>,
 }
 
 /// `nex stop`
@@ -87,10 +90,19 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
     let hash =
         info.digest.as_deref().and_then(artifact_hash_from_digest).context("the object has no SHA-256 digest")?;
     let node_info = client.node_info(&args.id).await?;
+    let hs_seed = match (&args.hs_seed, &args.hs_seed_file) {
+        (_, Some(f)) => Some(crate::cli::read_secret_file(f)?),
+        (Some(s), None) => {
+            crate::cli::warn_if_on_command_line("--hs_seed", "NEX_HS_SEED or --hs_seed_file");
+            Some(s.clone())
+        }
+        (None, None) => None,
+    };
+    // The JWT and seed travel sealed in the environment, to this node only.
     let hs = args.hs_url.clone().map(|u| nex_api::control::NatsConnectionConfig {
         nats_url: u,
         nats_user_jwt: args.hs_jwt.clone(),
-        nats_user_seed: args.hs_seed.clone(),
+        nats_user_seed: hs_seed.map(Into::into),
     });
     let b = DeployBuilder {
         name: args.name.clone(),
@@ -108,6 +120,8 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
         description: args.description.clone(),
         jsdomain: g.jsdomain.clone(),
         host_services: hs,
+        trigger_connection: None,
+        namespace: Some(client.namespace().to_string()),
     };
     let req = b.build(&issuer, &sender, &args.id, &node_info.public_xkey)?;
     match client.deploy(&args.id, &req).await {
@@ -128,7 +142,7 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
 /// Stops a workload.
 pub async fn stop(client: &ControlClient, args: StopArgs) -> Result<()> {
     let issuer = nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
-    let req = nex_client::deploy::stop_request(&issuer, &args.id, &args.workload_id, &args.name)?;
+    let req = nex_client::deploy::stop_request(&issuer, client.namespace(), &args.id, &args.workload_id, &args.name)?;
     match client.stop(&args.id, &req).await {
         Ok(r) if r.stopped => {
             println!("✅ Workload '{}' stopped.", r.name);

@@ -397,9 +397,11 @@ impl User {
         DeployBuilder { name: name.into(), workload_type: "native".into(), location, hash, ..Default::default() }
     }
 
-    /// Builds the signed request for `node`.
+    /// Builds the signed request for `node` (in this user's namespace, as the CLI does).
     pub async fn request(&self, node: &str, b: &DeployBuilder) -> DeployRequest {
         let info = self.info(node).await;
+        let mut b = b.clone();
+        b.namespace.get_or_insert_with(|| self.client.namespace().to_string());
         b.build(&self.issuer, &self.xkey, node, &info.public_xkey).unwrap()
     }
 
@@ -421,7 +423,7 @@ impl User {
 
     /// Stops workload `id` named `name`.
     pub async fn stop(&self, node: &str, id: &str, name: &str) -> Result<nex_api::control::StopResponse, String> {
-        let req = nex_client::deploy::stop_request(&self.issuer, node, id, name).unwrap();
+        let req = nex_client::deploy::stop_request(&self.issuer, self.client.namespace(), node, id, name).unwrap();
         self.client.stop(node, &req).await.map_err(|e| e.to_string())
     }
 

@@ -128,7 +128,6 @@ impl ContainerTier {
     ) -> Result<ContainerTier> {
         let dir = run_dir.join("container");
         std::fs::create_dir_all(dir.join("bundles"))?;
-        std::fs::write(dir.join("runtime"), runtime.as_os_str().as_encoded_bytes())?;
         let binds = agent_files(&agent_path).await?;
         let rootfs = dir.join("rootfs");
         build_rootfs(&rootfs, &binds)?;
@@ -233,7 +232,7 @@ impl ContainerTier {
         {
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&seed)?;
-            std::io::Write::write_all(&mut f, spec.nkey_seed.as_bytes())?;
+            std::io::Write::write_all(&mut f, spec.nkey_seed.expose().as_bytes())?;
         }
         chown(&seed)?;
 
@@ -244,6 +243,7 @@ impl ContainerTier {
             br = self.net.bridge()
         );
         run_cmd("ip", &["-b", "-"], Some(&host_side)).await?;
+        self.net.attach_port(&spec.id, &veth).await?;
         let inside = format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n", self.net.ip(slot));
         run_cmd("ip", &["-n", netns, "-b", "-"], Some(&inside)).await?;
 
@@ -294,7 +294,6 @@ impl ContainerTier {
             id: spec.id.clone(),
             cid: cid.to_string(),
             netns: netns.to_string(),
-            slot,
             runtime_pid,
             exited: rx,
             work_dir: spec.work_dir.clone(),
@@ -351,13 +350,18 @@ impl IsolationTier for ContainerTier {
         Box::pin(self.net.allow_port(port))
     }
 
-    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, Result<String>> {
-        Box::pin(self.net.workload_nats_url(urls))
+    fn workload_nats_url<'a>(
+        &'a self,
+        agent_id: &'a str,
+        urls: &'a str,
+        targets: &'a [crate::nats_targets::Target],
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(self.net.workload_nats_url(agent_id, urls, targets))
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
         Box::pin(async move {
-            let slot = self.net.alloc_slot()?;
+            let slot = self.net.alloc_slot(&spec.id)?;
             let netns = format!("{}{}", netns_prefix(&self.run_id), spec.id);
             let cid = format!("nex-{}-{}", self.run_id, spec.id);
             match self.launch_inner(&spec, slot, &netns, &cid).await {
@@ -366,7 +370,7 @@ impl IsolationTier for ContainerTier {
                     let info = self.handle_info();
                     teardown(&info, &cid, &netns, &spec.id, &self.dir.join("bundles").join(&spec.id), &spec.work_dir)
                         .await;
-                    self.net.free_slot(slot);
+                    self.net.release(&spec.id).await;
                     Err(e)
                 }
             }
@@ -385,7 +389,6 @@ struct ContainerAgent {
     id: String,
     cid: String,
     netns: String,
-    slot: usize,
     runtime_pid: u32,
     exited: watch::Receiver<Option<AgentExit>>,
     work_dir: PathBuf,
@@ -434,7 +437,7 @@ impl AgentHandle for ContainerAgent {
                 unsafe { libc::kill(-(self.runtime_pid as i32), libc::SIGKILL) };
             }
             teardown(&self.tier, &self.cid, &self.netns, &self.id, &self.bundle, &self.work_dir).await;
-            self.net.free_slot(self.slot);
+            self.net.release(&self.id).await;
         })
     }
 
@@ -504,17 +507,24 @@ fn build_rootfs(root: &Path, binds: &[PathBuf]) -> Result<()> {
 }
 
 /// Removes what a dead node run of this tier left: containers, namespaces, bridge, firewall,
-/// cgroups. Called before the run directory is deleted.
-pub async fn cleanup_run(run_dir: &Path, run: &str) {
+/// cgroups. Called before the run directory is deleted, with the runtime this node's config
+/// names (never a path read from the dead run's state).
+pub async fn cleanup_run(run_dir: &Path, run: &str, runtime: Option<&Path>) {
     let dir = run_dir.join("container");
-    let Ok(runtime) = std::fs::read_to_string(dir.join("runtime")) else {
+    if !dir.is_dir() {
         return;
-    };
+    }
     let state = dir.join("state");
-    if let Ok(out) = Command::new(&runtime).arg("--root").arg(&state).args(["list", "-q"]).output().await {
-        for cid in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
-            let _ =
-                Command::new(&runtime).arg("--root").arg(&state).args(["delete", "--force", cid.trim()]).output().await;
+    if let Some(runtime) = runtime {
+        if let Ok(out) = Command::new(runtime).arg("--root").arg(&state).args(["list", "-q"]).output().await {
+            for cid in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
+                let _ = Command::new(runtime)
+                    .arg("--root")
+                    .arg(&state)
+                    .args(["delete", "--force", cid.trim()])
+                    .output()
+                    .await;
+            }
         }
     }
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output().await {

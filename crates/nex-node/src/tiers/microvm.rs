@@ -157,6 +157,8 @@ impl MicrovmTier {
             .args(["-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }])
             .args(["-smp", &t.vcpu_count.to_string(), "-m", &format!("{}M", t.memsize_mib)])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+            // QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete calls.
+            .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .arg("-netdev")
             .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
@@ -190,6 +192,7 @@ impl MicrovmTier {
             br = self.net.bridge()
         );
         run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the guest's tap device")?;
+        self.net.attach_port(&spec.id, tap).await?;
         let mac = format!("52:54:00:d5:{:02x}:{slot:02x}", (self.net.host_ip().octets()[2]));
         let mut child =
             self.qemu_cmd(spec, tap, &mac).spawn().with_context(|| format!("starting {}", self.qemu.display()))?;
@@ -236,8 +239,8 @@ impl MicrovmTier {
         }
         let rx = super::watch_exit(child);
         Ok(MicrovmAgent {
+            id: spec.id.clone(),
             tap: tap.to_string(),
-            slot,
             pid,
             exited: rx,
             work_dir: spec.work_dir.clone(),
@@ -310,20 +313,25 @@ impl IsolationTier for MicrovmTier {
         Box::pin(self.net.allow_port(port))
     }
 
-    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, Result<String>> {
-        Box::pin(self.net.workload_nats_url(urls))
+    fn workload_nats_url<'a>(
+        &'a self,
+        agent_id: &'a str,
+        urls: &'a str,
+        targets: &'a [crate::nats_targets::Target],
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(self.net.workload_nats_url(agent_id, urls, targets))
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {
         Box::pin(async move {
-            let slot = self.net.alloc_slot()?;
+            let slot = self.net.alloc_slot(&spec.id)?;
             let tap = format!("{}{slot:02x}", tap_prefix(&self.run_id));
             match self.launch_inner(&spec, slot, &tap).await {
                 Ok(a) => Ok(Box::new(a) as Box<dyn AgentHandle>),
                 Err(e) => {
                     let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
                     let _ = std::fs::remove_dir_all(&spec.work_dir);
-                    self.net.free_slot(slot);
+                    self.net.release(&spec.id).await;
                     Err(e)
                 }
             }
@@ -339,8 +347,8 @@ impl IsolationTier for MicrovmTier {
 /// A running guest.
 #[derive(Debug)]
 struct MicrovmAgent {
+    id: String,
     tap: String,
-    slot: usize,
     pid: u32,
     exited: watch::Receiver<Option<AgentExit>>,
     work_dir: PathBuf,
@@ -363,7 +371,7 @@ impl AgentHandle for MicrovmAgent {
             let _ = tokio::time::timeout(Duration::from_secs(5), super::wait_exit(&mut rx)).await;
             let _ = run_cmd("ip", &["link", "delete", &self.tap], None).await;
             let _ = std::fs::remove_dir_all(&self.work_dir);
-            self.net.free_slot(self.slot);
+            self.net.release(&self.id).await;
         })
     }
 

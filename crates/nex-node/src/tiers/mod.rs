@@ -27,7 +27,7 @@ pub struct AgentSpec {
     /// Internal NATS port.
     pub nats_port: u16,
     /// The agent's nkey user seed.
-    pub nkey_seed: String,
+    pub nkey_seed: nex_api::secret::Secret,
     /// A directory owned by this agent, removed when it stops.
     pub work_dir: PathBuf,
     /// Resources.
@@ -87,8 +87,15 @@ pub trait IsolationTier: Send + Sync {
     fn expose(&self, _port: u16) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
     }
-    /// The NATS URL list a workload must dial to reach `urls` from inside the tier.
-    fn workload_nats_url<'a>(&'a self, urls: &'a str) -> BoxFuture<'a, anyhow::Result<String>> {
+    /// The NATS URL list a workload of agent `agent_id` must dial to reach `urls` from inside the
+    /// tier: in sandboxed tiers each of the checked `targets` through a relay serving that agent
+    /// alone, gone with it.
+    fn workload_nats_url<'a>(
+        &'a self,
+        _agent_id: &'a str,
+        urls: &'a str,
+        _targets: &'a [crate::nats_targets::Target],
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
         Box::pin(async move { Ok(urls.to_string()) })
     }
     /// Removes what the tier made for the whole node run (after every agent is destroyed).

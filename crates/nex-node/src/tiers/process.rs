@@ -78,7 +78,7 @@ impl IsolationTier for ProcessTier {
                 .env(nex_api::agent::env::WORKLOAD_ID, &spec.id)
                 .env(nex_api::agent::env::NODE_NATS_HOST, &spec.nats_host)
                 .env(nex_api::agent::env::NODE_NATS_PORT, spec.nats_port.to_string())
-                .env(nex_api::agent::env::NODE_NATS_NKEY_SEED, &spec.nkey_seed)
+                .env(nex_api::agent::env::NODE_NATS_NKEY_SEED, spec.nkey_seed.expose())
                 .env("NEX_AGENT_WORKDIR", &spec.work_dir)
                 .env("NEX_STOP_GRACE_MS", spec.stop_grace_ms.to_string())
                 .env("TMPDIR", &spec.work_dir)
