@@ -47,6 +47,9 @@ pub fn boot() -> Result<()> {
     std::env::set_var(env::NODE_NATS_PORT, md.node_nats_port.to_string());
     std::env::set_var(crate::metadata::SEED_FILE, SEED_FILE);
     std::env::set_var("NEX_AGENT_WORKDIR", "/work");
+    // Native workloads run as an unprivileged user of the guest, not as its init's root.
+    std::env::set_var(env::WORKLOAD_UID, nex_api::agent::WORKLOAD_UID.to_string());
+    std::env::set_var(env::WORKLOAD_DIR, "/work/data");
     std::env::set_var("NEX_STOP_GRACE_MS", md.stop_grace_ms.to_string());
     std::env::set_var("NEX_AGENT_LOG", &md.log);
     std::env::set_var("TMPDIR", "/tmp");

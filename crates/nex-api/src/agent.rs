@@ -29,7 +29,15 @@ pub mod env {
     pub const NODE_NATS_PORT: &str = "NEX_NODE_NATS_PORT";
     /// The agent's nkey user seed.
     pub const NODE_NATS_NKEY_SEED: &str = "NEX_NODE_NATS_NKEY_SEED";
+    /// Sandboxed tiers: the uid (and gid) a native workload runs as, never the agent's own.
+    pub const WORKLOAD_UID: &str = "NEX_WORKLOAD_UID";
+    /// Sandboxed tiers: the workload's own writable directory (its working directory).
+    pub const WORKLOAD_DIR: &str = "NEX_WORKLOAD_DIR";
 }
+
+/// The uid and gid a native workload runs as inside a container or guest: unprivileged, so the
+/// agent beside it (root of the sandbox) and its secrets stay out of reach.
+pub const WORKLOAD_UID: u32 = 1000;
 
 /// What an agent needs to find its node: REFERENCE §4.2 `MachineMetadata`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

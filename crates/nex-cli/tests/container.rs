@@ -11,15 +11,23 @@ use common::*;
 use nex_api::control::AuctionRequest;
 use serde_json::{json, Value};
 
-/// Whether this host can run the tier (root and an OCI runtime); CI installs runc.
+/// Whether this host can run the tier (root, an OCI runtime, nftables, iproute2); CI installs
+/// them and sets NEX_REQUIRE_TIERS=1, so a missing one fails the test there.
 fn available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let runtime = nex_node::tiers::container::find_runtime("", &[]).is_some();
-    if !(root && runtime) {
-        println!("skipped: the container tier needs root and runc (apt-get install -y runc)");
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root");
     }
-    root && runtime
+    if nex_node::tiers::container::find_runtime("", &[]).is_none() {
+        missing.push("runc (apt-get install -y runc)");
+    }
+    if !on_path("nft") {
+        missing.push("nftables (apt-get install -y nftables)");
+    }
+    if !on_path("ip") {
+        missing.push("iproute2");
+    }
+    tier_available("container", &missing)
 }
 
 async fn container_node(nats: &NatsServer, extra: Value) -> Node {
@@ -79,6 +87,13 @@ fn leftovers(run: &str, id: Option<&str>) -> Vec<String> {
     out
 }
 
+/// The host's address on the bridge of run `run`.
+fn bridge_ip(run: &str) -> std::net::IpAddr {
+    let out = sh("ip", &["-o", "-4", "addr", "show", "dev", &format!("nxb{run}")]);
+    let cidr = out.split_whitespace().skip_while(|w| *w != "inet").nth(1).expect("bridge address");
+    cidr.split('/').next().unwrap().parse().unwrap()
+}
+
 fn internal_port(node: &Node) -> String {
     // Drop ANSI colour sequences from the log.
     let mut log = String::new();
@@ -123,10 +138,19 @@ async fn container_echoservice_answers_and_is_found_as_sandboxed() {
         user.gather(500).auction(&AuctionRequest { sandboxed: Some(false), ..Default::default() }).await.unwrap();
     assert!(!unsafe_only.iter().any(|p| p.node_id == node.id));
 
+    // The node's state lives in a private directory, and containers still start.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.state_dir()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "state_dir mode {mode:o}");
+
+    let rec = Recorder::start(&user.nc).await;
     let mut b = user.native("echoservice", &musl_example("echoservice")).await;
     b.environment = env(&[("NATS_URL", &nats.url())]);
     let r = user.deploy(&node.id, &b).await.expect("deploy");
     assert!(r.started);
+    let line = wait_log(&rec, &r.id, "EchoService 1.0.0 listening on svc.echo via nats://10.213.").await;
+    let relay_port: u16 = line.rsplit(':').next().unwrap().trim().parse().unwrap();
+    assert!(listening_tcp().iter().any(|(_, p)| *p == relay_port), "the workload's relay listens");
     let mut answer = None;
     for _ in 0..100 {
         if let Ok(Ok(m)) =
@@ -146,6 +170,9 @@ async fn container_echoservice_answers_and_is_found_as_sandboxed() {
         leftovers(&run, Some(&r.id)).is_empty()
     })
     .await;
+    // Its relay went with it.
+    assert!(!listening_tcp().iter().any(|(_, p)| *p == relay_port), "relay port {relay_port} still open");
+    assert!(!sh("nft", &["list", "table", "inet", &format!("nex_{run}")]).contains(&format!(". {relay_port}")));
     assert!(!node.state_dir().join("runs").join(&run).join("container/bundles").join(&r.id).exists());
 }
 
@@ -155,16 +182,61 @@ async fn container_walls_hold_against_an_escape_probe() {
         return;
     }
     let nats = NatsServer::start();
-    let node = container_node(&nats, json!({})).await;
+    let node = container_node(&nats, json!({"machine_pool_size": 2})).await;
+    let run = run_id(&node);
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
+    // A host service listening on every address, and another workload with a relay of its own.
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let mut other = user.native("echoservice", &musl_example("echoservice")).await;
+    other.environment = env(&[("NATS_URL", &nats.url())]);
+    let o = user.deploy(&node.id, &other).await.expect("deploy the other workload");
+    let line = wait_log(&rec, &o.id, "EchoService 1.0.0 listening on svc.echo via nats://10.213.").await;
+    let other_relay: u16 = line.rsplit(':').next().unwrap().trim().parse().unwrap();
+    let bridge_ip = bridge_ip(&run);
+    // Every port the host listens on, tried at the host's address on the bridge, and the metadata
+    // address (no route leads there: nothing leaves the container's namespace).
+    let mut targets: Vec<String> = listening_tcp()
+        .into_iter()
+        .filter(|(ip, _)| ip.is_unspecified() || *ip == bridge_ip)
+        .map(|(_, p)| format!("{bridge_ip}:{p}"))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    assert!(
+        targets.contains(&format!("{bridge_ip}:{host_port}"))
+            && targets.contains(&format!("{bridge_ip}:{other_relay}"))
+    );
+    targets.push("169.254.169.254:80".into());
+    let internal = internal_port(&node);
     let mut b = user.native("probe", &musl_example("escapeprobe")).await;
-    b.argv = vec!["probe".into(), internal_port(&node)];
+    b.argv = vec!["probe".into(), internal.clone()];
+    b.argv.extend(targets.iter().map(|t| format!("tcp={t}")));
     b.environment = env(&[("NATS_URL", &nats.url())]);
     let r = user.deploy(&node.id, &b).await.expect("deploy");
     wait_log(&rec, &r.id, "probe done").await;
     let texts = log_texts(&rec, &r.id);
     let line = |p: &str| texts.iter().find(|t| t.starts_with(p)).cloned().unwrap_or_else(|| panic!("{p}: {texts:?}"));
+
+    // The workload is not the agent's root: an unprivileged user, unable to touch the agent.
+    assert_eq!(line("uid: "), "uid: 1000 gid: 1000", "{texts:?}");
+    assert_eq!(line("signal agent: "), "signal agent: EPERM", "{texts:?}");
+    for f in ["/work/.agent-seed", "/proc/1/mem"] {
+        assert!(line(&format!("read {f}: ")).contains("refused"), "{texts:?}");
+    }
+    assert_eq!(line("io_uring_setup: "), "io_uring_setup: EPERM", "{texts:?}");
+    // Network: only the internal NATS port (which wants credentials) answers on the host; the
+    // host's listener on 0.0.0.0, the other workload's relay and the metadata address do not.
+    for t in &targets {
+        let got = line(&format!("tcp: {t}: "));
+        if *t == format!("{bridge_ip}:{internal}") {
+            assert!(got.ends_with("connected"), "{got}");
+        } else {
+            assert!(got.contains("refused"), "{t} must be unreachable: {got}");
+        }
+    }
+    drop(host_listener);
 
     // Only its own processes: the agent (pid 1) and the probe.
     let procs: usize = line("processes visible: ").trim_start_matches("processes visible: ").parse().unwrap();
@@ -234,6 +306,14 @@ async fn container_refuses_a_dynamically_linked_binary() {
     let b = user.native("dynamic", &std::fs::read("/bin/true").unwrap()).await;
     let err = user.deploy(&node.id, &b).await.unwrap_err();
     assert!(err.contains("native binary contains at least one dynamically linked dependency"), "{err}");
+    // A NATS_URL naming anything but the node's NATS servers gets no relay: the host's other
+    // loopback services stay out of reach.
+    let ssh_like = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut b = user.native("static", &musl_example("escapeprobe")).await;
+    b.environment = env(&[("NATS_URL", &format!("nats://127.0.0.1:{}", ssh_like.local_addr().unwrap().port()))]);
+    let err = user.deploy(&node.id, &b).await.unwrap_err();
+    assert!(err.contains("is not a NATS server this node lets workloads reach"), "{err}");
+    node.wait_warm(&user.nc).await;
     // The node keeps serving: a static binary deploys next.
     let b = user.native("static", &musl_example("escapeprobe")).await;
     assert!(user.deploy(&node.id, &b).await.expect("deploy").started);
@@ -273,4 +353,35 @@ async fn container_node_sigkill_and_restart_leave_nothing_behind() {
     let run2 = run2[0].clone();
     drop(node2);
     assert!(leftovers(&run2, None).is_empty(), "{:?}", leftovers(&run2, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_tier_refuses_to_start_without_a_firewall() {
+    if !available() {
+        return;
+    }
+    // A PATH with iproute2 and the runtime but no nft: the node must not start unfenced.
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["ip", "runc", "ldd"] {
+        let found =
+            ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.is_file());
+        std::os::unix::fs::symlink(found.unwrap_or_else(|| panic!("{tool} not found")), bin.join(tool)).unwrap();
+    }
+    let cfg = node_config(dir.path(), json!({"no_sandbox": false, "isolation": "container"}));
+    let cfg_path = dir.path().join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = std::process::Command::new(nex_bin())
+        .args(["node", "up", "--config"])
+        .arg(&cfg_path)
+        .args(["-s", &nats.url()])
+        .env("PATH", &bin)
+        .env("NEX_NATS_SERVER", nats_server_bin())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started without a firewall:\n{err}");
+    assert!(err.contains("need an nftables firewall"), "{err}");
 }

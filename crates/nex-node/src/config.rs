@@ -256,6 +256,11 @@ pub struct NodeConfig {
     pub max_js_source_bytes: u64,
     /// Where the node keeps its run state (agent work dirs, internal NATS store).
     pub state_dir: String,
+    /// Where the container tier keeps what containers reach on the host (their empty root and
+    /// work directories). Container root is an unprivileged host uid, which cannot enter the
+    /// private `state_dir`; this directory is root's, mode 0711, each work directory private to
+    /// its container. Empty: `/var/lib/nex-sandbox`.
+    pub sandbox_dir: String,
     /// Path of a file holding the node's server nkey seed; created when missing. Empty = ephemeral id.
     pub node_seed_path: String,
     /// The `nats-server` binary for the internal server; empty = next to `nex`, `bin_path`, `PATH`.
@@ -313,6 +318,7 @@ impl Default for NodeConfig {
             agent_triggers: true,
             max_js_source_bytes: 1024 * 1024,
             state_dir: String::new(),
+            sandbox_dir: String::new(),
             node_seed_path: String::new(),
             nats_server_path: String::new(),
             agent_path: String::new(),
@@ -514,6 +520,15 @@ impl NodeConfig {
             (Some(x), _) if !x.is_empty() => PathBuf::from(x).join("nex"),
             (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".local/state/nex"),
             _ => PathBuf::from("/var/lib/nex"),
+        }
+    }
+
+    /// The container tier's host directory (see `sandbox_dir`).
+    pub fn sandbox_dir(&self) -> PathBuf {
+        if self.sandbox_dir.is_empty() {
+            PathBuf::from("/var/lib/nex-sandbox")
+        } else {
+            PathBuf::from(&self.sandbox_dir)
         }
     }
 

@@ -78,6 +78,25 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Creates `dir` as a traverse-only directory (`0711`, root's): others may pass through it to a
+/// path they know, not list or change it. Refused like a state directory when someone else
+/// could write to it.
+pub fn traverse_only_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        bail!("refusing {}: it is a symbolic link", dir.display());
+    }
+    if let Some(why) = dir_problem(dir, &meta, true) {
+        bail!("refusing {}: {why}", dir.display());
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).with_context(|| format!("chmod {}", dir.display()))
+}
+
 /// Creates a private directory (`0700`) for the node's own use; an existing one is tightened.
 pub fn private_dir(dir: &Path) -> Result<()> {
     fs::DirBuilder::new()

@@ -99,6 +99,7 @@ async fn run_inner(
                     agent_path.clone(),
                     run.run_id.clone(),
                     &run.dir,
+                    &cfg.sandbox_dir(),
                     cgroups,
                 )
                 .await

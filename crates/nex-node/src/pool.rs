@@ -205,7 +205,7 @@ impl AgentPool {
             nats_host: self.tier.agent_nats_host(),
             nats_port: self.nats.port(),
             nkey_seed: creds.agent.seed()?.into(),
-            work_dir: self.run.agent_dir(&id),
+            work_dir: self.tier.host_work_dir(&self.run, &id),
             template: self.cfg.machine_template.clone(),
             stop_grace_ms: self.cfg.workload_stop_grace_ms,
         };
@@ -217,12 +217,17 @@ impl AgentPool {
                 return Err(e);
             }
         };
-        let agent = Agent { id, client, handle, work_dir: self.run.agent_dir(&spec_id) };
+        let agent = Agent { id, client, handle, work_dir: self.tier.host_work_dir(&self.run, &spec_id) };
         let within = self.tier.start_timeout(Duration::from_millis(self.cfg.agent_handshake_timeout_ms));
         let mut exited = agent.handle.exited();
         let outcome = tokio::select! {
             r = agent.client.wait_handshake(within) => r,
-            _ = crate::tiers::wait_exit(&mut exited) => Err(anyhow!("agent {} exited before its handshake", agent.id)),
+            _ = crate::tiers::wait_exit(&mut exited) => {
+                // Give the tier a moment to collect why (the runtime's last error line).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let why = agent.handle.start_failure().map(|w| format!(": {w}")).unwrap_or_default();
+                Err(anyhow!("agent {} exited before its handshake{why}", agent.id))
+            }
         };
         // Agents without the host's file system get their artifact through the account's
         // cache bucket: make it before the agent counts as warm.

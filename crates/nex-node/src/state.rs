@@ -79,7 +79,7 @@ pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>
         let run = e.file_name().to_string_lossy().to_string();
         kill_recorded_agents(&dir);
         let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path);
-        crate::tiers::container::cleanup_run(&dir, &run, runtime.as_deref()).await;
+        crate::tiers::container::cleanup_run(&dir, &run, runtime.as_deref(), &cfg.sandbox_dir()).await;
         crate::tiers::microvm::cleanup_run(&run).await;
         if let Some(v) = cgroups {
             cgroup::remove_run(v, &run).await;

@@ -513,6 +513,9 @@ impl WorkloadManager {
             if let Err(e) = write_file(&path, &mut reader).await {
                 return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
             }
+            if let Err(e) = self.pool.tier().own_artifact(&path) {
+                return fail(self, agent, format!("Failed to cache workload bytes: {e:#}")).await;
+            }
             Some(self.pool.tier().agent_work_dir(&agent.work_dir).join("workload").display().to_string())
         } else {
             let quiet = self.pool.internal_nats().without_reloads().await;

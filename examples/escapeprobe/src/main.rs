@@ -1,9 +1,11 @@
 //! EscapeProbe: a native workload that tries what a hostile service would try and prints one
 //! line per attempt (`<attempt>: <outcome>`), so that tests can read the outcome from its logs.
 //!
-//! `escapeprobe probe [port]` — processes, files, mount, ptrace, modules, and (with a port)
-//! a credential-less connection to NATS on that port of the host `NATS_URL` names; `escapeprobe oom` — allocates until
-//! stopped; `escapeprobe forkbomb` — forks until refused. Each mode then sleeps.
+//! `escapeprobe probe [port] [tcp=HOST:PORT …]` — its user, processes, files, mount, ptrace,
+//! modules, io_uring, signalling its agent, (with a port) a credential-less connection to NATS on
+//! that port of the host `NATS_URL` names, and a TCP connection to each `tcp=` address
+//! (`tcp: HOST:PORT: connected|refused (…)`); `escapeprobe oom` — allocates until stopped;
+//! `escapeprobe forkbomb` — forks until refused. Each mode then sleeps.
 //!
 //! Build it statically: `cargo build --release -p escapeprobe --target x86_64-unknown-linux-musl`
 
@@ -26,7 +28,9 @@ fn say(line: String) {
     let _ = std::io::stdout().flush();
 }
 
-fn probe(nats: Option<&str>) {
+fn probe(nats: Option<&str>, tcp: &[String]) {
+    // SAFETY: getuid/getgid have no preconditions.
+    say(format!("uid: {} gid: {}", unsafe { libc::getuid() }, unsafe { libc::getgid() }));
     let pids = std::fs::read_dir("/proc")
         .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count())
         .unwrap_or(0);
@@ -51,6 +55,39 @@ fn probe(nats: Option<&str>) {
         say(format!("init_module: {}", if rc == 0 { "ok".into() } else { errno() }));
         let rc = libc::unshare(libc::CLONE_NEWUSER);
         say(format!("unshare: {}", if rc == 0 { "ok".into() } else { errno() }));
+        let mut params = [0u8; 120];
+        let rc = libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr());
+        say(format!("io_uring_setup: {}", if rc >= 0 { "ok".into() } else { errno() }));
+        // The agent is pid 1 of the container (the guest's init in a micro-VM).
+        let rc = libc::kill(1, 0);
+        say(format!("signal agent: {}", if rc == 0 { "ok".into() } else { errno() }));
+    }
+    for f in ["/work/.agent-seed", "/run/agent-seed", "/proc/1/mem", "/proc/1/cmdline"] {
+        match std::fs::read(f) {
+            Ok(b) => say(format!("read {f}: ok {} bytes", b.len())),
+            Err(e) => say(format!("read {f}: refused ({e})")),
+        }
+    }
+    let handles: Vec<_> = tcp
+        .iter()
+        .map(|a| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let outcome = match a.parse::<std::net::SocketAddr>() {
+                    Ok(sa) => match std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(1500)) {
+                        Ok(_) => "connected".to_string(),
+                        Err(e) => format!("refused ({e})"),
+                    },
+                    Err(_) => "bad address".into(),
+                };
+                format!("tcp: {a}: {outcome}")
+            })
+        })
+        .collect();
+    for h in handles {
+        if let Ok(line) = h.join() {
+            say(line);
+        }
     }
     if let Some(port) = nats {
         // The node's internal NATS listens on the same host as the relay NATS_URL names.
@@ -68,7 +105,7 @@ fn nats_without_credentials(addr: &str) -> String {
     let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
         return "bad address".into();
     };
-    let mut s = match std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+    let mut s = match std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => return format!("connect refused ({e})"),
     };
@@ -125,7 +162,11 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("oom") => oom(),
         Some("forkbomb") => forkbomb(),
-        _ => probe(args.get(2).map(String::as_str)),
+        _ => {
+            let tcp: Vec<String> = args.iter().filter_map(|a| a.strip_prefix("tcp=").map(str::to_string)).collect();
+            let port = args.get(2).filter(|a| !a.starts_with("tcp="));
+            probe(port.map(String::as_str), &tcp)
+        }
     }
     loop {
         std::thread::sleep(Duration::from_secs(60));

@@ -64,6 +64,39 @@ async fn report_dropped(agent: &Agent, name: &str, n: u64) {
     agent.log("nex-agent", level::WARN, &text).await;
 }
 
+/// Who a native workload runs as inside a sandbox: never the agent's own root.
+struct WorkloadUser {
+    uid: u32,
+    /// Its own writable working directory.
+    dir: PathBuf,
+}
+
+/// The sandbox's workload user (from the tier's `NEX_WORKLOAD_UID` / `NEX_WORKLOAD_DIR`), with
+/// the artifact made runnable by it and its directory made; `None` outside a sandbox.
+fn workload_user(agent: &Agent, artifact: &std::path::Path) -> std::io::Result<Option<WorkloadUser>> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(uid) = std::env::var(nex_api::agent::env::WORKLOAD_UID).ok().and_then(|v| v.parse::<u32>().ok()) else {
+        return Ok(None);
+    };
+    let dir = std::env::var(nex_api::agent::env::WORKLOAD_DIR)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| agent.work_dir.join("data"));
+    // In a guest the agent wrote the artifact and is root; in a container the node prepared both.
+    let meta = std::fs::metadata(artifact)?;
+    if meta.gid() != uid {
+        std::os::unix::fs::chown(artifact, Some(meta.uid()), Some(uid))?;
+    }
+    if meta.mode() & 0o050 != 0o050 {
+        std::fs::set_permissions(artifact, std::fs::Permissions::from_mode(0o550))?;
+    }
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(Some(WorkloadUser { uid, dir }))
+}
+
 /// A running native workload.
 pub struct Native {
     pid: i32,
@@ -74,16 +107,25 @@ impl Native {
     /// Spawns the executable.
     pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Native, String> {
         let name = req.workload_name.clone();
+        let user = match workload_user(&agent, &path) {
+            Ok(u) => u,
+            Err(e) => return Err(format!("Failed to start workload: {name}; vm: {}: {e}", agent.id)),
+        };
         let mut cmd = Command::new(&path);
         cmd.args(&req.argv)
             .env_clear()
             .envs(req.environment.iter().map(|(k, v)| (k.to_uppercase(), v.clone())))
-            .current_dir(&agent.work_dir)
+            .current_dir(user.as_ref().map(|u| u.dir.clone()).unwrap_or_else(|| agent.work_dir.clone()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
+        if let Some(u) = &user {
+            // Supplementary groups are dropped with it (std calls setgroups for us).
+            cmd.uid(u.uid).gid(u.uid);
+        }
+        // SAFETY: prctl only sets a flag on the child; async-signal-safe. It runs after the uid
+        // change, which would otherwise clear it.
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

@@ -506,3 +506,66 @@ pub async fn wait_log(rec: &Recorder, id: &str, starts: &str) -> String {
         .await;
     log_texts(rec, id).into_iter().find(|t| t.starts_with(starts)).unwrap()
 }
+
+/// Whether a sandboxed-tier test can run here. When it cannot, it is skipped with one line, or,
+/// with `NEX_REQUIRE_TIERS=1` (CI sets it), it fails: a sandbox test never passes by skipping.
+pub fn tier_available(tier: &str, missing: &[&str]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("the {tier} tier needs {}", missing.join(", "));
+    if std::env::var("NEX_REQUIRE_TIERS").as_deref() == Ok("1") {
+        panic!("{why} (NEX_REQUIRE_TIERS=1: a sandbox test must not skip)");
+    }
+    println!("skipped: {why}");
+    false
+}
+
+/// True when the test runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when `bin` is on PATH.
+pub fn on_path(bin: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .any(|d| Path::new(d).join(bin).is_file())
+}
+
+/// Local addresses and ports of every listening TCP socket on this host (IPv4 and IPv6).
+pub fn listening_tcp() -> Vec<(std::net::IpAddr, u16)> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 || f[3] != "0A" {
+                continue; // not LISTEN
+            }
+            let Some((addr, port)) = f[1].split_once(':') else { continue };
+            let Ok(port) = u16::from_str_radix(port, 16) else { continue };
+            let bytes: Vec<u8> =
+                (0..addr.len() / 2).filter_map(|i| u8::from_str_radix(&addr[2 * i..2 * i + 2], 16).ok()).collect();
+            let ip = if v6 && bytes.len() == 16 {
+                // Four little-endian 32-bit words.
+                let mut b = [0u8; 16];
+                for w in 0..4 {
+                    for k in 0..4 {
+                        b[w * 4 + k] = bytes[w * 4 + 3 - k];
+                    }
+                }
+                std::net::IpAddr::from(b)
+            } else if bytes.len() == 4 {
+                std::net::IpAddr::from([bytes[3], bytes[2], bytes[1], bytes[0]])
+            } else {
+                continue;
+            };
+            out.push((ip, port));
+        }
+    }
+    out
+}

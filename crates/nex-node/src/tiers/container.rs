@@ -2,18 +2,27 @@
 //! `runc` (or `crun`) from a bundle this module writes.
 //!
 //! Walls, per agent: new pid, mount, ipc, uts, cgroup, network and user namespaces (container
-//! root is host uid [`UID_BASE`], without capabilities); a read-only root holding only the agent,
-//! the libraries it links, a tmpfs `/tmp` and its own work directory at `/work`; `no_new_privs`;
-//! a seccomp filter refusing what a service never needs ([`DENIED_SYSCALLS`]); the memory, pids
-//! and CPU limits of `machine_template`.
+//! root is host uid [`UID_BASE`], holding only the capabilities to run its workload as another
+//! user: `SETUID`, `SETGID`, `KILL`); the native workload runs as container uid
+//! [`nex_api::agent::WORKLOAD_UID`] without any capability, so the agent and its secrets are out
+//! of its reach; a read-only root holding only the agent, the libraries it links, a tmpfs `/tmp`
+//! and its own work directory at `/work`; `no_new_privs`; a seccomp filter refusing what a
+//! service never needs ([`DENIED_SYSCALLS`]); the memory, pids and CPU limits of
+//! `machine_template`.
+//!
+//! Files: bundles and runtime state stay in the node's private run directory; what the
+//! container itself must reach on the host (its empty root, a copy of the agent, its work
+//! directory) lives under `sandbox_dir/<run>`, traverse-only (`0711`), because container root
+//! is an unprivileged host uid that cannot enter the private state directory.
 //!
 //! Network: the run's bridge ([`super::net::BridgeNet`]) with one veth pair per agent in a named
 //! network namespace. Everything is keyed by the run id, so a node restarted after SIGKILL removes
 //! what the dead run left ([`cleanup_run`]).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -47,6 +56,9 @@ pub const DENIED_SYSCALLS: &[&str] = &[
     "fsopen",
     "fspick",
     "init_module",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
     "iopl",
     "ioperm",
     "kexec_file_load",
@@ -95,11 +107,21 @@ pub struct ContainerTier {
     agent_path: PathBuf,
     run_id: String,
     dir: PathBuf,
+    sandbox: PathBuf,
     rootfs: PathBuf,
     binds: Vec<PathBuf>,
     net: Arc<BridgeNet>,
     cgroups: Option<CgroupVersion>,
 }
+
+/// Host uid (and gid) of the native workload inside a container.
+fn workload_host_id() -> u32 {
+    UID_BASE + nex_api::agent::WORKLOAD_UID
+}
+
+/// The capabilities container root keeps: enough to start its workload as another user and to
+/// signal it, nothing that reaches beyond the container's own user namespace.
+const AGENT_CAPS: &[&str] = &["CAP_SETUID", "CAP_SETGID", "CAP_KILL"];
 
 /// The runtime to use: `configured` (a name or path), else `runc`, else `crun`.
 pub fn find_runtime(configured: &str, bin_path: &[String]) -> Option<PathBuf> {
@@ -113,6 +135,10 @@ pub fn find_runtime(configured: &str, bin_path: &[String]) -> Option<PathBuf> {
     ["runc", "crun"].iter().find_map(|n| crate::internal_nats::find_executable(n, bin_path))
 }
 
+fn veth_prefix(run: &str) -> String {
+    format!("nx{run}")
+}
+
 fn netns_prefix(run: &str) -> String {
     format!("nex-{run}-")
 }
@@ -124,15 +150,31 @@ impl ContainerTier {
         agent_path: PathBuf,
         run_id: String,
         run_dir: &Path,
+        sandbox_dir: &Path,
         cgroups: Option<CgroupVersion>,
     ) -> Result<ContainerTier> {
         let dir = run_dir.join("container");
         std::fs::create_dir_all(dir.join("bundles"))?;
+        crate::files::traverse_only_dir(sandbox_dir)?;
+        let sandbox = sandbox_dir.join(&run_id);
+        crate::files::traverse_only_dir(&sandbox)?;
+        crate::files::traverse_only_dir(&sandbox.join("agents"))?;
+        // The agent is copied in, so its install location need not be reachable by container root.
+        let agent_copy = sandbox.join("nex-agent");
+        std::fs::copy(&agent_path, &agent_copy)
+            .with_context(|| format!("copying {} to {}", agent_path.display(), agent_copy.display()))?;
+        std::fs::set_permissions(&agent_copy, std::fs::Permissions::from_mode(0o755))?;
         let binds = agent_files(&agent_path).await?;
-        let rootfs = dir.join("rootfs");
+        let rootfs = sandbox.join("rootfs");
         build_rootfs(&rootfs, &binds)?;
-        let net = Arc::new(BridgeNet::create(&run_id).await?);
-        Ok(ContainerTier { runtime, agent_path, run_id, dir, rootfs, binds, net, cgroups })
+        let net = match BridgeNet::create(&run_id, &veth_prefix(&run_id)).await {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&sandbox);
+                return Err(e);
+            }
+        };
+        Ok(ContainerTier { runtime, agent_path: agent_copy, run_id, dir, sandbox, rootfs, binds, net, cgroups })
     }
 
     fn runtime_cmd(&self) -> Command {
@@ -181,11 +223,13 @@ impl ContainerTier {
                     format!("NEX_NODE_NATS_NKEY_SEED_FILE={WORK}/.agent-seed"),
                     format!("NEX_AGENT_WORKDIR={WORK}"),
                     format!("NEX_STOP_GRACE_MS={}", spec.stop_grace_ms),
+                    format!("{}={}", nex_api::agent::env::WORKLOAD_UID, nex_api::agent::WORKLOAD_UID),
+                    format!("{}={WORK}/data", nex_api::agent::env::WORKLOAD_DIR),
                     format!("NEX_AGENT_LOG={}", std::env::var("NEX_AGENT_LOG").unwrap_or_default()),
                     "TMPDIR=/tmp",
                 ],
                 "cwd": WORK,
-                "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+                "capabilities": {"bounding": AGENT_CAPS, "effective": AGENT_CAPS, "inheritable": [], "permitted": AGENT_CAPS, "ambient": []},
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096u64, "soft": 4096u64}],
                 "noNewPrivileges": true,
             },
@@ -228,6 +272,12 @@ impl ContainerTier {
         std::fs::create_dir_all(&spec.work_dir)
             .with_context(|| format!("creating agent directory {}", spec.work_dir.display()))?;
         chown(&spec.work_dir)?;
+        std::fs::set_permissions(&spec.work_dir, std::fs::Permissions::from_mode(0o711))?;
+        // The workload's own directory (its working directory), out of the agent's way.
+        let data = spec.work_dir.join("data");
+        std::fs::create_dir(&data)?;
+        std::os::unix::fs::chown(&data, Some(workload_host_id()), Some(workload_host_id()))?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
         let seed = spec.work_dir.join(".agent-seed");
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -237,7 +287,7 @@ impl ContainerTier {
         chown(&seed)?;
 
         run_cmd("ip", &["netns", "add", netns], None).await?;
-        let veth = format!("nx{}{slot:02x}", self.run_id);
+        let veth = format!("{}{slot:02x}", veth_prefix(&self.run_id));
         let host_side = format!(
             "link add {veth} type veth peer name eth0 netns {netns}\nlink set {veth} master {br}\nlink set {veth} type bridge_slave isolated on\nlink set {veth} up\n",
             br = self.net.bridge()
@@ -270,17 +320,20 @@ impl ContainerTier {
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {}", self.runtime.display()))?;
         let runtime_pid = child.id().unwrap_or(0);
+        let failure = Arc::new(Mutex::new(None));
         for (stream, name) in [
             (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stdout"),
             (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stderr"),
         ] {
             if let Some(s) = stream {
                 let id = spec.id.clone();
+                let failure = failure.clone();
                 tokio::spawn(async move {
                     let mut lines = BufReader::new(s).lines();
                     while let Ok(Some(l)) = lines.next_line().await {
                         if l.contains("level=error") {
                             tracing::warn!(workload_id = %id, "container runtime: {l}");
+                            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime_error_text(&l));
                         } else {
                             tracing::debug!(workload_id = %id, from_agent = true, stream = name, "{l}");
                         }
@@ -296,6 +349,7 @@ impl ContainerTier {
             netns: netns.to_string(),
             runtime_pid,
             exited: rx,
+            failure,
             work_dir: spec.work_dir.clone(),
             bundle,
             net: self.net.clone(),
@@ -346,6 +400,17 @@ impl IsolationTier for ContainerTier {
         PathBuf::from(WORK)
     }
 
+    fn host_work_dir(&self, _run: &crate::state::RunState, id: &str) -> PathBuf {
+        self.sandbox.join("agents").join(id)
+    }
+
+    fn own_artifact(&self, path: &Path) -> Result<()> {
+        // The agent (container root) reads it, the workload (its group) runs it, nobody else.
+        std::os::unix::fs::chown(path, Some(UID_BASE), Some(workload_host_id()))
+            .with_context(|| format!("chown {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o550)).map_err(Into::into)
+    }
+
     fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.net.allow_port(port))
     }
@@ -378,7 +443,10 @@ impl IsolationTier for ContainerTier {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.net.remove())
+        Box::pin(async move {
+            self.net.remove().await;
+            let _ = tokio::fs::remove_dir_all(&self.sandbox).await;
+        })
     }
 }
 
@@ -390,6 +458,7 @@ struct ContainerAgent {
     cid: String,
     netns: String,
     runtime_pid: u32,
+    failure: Arc<Mutex<Option<String>>>,
     exited: watch::Receiver<Option<AgentExit>>,
     work_dir: PathBuf,
     bundle: PathBuf,
@@ -452,6 +521,16 @@ impl AgentHandle for ContainerAgent {
     fn pid(&self) -> Option<u32> {
         self.init_pid()
     }
+
+    fn start_failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The message of a runtime's `level=error msg="…"` log line.
+fn runtime_error_text(line: &str) -> String {
+    let msg = line.split_once("msg=").map(|(_, m)| m).unwrap_or(line);
+    format!("the container runtime failed: {}", msg.trim().trim_matches('"').replace("\\\"", "\""))
 }
 
 /// Removes a container and everything made for it; safe to call on half-made ones.
@@ -507,13 +586,14 @@ fn build_rootfs(root: &Path, binds: &[PathBuf]) -> Result<()> {
 }
 
 /// Removes what a dead node run of this tier left: containers, namespaces, bridge, firewall,
-/// cgroups. Called before the run directory is deleted, with the runtime this node's config
-/// names (never a path read from the dead run's state).
-pub async fn cleanup_run(run_dir: &Path, run: &str, runtime: Option<&Path>) {
+/// cgroups, its sandbox directory. Called before the run directory is deleted, with the runtime
+/// this node's config names (never a path read from the dead run's state).
+pub async fn cleanup_run(run_dir: &Path, run: &str, runtime: Option<&Path>, sandbox_dir: &Path) {
     let dir = run_dir.join("container");
     if !dir.is_dir() {
         return;
     }
+    let _ = tokio::fs::remove_dir_all(sandbox_dir.join(run)).await;
     let state = dir.join("state");
     if let Some(runtime) = runtime {
         if let Ok(out) = Command::new(runtime).arg("--root").arg(&state).args(["list", "-q"]).output().await {

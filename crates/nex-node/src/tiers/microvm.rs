@@ -139,7 +139,7 @@ impl MicrovmTier {
         if accel == Accel::Tcg {
             tracing::warn!("micro-VMs run under software emulation (TCG): fine for development, slow for production; use a host with working KVM");
         }
-        let net = Arc::new(BridgeNet::create(&run_id).await?);
+        let net = Arc::new(BridgeNet::create(&run_id, &tap_prefix(&run_id)).await?);
         Ok(MicrovmTier { qemu, kernel, initrd, accel, run_id, net })
     }
 

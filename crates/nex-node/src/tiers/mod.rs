@@ -57,6 +57,10 @@ pub trait AgentHandle: Send + Sync + std::fmt::Debug {
     fn agent_rss_bytes(&self) -> Option<u64>;
     /// Host pid of the agent, where there is one.
     fn pid(&self) -> Option<u32>;
+    /// What the tier saw go wrong while the agent started (e.g. the runtime's error), if anything.
+    fn start_failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A way to run agents.
@@ -77,6 +81,15 @@ pub trait IsolationTier: Send + Sync {
     /// Where the agent sees its work directory `host` (same path unless the tier remaps it).
     fn agent_work_dir(&self, host: &Path) -> PathBuf {
         host.to_path_buf()
+    }
+    /// The host directory agent `id` works in (by default in the node's private run directory).
+    fn host_work_dir(&self, run: &crate::state::RunState, id: &str) -> PathBuf {
+        run.agent_dir(id)
+    }
+    /// Gives the artifact the node wrote at `path` (in the agent's work directory) the owner and
+    /// mode the tier's agent and workload need; by default it stays the node's, mode 0700.
+    fn own_artifact(&self, _path: &Path) -> anyhow::Result<()> {
+        Ok(())
     }
     /// How long a new agent may take to start and handshake, given the configured
     /// `agent_handshake_timeout_ms` (tiers that boot a kernel need longer).

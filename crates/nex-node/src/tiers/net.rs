@@ -59,8 +59,9 @@ fn bridge_table_name(run: &str) -> String {
 
 impl BridgeNet {
     /// Creates this run's bridge on a free `10.213.X.0/24` and its firewall; fails when the
-    /// firewall cannot be made (a sandbox without it would expose every host service).
-    pub async fn create(run: &str) -> Result<BridgeNet> {
+    /// firewall cannot be made (a sandbox without it would expose every host service). Every
+    /// agent port the tier attaches is named `<port_prefix>…`.
+    pub async fn create(run: &str, port_prefix: &str) -> Result<BridgeNet> {
         let lock = std::fs::File::create(NET_LOCK).with_context(|| format!("creating {NET_LOCK}"))?;
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
@@ -100,9 +101,9 @@ impl BridgeNet {
 table bridge {btable} {{
  set ports {{ type ifname . ipv4_addr; }}
  chain prerouting {{ type filter hook prerouting priority -300; policy accept;
-  meta ibrname \"{bridge}\" ether type ip iifname . ip saddr != @ports drop
-  meta ibrname \"{bridge}\" ether type arp iifname . arp saddr ip != @ports drop
-  meta ibrname \"{bridge}\" ether type != {{ ip, arp }} drop
+  iifname \"{port_prefix}*\" ether type ip iifname . ip saddr != @ports drop
+  iifname \"{port_prefix}*\" ether type arp iifname . arp saddr ip != @ports drop
+  iifname \"{port_prefix}*\" ether type != {{ ip, arp }} drop
  }}
 }}
 ",
