@@ -18,11 +18,17 @@ fn image_dir() -> PathBuf {
 /// Whether this host can run the tier (root and QEMU; CI installs qemu-system-x86). The guest
 /// image is part of the build, so its absence is a failure, not a skip.
 fn available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let qemu = nex_node::tiers::microvm::find_qemu(&[]).is_some();
-    if !(root && qemu) {
-        println!("skipped: the microvm tier needs root and QEMU (apt-get install -y qemu-system-x86)");
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root");
+    }
+    if nex_node::tiers::microvm::find_qemu(&[]).is_none() {
+        missing.push("QEMU (apt-get install -y qemu-system-x86)");
+    }
+    if !on_path("nft") {
+        missing.push("nftables (apt-get install -y nftables)");
+    }
+    if !tier_available("microvm", &missing) {
         return false;
     }
     for f in ["vmlinuz", "rootfs.cpio"] {
@@ -122,7 +128,12 @@ async fn microvm_echoservice_answers_streams_logs_and_leaves_nothing() {
     b.environment = env(&[("NATS_URL", &nats.url())]);
     let r = user.deploy(&node.id, &b).await.expect("deploy");
     assert!(r.started);
-    assert_eq!(guests(&run, Some(&r.id)).len(), 1, "the workload runs in its own guest");
+    let guest = guests(&run, Some(&r.id));
+    assert_eq!(guest.len(), 1, "the workload runs in its own guest");
+    // QEMU runs under its own seccomp filter.
+    assert!(guest[0].1.contains("-sandbox on"), "{}", guest[0].1);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", guest[0].0)).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')), "{status}");
 
     // The workload's stdout reaches `nex logs` subscribers.
     let line = wait_log(&rec, &r.id, "EchoService 1.0.0 listening on svc.echo via nats://10.213.").await;
@@ -139,6 +150,21 @@ async fn microvm_echoservice_answers_streams_logs_and_leaves_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(answer.as_deref(), Some(&b"from a guest"[..]), "no echo:\n{}", node.log());
+
+    // A hostile workload in a guest is an unprivileged user there: not the agent's root.
+    node.wait_warm(&user.nc).await;
+    let mut probe = user.native("probe", &musl_example("escapeprobe")).await;
+    probe.argv = vec!["probe".into()];
+    let p = user.deploy(&node.id, &probe).await.expect("deploy probe");
+    wait_log(&rec, &p.id, "probe done").await;
+    let texts = log_texts(&rec, &p.id);
+    let line = |x: &str| texts.iter().find(|t| t.starts_with(x)).cloned().unwrap_or_else(|| panic!("{x}: {texts:?}"));
+    assert_eq!(line("uid: "), "uid: 1000 gid: 1000", "{texts:?}");
+    assert_eq!(line("signal agent: "), "signal agent: EPERM", "{texts:?}");
+    for f in ["/run/agent-seed", "/proc/1/mem", "/proc/1/environ"] {
+        assert!(line(&format!("read {f}: ")).contains("refused"), "{texts:?}");
+    }
+    user.stop(&node.id, &p.id, "probe").await.expect("stop probe");
 
     let taps_before = taps(&run);
     let s = user.stop(&node.id, &r.id, "echoservice").await.expect("stop");

@@ -64,8 +64,13 @@ impl AllowList {
         })
     }
 
+    /// True when `ip` (or the IPv4 address an IPv6 spelling embeds) is in an allowed network.
     fn ip_allowed(&self, ip: IpAddr) -> bool {
-        self.nets.iter().any(|n| n.contains(&ip))
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        [Some(ip), v4].into_iter().flatten().any(|ip| self.nets.iter().any(|n| n.contains(&ip)))
     }
 }
 
@@ -294,6 +299,7 @@ mod tests {
     fn the_allow_list_lets_hosts_and_networks_through() {
         let a = AllowList::from_config(&json!(["127.0.0.1", "10.0.0.0/8", "*.internal.example", "db.local"])).unwrap();
         assert!(a.ip_allowed("127.0.0.1".parse().unwrap()));
+        assert!(a.ip_allowed("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!a.ip_allowed("127.0.0.2".parse().unwrap()));
         assert!(a.ip_allowed("10.9.9.9".parse().unwrap()));
         assert!(a.host_allowed("api.internal.example"));
