@@ -244,6 +244,9 @@ pub struct InfoResponse {
     /// Warm agents waiting for work (0.3 addition).
     #[serde(default)]
     pub available_agents: u64,
+    /// Why the node's tier cannot start agents right now, while that lasts (our addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_start_error: Option<String>,
 }
 
 /// LAMEDUCK reply data.

@@ -307,7 +307,7 @@ async fn a_full_disk_during_download_fails_cleanly() {
     std::fs::create_dir_all(&state).unwrap();
     let target = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
     let fstype = std::ffi::CString::new("tmpfs").unwrap();
-    let opts = std::ffi::CString::new("size=4m").unwrap();
+    let opts = std::ffi::CString::new("size=4m,mode=0700").unwrap();
     // SAFETY: mounting a tmpfs on a directory this test owns.
     let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, opts.as_ptr().cast()) };
     if rc != 0 {

@@ -228,9 +228,11 @@ async fn js_host_services_kv_messaging_objectstore() {
     let v: Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(v["keys"], json!(["hello2"]), "{v}");
     assert_eq!(v["hello2"], "hello!");
-    // U18: the bucket exists with the templated name.
+    // The bucket exists with the templated name: namespace, name and the tenant (issuer) hash.
     let jetstream = async_nats::jetstream::new(user.nc.clone());
-    let store = jetstream.get_key_value("hs_default_kvjs_kv").await.expect("bucket from the template");
+    let tenant = nex_api::id::tenant_id("default", "kvjs", &user.issuer.public_key());
+    let store =
+        jetstream.get_key_value(format!("hs_default_kvjs_{tenant}_kv")).await.expect("bucket from the template");
     assert_eq!(&store.get("hello2").await.unwrap().unwrap()[..], b"hello!");
 
     // N15 + U19: a responder answers, a subscriber sees the publish.
@@ -303,7 +305,10 @@ async fn js_http_host_service_against_a_local_server() {
         }
     });
     let nats = NatsServer::start();
-    let node = Node::start(&nats, json!({})).await;
+    // The http host service refuses loopback unless the operator allows it.
+    let node =
+        Node::start(&nats, json!({"host_services": {"services": {"http": {"config": {"allow": ["127.0.0.1"]}}}}}))
+            .await;
     let user = User::new(&nats).await;
     let f = function(&user, "httpjs", "v8", &js("http.js"), &["hellohttp"]).await;
     user.deploy(&node.id, &f).await.unwrap();
@@ -357,6 +362,10 @@ async fn wasm_function_uses_host_service_imports() {
     assert_eq!(&m.payload[..], b"previous=none");
     let m = call(&user.nc, "kv.wasm", b"second").await;
     assert_eq!(&m.payload[..], b"previous=first");
-    let store = async_nats::jetstream::new(user.nc.clone()).get_key_value("hs_default_kvwasm_kv").await.unwrap();
+    let tenant = nex_api::id::tenant_id("default", "kvwasm", &user.issuer.public_key());
+    let store = async_nats::jetstream::new(user.nc.clone())
+        .get_key_value(format!("hs_default_kvwasm_{tenant}_kv"))
+        .await
+        .unwrap();
     assert_eq!(&store.get("last").await.unwrap().unwrap()[..], b"second");
 }

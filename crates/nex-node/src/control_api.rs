@@ -213,6 +213,7 @@ fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
         machines: mgr.machines(ns),
         supported_workload_types: mgr.config().workload_types.clone(),
         available_agents: mgr.pool().available() as u64,
+        agent_start_error: mgr.pool().last_error(),
     }
 }
 

@@ -58,8 +58,14 @@ pub async fn run(opts: NodeOptions) -> Result<()> {
         tracing::info!("removed leftovers of {cleaned} earlier node run(s)");
     }
     let replay = Arc::new(crate::replay::ReplayGuard::open(&state_dir)?);
-    let run = Arc::new(RunState::create(&state_dir)?);
     crate::files::write_pid_file(&pid_file)?;
+    let run = match RunState::create(&state_dir) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            let _ = std::fs::remove_file(&pid_file);
+            return Err(e);
+        }
+    };
 
     let result = run_inner(cfg.clone(), opts, run.clone(), cgroups, replay).await;
 

@@ -56,6 +56,19 @@ pub struct InfoArgs {
 /// Loads the config and applies `node up` flags.
 pub fn load_config(args: &UpArgs) -> Result<NodeConfig> {
     let mut cfg = NodeConfig::load(&args.config).context("failed to initialize node: failed to create node")?;
+    // A seed in a file others can read is a seed others have.
+    if !cfg.host_services.nats_user_seed.is_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(&args.config) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    "{} holds host_services.nats_user_seed and is readable by other users: chmod 600 {}",
+                    args.config.display(),
+                    args.config.display()
+                );
+            }
+        }
+    }
     if args.no_sandbox {
         cfg.no_sandbox = true;
         if cfg.isolation.is_empty() || cfg.isolation == nex_node::config::isolation::MICROVM {
@@ -190,6 +203,9 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
         );
     }
     println!("{}   {}", b("Agents:"), format_args!("{} warm", info.available_agents));
+    if let Some(e) = &info.agent_start_error {
+        println!("{}    {}", paint("Error:", "1;31"), format_args!("the node cannot start agents: {e}"));
+    }
     println!();
     if info.machines.is_empty() {
         println!("No workloads in namespace {}", client.namespace());

@@ -50,6 +50,15 @@ fn template(sandbox: bool) -> serde_json::Value {
     v
 }
 
+/// The first existing directory on the way to `dir` that others cannot pass through.
+fn blocked_ancestor(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dir.ancestors()
+        .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p.to_path_buf(), m)))
+        .find(|(_, m)| m.is_dir() && m.permissions().mode() & 0o001 == 0)
+        .map(|(p, _)| p)
+}
+
 fn io_message(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file or directory".into(),
@@ -77,10 +86,23 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
     };
     let mut checks = Vec::new();
     // Directories the node writes to.
-    for (what, dir) in [
-        ("resource directory (default_resource_dir)", cfg.default_resource_dir.clone()),
-        ("state directory (state_dir)", cfg.state_dir().display().to_string()),
-    ] {
+    let state = cfg.state_dir();
+    if !args.check || state.exists() {
+        // Created private, and refused when someone else could plant files in it.
+        let found = nex_node::files::prepare_state_dir(&state).map(|p| format!("{} (mode 0700)", p.display()));
+        checks.push(Check {
+            what: "state directory (state_dir), private to the node".into(),
+            found: found.as_ref().ok().cloned(),
+            fix: found.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        });
+    } else {
+        checks.push(Check {
+            what: "state directory (state_dir)".into(),
+            found: None,
+            fix: format!("run preflight without --check, or: install -d -m 0700 {}", state.display()),
+        });
+    }
+    for (what, dir) in [("resource directory (default_resource_dir)", cfg.default_resource_dir.clone())] {
         if dir.is_empty() {
             continue;
         }
@@ -149,9 +171,18 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
                 fix: "apt-get install -y iproute2".into(),
             });
             checks.push(Check {
-                what: "nftables (keeps containers off host services)".into(),
+                what: "nftables (keeps containers off host services; the tier refuses to start without it)".into(),
                 found: find("nft"),
                 fix: "apt-get install -y nftables".into(),
+            });
+            let sandbox = cfg.sandbox_dir();
+            checks.push(Check {
+                what: "sandbox_dir reachable by container root (an unprivileged host uid)".into(),
+                found: blocked_ancestor(&sandbox).is_none().then(|| sandbox.display().to_string()),
+                fix: match blocked_ancestor(&sandbox) {
+                    Some(p) => format!("chmod o+x {} (or set sandbox_dir elsewhere)", p.display()),
+                    None => String::new(),
+                },
             });
         }
         isolation::MICROVM => {
