@@ -84,6 +84,24 @@ pub fn warn_if_on_command_line(flag: &str, instead: &str) {
     }
 }
 
+/// A secret given as `value` (flag or environment) or in `file`; warns when `flag` put it on the
+/// command line.
+pub fn secret(
+    value: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+    flag: &str,
+    instead: &str,
+) -> anyhow::Result<Option<String>> {
+    match (value, file) {
+        (_, Some(f)) => read_secret_file(f).map(Some),
+        (Some(v), None) => {
+            warn_if_on_command_line(flag, instead);
+            Ok(Some(v.clone()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Reads a secret from a file: its first non-empty line, trimmed.
 pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;

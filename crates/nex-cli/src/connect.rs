@@ -32,14 +32,8 @@ pub async fn connect(g: &GlobalOpts, name: &str, reconnect_forever: bool) -> Res
             async_nats::ConnectOptions::with_nkey(seed)
         }
         (None, None) => {
-            let password = match (&g.password, &g.password_file) {
-                (_, Some(f)) => Some(crate::cli::read_secret_file(f)?),
-                (Some(p), None) => {
-                    crate::cli::warn_if_on_command_line("--password", "NATS_PASSWORD or --password_file");
-                    Some(p.clone())
-                }
-                (None, None) => None,
-            };
+            let password =
+                crate::cli::secret(&g.password, &g.password_file, "--password", "NATS_PASSWORD or --password_file")?;
             match (&g.user, password) {
                 (Some(u), Some(p)) if !p.is_empty() => async_nats::ConnectOptions::with_user_and_password(u.clone(), p),
                 (Some(t), _) => async_nats::ConnectOptions::with_token(t.clone()),

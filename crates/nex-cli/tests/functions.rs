@@ -278,32 +278,21 @@ async fn js_host_services_kv_messaging_objectstore() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_http_host_service_against_a_local_server() {
     // N16: a local HTTP server answering GET 200, POST 201, PUT/PATCH/DELETE 204, HEAD 200.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = vec![0u8; 8192];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let method = head.split(' ').next().unwrap_or("");
-                let (code, text, body) = match method {
-                    "GET" => (200, "OK", "hello from get"),
-                    "POST" => (201, "Created", "created"),
-                    "HEAD" => (200, "OK", ""),
-                    _ => (204, "No Content", ""),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {code} {text}\r\nContent-Length: {}\r\nX-Test: yes\r\nConnection: close\r\n\r\n{}",
-                    body.len(),
-                    if method == "HEAD" { "" } else { body }
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
+    let port = http_server(|head| {
+        let method = head.split(' ').next().unwrap_or("").to_string();
+        let (code, text, body) = match method.as_str() {
+            "GET" => (200, "OK", "hello from get"),
+            "POST" => (201, "Created", "created"),
+            "HEAD" => (200, "OK", ""),
+            _ => (204, "No Content", ""),
+        };
+        format!(
+            "HTTP/1.1 {code} {text}\r\nContent-Length: {}\r\nX-Test: yes\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            if method == "HEAD" { "" } else { body }
+        )
+    })
+    .await;
     let nats = NatsServer::start();
     // The http host service refuses loopback unless the operator allows it.
     let node =

@@ -191,25 +191,16 @@ async fn t2_data_belongs_to_namespace_name_and_issuer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t3_http_stays_off_the_hosts_and_private_networks_unless_allowed() {
     // A local server: 200 on /, a redirect to another loopback address on /hop.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let resp = if head.starts_with("GET /hop") {
-                    format!("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:{port}/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                } else {
-                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_string()
-                };
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
+    let port = http_server(move |head| {
+        if head.starts_with("GET /hop") {
+            // Redirect to another loopback address, on the port the request names (`?port=`).
+            let port: u16 = head.split("port=").nth(1).and_then(|p| p.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+            format!("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:{port}/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_string()
         }
-    });
+    })
+    .await;
     let urls = [
         format!("http://127.0.0.1:{port}/"),
         format!("http://localhost:{port}/"),
@@ -245,7 +236,7 @@ async fn t3_http_stays_off_the_hosts_and_private_networks_unless_allowed() {
     let f = js_function(&user, "fetcher", HTTP_PROBE, "fetch.allowed").await;
     user.deploy(&node.id, &f).await.unwrap();
     let mut allowed = urls[..4].to_vec();
-    allowed.push(format!("http://127.0.0.1:{port}/hop"));
+    allowed.push(format!("http://127.0.0.1:{port}/hop?port={port}"));
     let v = call_json(&user.nc, "fetch.allowed", &serde_json::to_vec(&allowed).unwrap()).await;
     for u in &urls[..4] {
         assert_eq!(v[u], 200, "{u}: {v}");

@@ -90,14 +90,7 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
     let hash =
         info.digest.as_deref().and_then(artifact_hash_from_digest).context("the object has no SHA-256 digest")?;
     let node_info = client.node_info(&args.id).await?;
-    let hs_seed = match (&args.hs_seed, &args.hs_seed_file) {
-        (_, Some(f)) => Some(crate::cli::read_secret_file(f)?),
-        (Some(s), None) => {
-            crate::cli::warn_if_on_command_line("--hs_seed", "NEX_HS_SEED or --hs_seed_file");
-            Some(s.clone())
-        }
-        (None, None) => None,
-    };
+    let hs_seed = crate::cli::secret(&args.hs_seed, &args.hs_seed_file, "--hs_seed", "NEX_HS_SEED or --hs_seed_file")?;
     // The JWT and seed travel sealed in the environment, to this node only.
     let hs = args.hs_url.clone().map(|u| nex_api::control::NatsConnectionConfig {
         nats_url: u,

@@ -569,3 +569,25 @@ pub fn listening_tcp() -> Vec<(std::net::IpAddr, u16)> {
     }
     out
 }
+
+/// A one-request-per-connection HTTP server on 127.0.0.1 answering with `respond(head)` (the
+/// request's first bytes → the whole response); returns its port.
+pub async fn http_server(respond: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let respond = Arc::new(respond);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let respond = respond.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let resp = respond(&String::from_utf8_lossy(&buf[..n]));
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
