@@ -1,4 +1,4 @@
-//! The static-link check of sandboxed tiers (REFERENCE §5.1, N11): a native workload must not
+//! The static-link check of sandboxed tiers, with Nex's error text: a native workload must not
 //! ask for a program interpreter, since the sandbox holds no shared libraries.
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 //!
 //! It reads its metadata, connects to the node's internal NATS server with its own nkey,
 //! handshakes, then serves `agentint.<id>.{deploy,undeploy,ping,trigger}` and reports logs and
-//! events on `hostint.<id>.*` (REFERENCE §4).
+//! events on `hostint.<id>.*` (`docs/protocol.md`).
 
 mod elf;
 mod guest;
@@ -37,7 +37,7 @@ pub struct Agent {
     pub nc: async_nats::Client,
     /// Directory for the artifact and temp files.
     pub work_dir: PathBuf,
-    /// Runs inside a sandbox tier: native binaries must be static (REFERENCE §5.1).
+    /// Runs inside a sandbox tier: native binaries must be static.
     pub sandboxed: bool,
 }
 

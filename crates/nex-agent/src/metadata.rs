@@ -1,4 +1,4 @@
-//! How the agent learns who it is and where its node is (REFERENCE §4.2).
+//! How the agent learns who it is and where its node is.
 
 use anyhow::{anyhow, Context, Result};
 

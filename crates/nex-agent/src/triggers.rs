@@ -6,8 +6,8 @@
 //! connection to the user's NATS, join the function's queue group on every trigger subject and
 //! run each call inline on that thread: no hand-off between threads on a call's path, and the
 //! server spreads calls over the workers. After calls a worker tells the node what happened, in
-//! batches on `hostint.<id>.execs`, and the node publishes the events and log lines of
-//! REFERENCE §5.2 off the call's path.
+//! batches on `hostint.<id>.execs`, and the node publishes the call's events and log lines off
+//! the call's path.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The node ↔ agent protocol spoken on the node's internal NATS server (REFERENCE §4).
+//! The node ↔ agent protocol spoken on the node's internal NATS server (`docs/protocol.md`).
 
 use std::collections::BTreeMap;
 
@@ -10,9 +10,9 @@ use crate::control::NatsConnectionConfig;
 pub const HEADER_TRIGGER_SUBJECT: &str = "x-nex-trigger-subject";
 /// Header with the function's run time in nanoseconds.
 pub const HEADER_RUNTIME_NS: &str = "x-nex-runtime-ns";
-/// Host-service result code (REFERENCE §5.5).
+/// Host-service result code (200 on success).
 pub const HEADER_HS_CODE: &str = "x-nex-hs-code";
-/// Host-service result message (W12: the real message, not `OK`).
+/// Host-service result message: `OK`, or the real error message.
 pub const HEADER_HS_MSG: &str = "x-nex-hs-msg";
 /// Header carrying a function failure's reason on the error reply to the requester.
 pub const HEADER_ERROR: &str = "x-nex-error";
@@ -39,7 +39,7 @@ pub mod env {
 /// agent beside it (root of the sandbox) and its secrets stay out of reach.
 pub const WORKLOAD_UID: u32 = 1000;
 
-/// What an agent needs to find its node: REFERENCE §4.2 `MachineMetadata`.
+/// What an agent needs to find its node (Nex's `MachineMetadata`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MachineMetadata {
     pub vmid: String,
@@ -152,7 +152,7 @@ impl std::fmt::Debug for AgentDeployRequest {
 }
 
 /// How a function's agent holds its own trigger subscriptions: the user's NATS as the agent
-/// reaches it, and the queue group every instance of the function shares (W9).
+/// reaches it, and the queue group every instance of the function shares.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DirectTriggers {
     /// URL and, when the request supplied them, the user JWT and seed.
@@ -191,7 +191,8 @@ impl Default for FunctionLimits {
 }
 
 impl AgentDeployRequest {
-    /// The agent-side validation of REFERENCE §4.3; errors joined by newlines.
+    /// The agent's own checks of a deploy request, as Nex's agent makes them; errors joined by
+    /// newlines.
     pub fn validate(&self) -> Result<(), String> {
         let mut errs = Vec::new();
         if self.namespace.is_empty() {
@@ -232,7 +233,7 @@ pub struct DeployResponse {
     pub message: Option<String>,
 }
 
-/// Levels of agent log entries (the agent's own numbering, REFERENCE §6.3).
+/// Levels of agent log entries (the agent's own numbering, as in Nex; `as_str` names them).
 pub mod level {
     /// Errors, and workload stderr.
     pub const ERROR: i32 = 2;

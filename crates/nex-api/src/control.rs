@@ -1,4 +1,4 @@
-//! The control API on the user's NATS (`$NEX.*`): request and reply shapes of REFERENCE §3.
+//! The control API on the user's NATS (`$NEX.*`): request and reply shapes (`docs/protocol.md`).
 
 use std::collections::BTreeMap;
 
@@ -73,7 +73,7 @@ pub struct NatsConnectionConfig {
     pub nats_user_seed: Option<crate::secret::Secret>,
 }
 
-/// DEPLOY request body (REFERENCE §3.5).
+/// DEPLOY request body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeployRequest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -119,7 +119,7 @@ pub struct RunResponse {
     pub name: String,
 }
 
-/// STOP request body (REFERENCE §3.7).
+/// STOP request body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StopRequest {
     pub workload_id: String,

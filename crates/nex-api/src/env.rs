@@ -1,5 +1,5 @@
 //! Workload environments sealed end-to-end from a publisher's xkey to one node's xkey
-//! (nkeys `xkv1` box, then standard base64), REFERENCE §3.5.
+//! (nkeys `xkv1` box, then standard base64); see `docs/protocol.md`.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! CloudEvents 1.0 (JSON structured mode) and log records published by nodes (REFERENCE §6).
+//! CloudEvents 1.0 (JSON structured mode) and log records published by nodes (`docs/protocol.md`).
 
 use serde::{Deserialize, Serialize};
 

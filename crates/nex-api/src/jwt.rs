@@ -35,7 +35,7 @@ pub enum JwtError {
 /// The `nats` section of generic claims.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct NatsClaims {
-    /// Lowercase hex SHA-256 of the artifact (W3).
+    /// Lowercase hex SHA-256 of the artifact; a node refuses an artifact with another digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
     /// Always `generic` for workload claims.

@@ -1,7 +1,9 @@
 //! Wire contract of nex: everything two parties must agree on, and nothing that does I/O.
 //!
-//! * [`control`] — the `$NEX.*` control API shapes (REFERENCE §3).
-//! * [`agent`] — the node ↔ agent protocol on the internal NATS server (REFERENCE §4).
+//! * [`control`] — the `$NEX.*` control API shapes.
+//! * [`agent`] — the node ↔ agent protocol on the internal NATS server.
+//!
+//! `docs/protocol.md` describes all of it on the wire.
 //! * [`jwt`] — workload JWTs (NATS generic claims signed by an issuer nkey).
 //! * [`env`] — environments sealed to a node's xkey (`xkv1`).
 //! * [`events`] — CloudEvents and log records published by nodes.

@@ -77,7 +77,7 @@ pub mod control {
     pub fn events(ns: &str, event_type: &str) -> String {
         format!("$NEX.events.{ns}.{event_type}")
     }
-    /// Logs of one workload, always `{ns}.{node}.{workload_name}.{workload_id}` (W7).
+    /// Logs of one workload, always `{ns}.{node}.{workload_name}.{workload_id}`, whoever wrote them.
     pub fn logs(ns: &str, node: &str, workload_name: &str, workload_id: &str) -> String {
         format!("$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}")
     }

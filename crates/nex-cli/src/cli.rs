@@ -170,7 +170,7 @@ pub enum Command {
     /// Send a request (e.g. to a service or a function trigger) and print the reply
     #[command(after_help = "Examples:\n  nex call svc.echo hello\n  nex call hello.js 'hello world'")]
     Call(crate::commands::misc::CallArgs),
-    /// Measure nex against plain NATS request/reply in one run (DESIGN §7)
+    /// Measure nex against plain NATS request/reply in one run
     #[command(
         after_help = "Examples:\n  nex bench --json bench.json\n  nex bench --clients 8 --requests 500 --functions 10 --artifact-mib 5"
     )]

@@ -1,4 +1,5 @@
-//! Connecting to NATS with the shared connection options (REFERENCE §1.3).
+//! Connecting to NATS with the connection options every command shares (creds, nkey, user and
+//! password, TLS).
 
 use anyhow::{Context, Result};
 

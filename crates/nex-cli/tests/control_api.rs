@@ -1,5 +1,5 @@
-//! The control API against a real node: discovery, every DEPLOY rejection row of REFERENCE §3.6,
-//! the STOP rules of §3.7/W5, replay and expiry (W4), hash pinning (W3), lame duck, and hostile
+//! The control API against a real node: discovery, every DEPLOY rejection (numbered as in
+//! `docs/protocol.md`), the STOP rules, replay and expiry, hash pinning, lame duck, and hostile
 //! payloads.
 
 mod common;
@@ -159,13 +159,13 @@ async fn deploy_rejections_follow_the_pipeline() {
         deploy_raw(r).await,
         "Invalid deploy request: workload name claim ('bad.name') does not match requirements (^[a-zA-Z0-9_-]+$)",
     );
-    // W4: expired.
+    // An expired token.
     let mut c = WorkloadClaims::new("rejected", Some(&base.hash));
     c.exp = Some(chrono::Utc::now().timestamp() - 10);
     let mut r = good_json.clone();
     r["workload_jwt"] = json!(c.encode(&user.issuer).unwrap());
     expect_err(deploy_raw(r).await, "Invalid deploy request: standard claims within JWT are not valid: token expired");
-    // W3: no hash claim, wrong hash claim.
+    // The JWT must pin the artifact: no hash claim, wrong hash claim.
     let mut r = good_json.clone();
     r["workload_jwt"] = json!(WorkloadClaims::new("rejected", None).encode(&user.issuer).unwrap());
     expect_err(deploy_raw(r).await, "hash");
@@ -192,7 +192,7 @@ async fn deploy_rejections_follow_the_pipeline() {
     let e = user.deploy(&node.id, &junk).await.unwrap_err();
     assert!(e.contains("Failed to deploy workload: workload rejected by agent:"), "{e}");
 
-    // After all that, the original still deploys once — and only once (W4 replay).
+    // After all that, the original still deploys once — and only once (replay protection).
     let ok = deploy_raw(good_json.clone()).await;
     assert!(ok["error"].is_null(), "{ok}");
     assert_eq!(ok["data"]["started"], true);
@@ -293,7 +293,7 @@ async fn stop_rules() {
         )
         .await;
     expect_err(env, "No such workload");
-    // W5: the same second as the deploy is fine; only the jti must differ.
+    // Signed in the same second as the deploy is fine; only the jti must differ.
     let s = user.stop(&node.id, &r.id, "stoppable").await.expect("stop");
     assert!(s.stopped);
     assert_eq!(s.name, "stoppable");

@@ -311,7 +311,7 @@ fn nex_up_without_nats_server_says_how_to_install_it() {
 
 #[test]
 fn node_up_with_a_missing_config() {
-    // N4
+    // A missing config file is refused with Nex's error text.
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.json");
     let out = Command::new(nex_bin()).args(["node", "up", "--config"]).arg(&missing).output().unwrap();

@@ -1,5 +1,5 @@
-//! Functions: WebAssembly and JavaScript triggered by subjects, with host services
-//! (U5, N13–N18, W9–W12).
+//! Functions: WebAssembly and JavaScript triggered by subjects, queue-group triggers, and host
+//! services (kv, messaging, objectstore, http) with their real error messages.
 
 mod common;
 
@@ -65,8 +65,8 @@ async fn wasm_echo_with_a_wildcard_trigger() {
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
     let b = function(&user, "echowasm", "wasm", &echo_wasm(), &["echo.>"]).await;
-    let r = user.deploy(&node.id, &b).await.expect("N18: wasm deploys");
-    // U5 through the node, with the real subject in argv[1] (Q4).
+    let r = user.deploy(&node.id, &b).await.expect("the wasm function deploys");
+    // The echo through the node, with the real trigger subject in argv[1].
     let m = call(&user.nc, "echo.test.trigger", b"Hello world").await;
     assert_eq!(error_of(&m), None);
     assert_eq!(&m.payload[..], b"Hello worldecho.test.trigger");
@@ -101,7 +101,7 @@ async fn js_echo_exact_json_and_two_instances_share_the_load() {
     let user = User::new(&nats).await;
     let rec = Recorder::start(&user.nc).await;
     let b = function(&user, "echofunctionjs", "v8", &js("echofunction.js"), &["helloworld"]).await;
-    let a = user.deploy(&node.id, &b).await.expect("N13 deploy");
+    let a = user.deploy(&node.id, &b).await.expect("the first instance deploys");
     let m = call(&user.nc, "helloworld", b"hello world").await;
     assert_eq!(error_of(&m), None);
     assert_eq!(std::str::from_utf8(&m.payload).unwrap(), r#"{"triggered_on":"helloworld","payload":"hello world"}"#);
@@ -220,7 +220,7 @@ async fn js_host_services_kv_messaging_objectstore() {
     let node = Node::start(&nats, json!({"machine_pool_size": 3})).await;
     let user = User::new(&nats).await;
 
-    // N14
+    // kv: set, delete, keys and get.
     let kv = function(&user, "kvjs", "v8", &js("kv.js"), &["hellokvservice"]).await;
     user.deploy(&node.id, &kv).await.unwrap();
     let m = call(&user.nc, "hellokvservice", b"hello!").await;
@@ -235,7 +235,7 @@ async fn js_host_services_kv_messaging_objectstore() {
         jetstream.get_key_value(format!("hs_default_kvjs_{tenant}_kv")).await.expect("bucket from the template");
     assert_eq!(&store.get("hello2").await.unwrap().unwrap()[..], b"hello!");
 
-    // N15 + U19: a responder answers, a subscriber sees the publish.
+    // messaging: a responder answers, a subscriber sees the publish.
     let mut published = user.nc.subscribe("hello.world").await.unwrap();
     let mut requests = user.nc.subscribe("hello.world.request").await.unwrap();
     nex_node::nats_ext::round_trip(&user.nc).await.unwrap();
@@ -255,7 +255,7 @@ async fn js_host_services_kv_messaging_objectstore() {
         tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut published)).await.unwrap().unwrap();
     assert_eq!(&p.payload[..], b"asdfghjkl;'");
 
-    // N17 + U20
+    // objectstore: put, delete, list and get.
     let os = function(&user, "objectstorejs", "v8", &js("objectstore.js"), &["helloobjectstoreservice"]).await;
     user.deploy(&node.id, &os).await.unwrap();
     let m = call(&user.nc, "helloobjectstoreservice", b"hello!").await;
@@ -266,7 +266,7 @@ async fn js_host_services_kv_messaging_objectstore() {
     assert_eq!(list[0]["name"], "hello2");
     assert_eq!(v["hello2"], "hello!");
 
-    // W12: a failing call throws the real message, not "OK".
+    // A failing call throws the real message, not "OK".
     let missing =
         function(&user, "missingjs", "v8", b"(function () { return hostServices.kv.get('nope'); })", &["missing.key"])
             .await;
@@ -277,7 +277,7 @@ async fn js_host_services_kv_messaging_objectstore() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_http_host_service_against_a_local_server() {
-    // N16: a local HTTP server answering GET 200, POST 201, PUT/PATCH/DELETE 204, HEAD 200.
+    // http: a local HTTP server answering GET 200, POST 201, PUT/PATCH/DELETE 204, HEAD 200.
     let port = http_server(|head| {
         let method = head.split(' ').next().unwrap_or("").to_string();
         let (code, text, body) = match method.as_str() {

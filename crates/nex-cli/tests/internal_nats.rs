@@ -1,4 +1,4 @@
-//! The node's internal NATS server (REFERENCE §4.1, U13–U15): one account per workload, agents
+//! The node's internal NATS server: one account per workload, agents
 //! confined to their own subjects and their own artifact cache.
 
 mod common;
@@ -34,7 +34,7 @@ async fn each_workload_account_is_an_island() {
     let agent_a = agent(0).await;
     let agent_b = agent(1).await;
 
-    // U13: a request from a workload user reaches its node-side responder.
+    // A request from a workload user reaches its node-side responder.
     let mut hs = node_a.subscribe(format!("hostint.{a}.>")).await.unwrap();
     sync(&node_a).await;
     let responder = node_a.clone();
@@ -69,7 +69,7 @@ async fn each_workload_account_is_an_island() {
     assert!(got(&mut spy, 300).await.is_none(), "A read B's deploy");
     assert!(got(&mut spy_all, 300).await.is_none(), "A subscribed to everything");
 
-    // U15: bytes cached for A are readable by A's agent, unchanged; B has no such cache.
+    // Bytes cached for A are readable by A's agent, unchanged; B has no such cache.
     let js = async_nats::jetstream::new(node_a.clone());
     let store = js
         .create_object_store(async_nats::jetstream::object_store::Config {

@@ -36,7 +36,7 @@ async fn native_workload_logs_events_and_stop() {
         .into_iter()
         .map(|(_, v)| (v["text"].as_str().unwrap().to_string(), v["level"].as_str().unwrap().to_string()))
         .collect();
-    // Environment keys are upper-cased for native workloads (W6); one message per line (W7).
+    // Environment keys are upper-cased for native workloads; one message per line.
     assert!(lines.contains(&("hello nats://example:4222".into(), "INFO".into())), "{lines:?}");
     assert!(lines.contains(&("line2".into(), "INFO".into())), "{lines:?}");
     assert!(lines.contains(&("oops".into(), "ERROR".into())), "{lines:?}");

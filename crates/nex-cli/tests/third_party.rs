@@ -1,4 +1,4 @@
-//! A third-party client that follows REFERENCE §3 with nothing from this project: plain NATS,
+//! A third-party client that follows `docs/protocol.md` with nothing from this project: plain NATS,
 //! the nkeys library, hand-made JWTs and xkv1 sealing.
 
 mod common;
@@ -124,7 +124,7 @@ async fn third_party_client_deploys_observes_and_stops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitors_parse_events_and_logs_from_their_subjects() {
-    // U22, U23: the client library's monitors read namespace, type, node and workload from subjects.
+    // The client library's monitors read namespace, type, node and workload from subjects.
     let nats = NatsServer::start();
     let nc = async_nats::connect(nats.url()).await.unwrap();
     let mut evs = Box::pin(nex_client::monitor::events(&nc, "*", "*").await.unwrap());

@@ -1,4 +1,4 @@
-//! A typed client of the nex control API (REFERENCE §3.8), used by the `nex` CLI and the tests.
+//! A typed client of the nex control API (`docs/protocol.md`), used by the `nex` CLI and the tests.
 //!
 //! Everything here is plain NATS request/reply on `$NEX.*` plus the object store for artifacts,
 //! so a third-party client needs nothing from this crate to interoperate.

@@ -1,4 +1,4 @@
-//! Following the event and log streams (REFERENCE §6.2–6.3).
+//! Following the event and log streams, `$NEX.events.>` and `$NEX.logs.>` (`docs/protocol.md`).
 
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,5 @@
 //! Artifacts: where a `location` points, and reading one from the user's object store while
-//! hashing it (W3), so the digest is known the moment the last byte arrives.
+//! hashing it (the JWT pins the digest), so the digest is known the moment the last byte arrives.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -1,4 +1,5 @@
-//! The node configuration file (REFERENCE §2 and DESIGN W13): defaults, loading, validation.
+//! The node configuration file (Nex 0.2's keys, including the `kernel_path` / `rootfs_path`
+//! spellings, plus ours): defaults, loading, validation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -333,7 +334,7 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// Reads `path` over the defaults and applies the loading rules of REFERENCE §2.1.
+    /// Reads `path` over the defaults (absent keys keep theirs) and fills in derived values.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;

@@ -1,5 +1,6 @@
 //! The control API listener: `$NEX.PING`, `AUCTION`, `WPING`, `INFO`, `DEPLOY`, `STOP`,
-//! `LAMEDUCK` on the user's NATS, each answered with the envelope of REFERENCE §3.
+//! `LAMEDUCK` on the user's NATS, each answered with a `{"type","data","error"}` envelope
+//! (`docs/protocol.md`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,5 @@
-//! The node's internal `nats-server` (REFERENCE §4.1, DESIGN §3): a child process with a generated
-//! config holding one account per workload, reloaded (SIGHUP) whenever accounts change.
+//! The node's internal `nats-server`: a child process with a generated config holding one account
+//! per workload, reloaded (SIGHUP) whenever accounts change (see `docs/architecture.md`).
 //!
 //! Each workload account has two nkey users: the agent's, limited to its own `hostint.<id>.>`
 //! publications, `agentint.<id>.>` subscriptions and its `NEXCACHE` object store, and the node's,

@@ -1,4 +1,4 @@
-//! The node daemon: start-up, heartbeat, signals and an orderly shutdown (REFERENCE §4.8).
+//! The node daemon: start-up, heartbeat, signals and an orderly shutdown.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
-//! Function triggers (W9): a queue subscription per trigger subject, each message forwarded to
-//! the workload's agent and its answer returned to the requester.
+//! Function triggers the node holds: a queue subscription per trigger subject, each message
+//! forwarded to the workload's agent and its answer returned to the requester.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ impl TriggerSet {
     }
 }
 
-/// The queue group shared by every instance of a function (W9), relayed or agent-held: one per
+/// The queue group shared by every instance of a function, relayed or agent-held: one per
 /// tenant (namespace, name and issuer), so a stranger who deploys a function under the same
 /// namespace and name does not join it and take a share of its requests.
 pub fn queue_group(namespace: &str, name: &str, issuer: &str) -> String {
@@ -116,8 +116,8 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
 }
 
 /// Publishes what one call did: `function_exec_succeeded` and a DEBUG log line with its run
-/// time, or `function_exec_failed` and an ERROR line (REFERENCE §5.2), whether the node relayed
-/// the call or the agent answered it itself.
+/// time, or `function_exec_failed` and an ERROR line, whether the node relayed the call or the
+/// agent answered it itself.
 pub async fn report(events: &EventPublisher, w: &Workload, subject: &str, outcome: Result<u64, String>) {
     match outcome {
         Ok(ns) => {

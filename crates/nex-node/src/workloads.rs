@@ -1,5 +1,6 @@
-//! The workload manager: the DEPLOY and STOP pipelines (REFERENCE §3.6–3.7, W3–W5), running
-//! workloads and their lifecycle events (W8), essential restarts with back-off, lame duck.
+//! The workload manager: the DEPLOY and STOP pipelines (checks and error texts in
+//! `docs/protocol.md`), running workloads and their lifecycle events (one `workload_deployed` and
+//! one `workload_undeployed` each), essential restarts with back-off, lame duck.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -342,6 +343,7 @@ impl WorkloadManager {
         res
     }
 
+    /// Steps 1–10 of the DEPLOY checks; the numbered comments follow `docs/protocol.md`.
     fn validate(&self, ns: Option<&str>, body: &[u8]) -> Result<Validated, DeployError> {
         // 1
         let ns = match ns {
@@ -420,7 +422,7 @@ impl WorkloadManager {
         if !self.cfg.valid_issuers.is_empty() && !self.cfg.valid_issuers.contains(&claims.iss) {
             return Err(format!("invalid workload issuer: {}", claims.iss));
         }
-        // W3: the artifact must be pinned by the JWT.
+        // The JWT must pin the artifact's hash.
         let expected_hash = match claims.nats.hash.as_deref().map(str::trim) {
             Some(h) if !h.is_empty() => h.to_ascii_lowercase(),
             _ => {
@@ -430,7 +432,7 @@ impl WorkloadManager {
                 )
             }
         };
-        // W4: replays, also across restarts.
+        // Each token is accepted once, also across restarts.
         self.replay
             .accept(&claims.jti, claims.replay_window_end(self.cfg.deploy_max_age))
             .map_err(|e| format!("Invalid deploy request: {e}"))?;
@@ -447,7 +449,8 @@ impl WorkloadManager {
         })
     }
 
-    /// Downloads the artifact into a warm agent and deploys; steps 11–16 of §3.6.
+    /// Downloads the artifact into a warm agent and deploys; steps 11–16 of the DEPLOY checks in
+    /// `docs/protocol.md`.
     async fn launch(self: &Arc<Self>, v: Validated) -> Result<RunResponse, DeployError> {
         let loc = Location::parse(&v.request.location).map_err(|e| format!("Failed to cache workload bytes: {e}"))?;
         let js = match v.request.jsdomain.as_deref().filter(|d| !d.is_empty()) {
@@ -487,7 +490,7 @@ impl WorkloadManager {
                 return Err(format!("Failed to get agent client from pool: {e}{hint}"));
             }
         };
-        // 12 + W3
+        // 12: the download, checked against the JWT's hash
         let fail = |me: &Arc<Self>, agent: Agent, msg: String| {
             let me = me.clone();
             async move {

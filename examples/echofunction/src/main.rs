@@ -1,4 +1,4 @@
-//! A WASI preview-1 command for nex (REFERENCE §5.4): reads the payload from stdin, appends the
+//! A WASI preview-1 command for nex: reads the payload from stdin, appends the
 //! trigger subject (argv[1]) and writes the result to stdout, which becomes the reply.
 //!
 //! `cargo build --release -p echofunction --target wasm32-wasip1`

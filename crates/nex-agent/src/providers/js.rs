@@ -1,9 +1,9 @@
-//! JavaScript functions (W11) on QuickJS (`rquickjs`), under the wire type `v8`.
+//! JavaScript functions on QuickJS (`rquickjs`), under the wire type `v8`.
 //!
 //! The script is evaluated once, as a classic script whose completion value must be
 //! `function(subject, payload: Uint8Array)`; the runtime and context are kept for every call, on a
 //! thread of their own. Each call has a deadline (interrupt handler) and the runtime a memory
-//! limit. `console.*` lines become workload logs; `hostServices` reaches the node (§5.6).
+//! limit. `console.*` lines become workload logs; `hostServices` (Nex's API) reaches the node.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

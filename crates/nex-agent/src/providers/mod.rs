@@ -140,7 +140,7 @@ impl Provider {
 }
 
 /// Host-service calls from a function: a request to the node on
-/// `hostint.<id>.rpc.<ns>.<workload>.<service>.<method>` (REFERENCE §5.5).
+/// `hostint.<id>.rpc.<ns>.<workload>.<service>.<method>`.
 fn host_call(agent: Arc<Agent>, req: &AgentDeployRequest) -> js::HostCall {
     let handle = tokio::runtime::Handle::current();
     let ns = req.namespace.clone();

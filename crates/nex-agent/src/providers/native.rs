@@ -1,5 +1,6 @@
 //! Native workloads: an executable run as a child of the agent, in a process group of its own,
-//! its output shipped line by line (W7), its exit reported as `workload_undeployed`.
+//! its output shipped line by line (one log message each), its exit reported as
+//! `workload_undeployed`.
 
 use std::path::PathBuf;
 use std::process::Stdio;

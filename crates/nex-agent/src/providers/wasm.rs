@@ -1,4 +1,4 @@
-//! WebAssembly functions (W10): a WASI preview-1 command module compiled once at deploy and
+//! WebAssembly functions: a WASI preview-1 command module compiled once at deploy and
 //! instantiated per call from a pre-linked `InstancePre`. argv = `["nexfunction", <subject>]`, the
 //! payload on stdin, all of stdout is the reply. Every call has an epoch deadline and a memory cap,
 //! and no file system or network.
@@ -58,7 +58,7 @@ impl Wasm {
         let limits = req.function_limits.clone().unwrap_or_default();
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
-        // Every call instantiates the module anew (REFERENCE §5.4). A pool of pre-reserved
+        // Every call instantiates the module anew, as in Nex. A pool of pre-reserved
         // instance slots makes that cheap: no mmap/munmap per call (which also serialises
         // concurrent calls on the address-space lock), and the module's memory image is mapped
         // copy-on-write into a slot that is reset, not rebuilt. The first MiBs of a slot stay
@@ -161,8 +161,8 @@ impl Wasm {
     }
 }
 
-/// `nex_host.call(service, method, arg, body, out) -> (code << 32) | len`: the host services of
-/// REFERENCE §5.5 for WebAssembly. Each argument is a (pointer, length) pair in linear memory;
+/// `nex_host.call(service, method, arg, body, out) -> (code << 32) | len`: the host services for
+/// WebAssembly (`docs/protocol.md`). Each argument is a (pointer, length) pair in linear memory;
 /// `arg` is the key, subject, object name or URL. The answer (or the error message) is copied into
 /// `out` up to `out_cap` bytes; `len` is its full length, so a caller can retry with more room.
 #[allow(clippy::too_many_arguments)]

@@ -1,5 +1,5 @@
 //! `nex bench`: what nex adds on top of NATS, measured in one run against a plain NATS
-//! request/reply baseline on the same server (DESIGN §7).
+//! request/reply baseline on the same server (the README's Performance section has the targets).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

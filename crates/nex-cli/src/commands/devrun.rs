@@ -1,4 +1,4 @@
-//! `nex devrun`: the developer loop of REFERENCE §1.4 — pick a node by AUCTION, upload the file
+//! `nex devrun`: the developer loop, as in Nex — pick a node by AUCTION, upload the file
 //! to `NEXCLIFILES`, stop the previous instance of the same name, deploy the new one.
 
 use std::path::{Path, PathBuf};

@@ -16,7 +16,7 @@ use crate::config::NodeConfig;
 
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 5;
-/// Time allowed for each request (REFERENCE §7.2).
+/// Time allowed for each request (each hop), as in Nex.
 const TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// Hosts and networks the operator lets functions reach despite [`forbidden_reason`].

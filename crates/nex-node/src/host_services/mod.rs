@@ -1,6 +1,7 @@
-//! Host services (REFERENCE §5.5 with W12): functions call `kv`, `messaging`, `objectstore` and
-//! `http` through their agent on `hostint.<id>.rpc.<ns>.<workload>.<service>.<method>`; the node
-//! answers with `x-nex-hs-code` / `x-nex-hs-msg`.
+//! Host services: functions call `kv`, `messaging`, `objectstore` and `http` through their agent
+//! on `hostint.<id>.rpc.<ns>.<workload>.<service>.<method>`; the node answers with
+//! `x-nex-hs-code` / `x-nex-hs-msg`, the latter holding the real error message, not `OK`
+//! (`docs/protocol.md`).
 //!
 //! Every call acts with the workload's authority, never the node's: only function workloads are
 //! served; data lives in buckets named after the workload's tenant (namespace, name and issuer);
