@@ -612,6 +612,34 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_holds_a_seed() {
+        let c = NodeConfig::from_json(r#"{"host_services":{"nats_user_seed":"SUAEXAMPLESEEDNOTREAL"}}"#).unwrap();
+        assert_eq!(c.host_services.nats_user_seed.expose(), "SUAEXAMPLESEEDNOTREAL");
+        assert!(!format!("{c:?}").contains("SUAEXAMPLE"));
+        let spec = crate::tiers::AgentSpec {
+            id: "x".into(),
+            nats_host: "h".into(),
+            nats_port: 1,
+            nkey_seed: "SUAEXAMPLEAGENT".into(),
+            work_dir: "/w".into(),
+            template: Default::default(),
+            stop_grace_ms: 1,
+        };
+        assert!(!format!("{spec:?}").contains("SUAEXAMPLE"));
+        let req = nex_api::agent::AgentDeployRequest {
+            environment: [("TOKEN".to_string(), "SUAEXAMPLEENV".to_string())].into_iter().collect(),
+            trigger_connection: Some(nex_api::control::NatsConnectionConfig {
+                nats_url: "nats://x".into(),
+                nats_user_jwt: None,
+                nats_user_seed: Some("SUAEXAMPLETRIGGER".into()),
+            }),
+            ..Default::default()
+        };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("SUAEXAMPLE") && shown.contains("TOKEN"), "{shown}");
+    }
+
+    #[test]
     fn seed_spellings_are_accepted() {
         let c = NodeConfig::from_json(r#"{"kernel_path":"/k","rootfs_path":"/r"}"#).unwrap();
         assert_eq!(c.kernel_filepath, "/k");
