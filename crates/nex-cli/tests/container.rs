@@ -80,8 +80,14 @@ fn leftovers(run: &str, id: Option<&str>) -> Vec<String> {
                 out.push(format!("link {l}"));
             }
         }
-        if sh("nft", &["list", "tables"]).contains(&format!("nex_{run}")) {
-            out.push(format!("nft table nex_{run}"));
+        let tables = sh("nft", &["list", "tables"]);
+        for t in [format!("nex_{run}"), format!("nexb_{run}")] {
+            if tables.contains(&t) {
+                out.push(format!("nft table {t}"));
+            }
+        }
+        if Path::new("/var/lib/nex-sandbox").join(run).exists() {
+            out.push(format!("sandbox dir /var/lib/nex-sandbox/{run}"));
         }
     }
     out
@@ -384,4 +390,25 @@ async fn container_tier_refuses_to_start_without_a_firewall() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the node started without a firewall:\n{err}");
     assert!(err.contains("need an nftables firewall"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_node_stopped_with_sigint_leaves_no_network_behind() {
+    if !available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg =
+            node_config(dir.path(), json!({"no_sandbox": false, "isolation": "container", "machine_pool_size": 2}));
+        let mut node = Node::start_in(&nats, dir, cfg, &[]).await;
+        let run = run_id(&node);
+        assert!(!leftovers(&run, None).is_empty(), "round {round}: the run made nothing?");
+        assert!(node.signal_and_wait(libc::SIGINT, Duration::from_secs(20)).is_some(), "round {round}: no exit");
+        eventually(Duration::from_secs(5), &format!("round {round}: nothing of run {run} left"), || {
+            leftovers(&run, None).is_empty()
+        })
+        .await;
+    }
 }

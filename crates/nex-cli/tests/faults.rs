@@ -337,3 +337,100 @@ async fn a_full_disk_during_download_fails_cleanly() {
     let small = user.native("fits", &script("exec /bin/sleep 600")).await;
     user.deploy(&node.id, &small).await.expect("a small one still deploys");
 }
+
+/// Process id of a node's internal nats-server (its config lives in the node's state dir).
+fn internal_nats_pid(state: &std::path::Path) -> Option<i32> {
+    let state = std::fs::canonicalize(state).ok()?.display().to_string();
+    processes_matching("internal-nats.conf").into_iter().find(|(_, cmd)| cmd.contains(&state)).map(|(p, _)| p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_nats_server_is_restarted_and_workloads_keep_running() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, json!({"machine_pool_size": 2})).await;
+    let user = User::new(&nats).await;
+    let svc = user.native("survivor", &script("exec /bin/sleep 7402")).await;
+    let s = user.deploy(&node.id, &svc).await.unwrap();
+    let mut f = user.native("survivorjs", b"(function (s, p) { return 'still ' + String.fromCharCode(...p); })").await;
+    f.workload_type = "v8".into();
+    f.trigger_subjects = vec!["survivor.fn".into()];
+    user.deploy(&node.id, &f).await.unwrap();
+
+    let before = internal_nats_pid(&node.state_dir()).expect("internal nats-server");
+    // SAFETY: killing the test node's internal server.
+    unsafe { libc::kill(before, libc::SIGKILL) };
+    // A new one comes up; the node deploys again within 30 s.
+    let t = Instant::now();
+    let again = user.native("afterkill", &script("exec /bin/sleep 7403")).await;
+    let deployed = loop {
+        match user.deploy(&node.id, &again).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "no deploy within 30 s of the kill: {e}\n{}",
+                    node.log()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert!(deployed.started);
+    assert_ne!(internal_nats_pid(&node.state_dir()), Some(before));
+    // What ran before still runs, and the function still answers.
+    let info = user.info(&node.id).await;
+    assert!(info.machines.iter().any(|m| m.id == s.id), "{:?}", info.machines);
+    assert_eq!(processes_matching("sleep 7402").len(), 1);
+    let m = user.nc.request("survivor.fn", "x".into()).await.unwrap();
+    assert_eq!(&m.payload[..], br#""still x""#);
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    // Its agent was not given up for lost during the outage.
+    assert!(user.info(&node.id).await.machines.iter().any(|m| m.id == s.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_flood_is_limited_by_the_node_and_exits_still_arrive_at_once() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, json!({"machine_pool_size": 3})).await;
+    let user = User::new(&nats).await;
+    let rec = Recorder::start(&user.nc).await;
+    // JavaScript console lines bypass the agent's own limit for native output: the node's
+    // limit holds them.
+    let mut f = user
+        .native("chatty", b"(function () { for (let i = 0; i < 100000; i++) console.log('line ' + i); return 1; })")
+        .await;
+    f.workload_type = "v8".into();
+    f.trigger_subjects = vec!["chatty.go".into()];
+    let flood = user.deploy(&node.id, &f).await.unwrap();
+    let nc = user.nc.clone();
+    let flooding = tokio::spawn(async move {
+        for _ in 0..5 {
+            let req = async_nats::Request::new().payload("".into()).timeout(Some(Duration::from_secs(20)));
+            let _ = nc.send_request("chatty.go", req).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile a service exits: its workload_undeployed arrives within a second of the exit.
+    let quick = user.native("quick", &script("sleep 1; exit 3")).await;
+    let q = user.deploy(&node.id, &quick).await.unwrap();
+    let deployed_at = Instant::now();
+    rec.wait_until(Duration::from_secs(10), "the quick exit", |r| {
+        !r.workload_events("workload_undeployed", &q.id).is_empty()
+    })
+    .await;
+    let took = deployed_at.elapsed();
+    assert!(took < Duration::from_millis(2000), "exit handled {took:?} after deploy (1 s of it the workload's)");
+    flooding.await.unwrap();
+    // At most the burst plus the rate over the flood's duration got through, and the drops were said.
+    let lines =
+        rec.logs(&flood.id).iter().filter(|(_, v)| v["text"].as_str().is_some_and(|t| t.starts_with("line "))).count();
+    assert!(lines < 20_000, "{lines} lines passed the node's limit");
+    assert!(log_texts(&rec, &flood.id).iter().any(|t| t.starts_with("nex: dropped ")), "no drop report");
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(rss_kb < 150 * 1024, "node RSS {rss_kb} kB");
+}

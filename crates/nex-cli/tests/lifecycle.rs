@@ -89,24 +89,6 @@ async fn native_workload_logs_events_and_stop() {
     assert!(texts.iter().any(|t| t == "no newline"), "{texts:?}");
 }
 
-/// Processes whose working directory lies under `dir`.
-pub fn processes_with_cwd_under(dir: &std::path::Path) -> Vec<(i32, String)> {
-    let dir = std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
-            if cwd.starts_with(&dir) {
-                let c = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                out.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
-            }
-        }
-    }
-    out
-}
-
 fn cgroup_dirs_for(run_marker: &std::path::Path) -> Vec<std::path::PathBuf> {
     // Every cgroup directory of the runs recorded under this node's state dir.
     let mut out = Vec::new();

@@ -87,8 +87,11 @@ fn leftovers(run: &str) -> Vec<String> {
             out.push(format!("link {l}"));
         }
     }
-    if sh("nft", &["list", "tables"]).contains(&format!("nex_{run}")) {
-        out.push(format!("nft table nex_{run}"));
+    let tables = sh("nft", &["list", "tables"]);
+    for t in [format!("nex_{run}"), format!("nexb_{run}")] {
+        if tables.contains(&t) {
+            out.push(format!("nft table {t}"));
+        }
     }
     out
 }

@@ -27,6 +27,33 @@ pub enum AgentMessage {
     Execs(Vec<nex_api::agent::FunctionExec>),
 }
 
+/// Where agents' messages go: two bounded paths, so a flood of log lines can be dropped (and
+/// counted) without ever delaying a workload's exit.
+#[derive(Debug, Clone)]
+pub struct AgentChannels {
+    /// Log lines, call reports and host-service calls; full → dropped.
+    pub data: mpsc::Sender<(String, AgentMessage)>,
+    /// Lifecycle events (exits); waits when full.
+    pub control: mpsc::Sender<(String, AgentMessage)>,
+}
+
+/// The receiving end of either path: agent id and message.
+pub type AgentReceiver = mpsc::Receiver<(String, AgentMessage)>;
+
+/// Capacity of the data path.
+pub const DATA_CAPACITY: usize = 8192;
+/// Capacity of the control path.
+pub const CONTROL_CAPACITY: usize = 1024;
+
+impl AgentChannels {
+    /// Both paths and their receivers (data, control).
+    pub fn new() -> (AgentChannels, AgentReceiver, AgentReceiver) {
+        let (data, data_rx) = mpsc::channel(DATA_CAPACITY);
+        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        (AgentChannels { data, control }, data_rx, control_rx)
+    }
+}
+
 /// Connection to one agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
@@ -34,21 +61,20 @@ pub struct AgentClient {
     pub id: String,
     conn: async_nats::Client,
     handshake: watch::Receiver<Option<Instant>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AgentClient {
     /// Subscribes to the agent's subjects on `conn`; messages go to `tx` tagged with the id.
-    pub async fn start(
-        id: String,
-        conn: async_nats::Client,
-        tx: mpsc::UnboundedSender<(String, AgentMessage)>,
-    ) -> Result<AgentClient> {
+    pub async fn start(id: String, conn: async_nats::Client, tx: AgentChannels) -> Result<AgentClient> {
         let mut sub = conn.subscribe(format!("hostint.{id}.>")).await.context("subscribing to agent subjects")?;
         // Make sure the server has the subscription before the agent can send anything.
         crate::nats_ext::round_trip(&conn).await.context("registering agent subscription")?;
         let (hs_tx, hs_rx) = watch::channel(None);
         let c = conn.clone();
         let tid = id.clone();
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost = dropped.clone();
         tokio::spawn(async move {
             let handshake = internal::handshake(&tid);
             let logs = internal::logs(&tid);
@@ -64,21 +90,38 @@ impl AgentClient {
                     let _ = hs_tx.send(Some(Instant::now()));
                 } else if subject == logs {
                     if let Ok(entry) = serde_json::from_slice::<LogEntry>(&msg.payload) {
-                        let _ = tx.send((tid.clone(), AgentMessage::Log(entry)));
+                        if tx.data.try_send((tid.clone(), AgentMessage::Log(entry))).is_err() {
+                            lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 } else if subject == execs {
                     if let Ok(v) = serde_json::from_slice(&msg.payload) {
-                        let _ = tx.send((tid.clone(), AgentMessage::Execs(v)));
+                        if tx.data.try_send((tid.clone(), AgentMessage::Execs(v))).is_err() {
+                            tracing::debug!(agent = %tid, "node busy: a batch of call reports was dropped");
+                        }
                     }
                 } else if subject.starts_with(&rpc_prefix) {
-                    let _ = tx.send((tid.clone(), AgentMessage::HostService(msg)));
+                    let reply = msg.reply.clone();
+                    if tx.data.try_send((tid.clone(), AgentMessage::HostService(msg))).is_err() {
+                        if let Some(r) = reply {
+                            let mut h = async_nats::HeaderMap::new();
+                            h.insert(nex_api::agent::HEADER_HS_CODE, "503");
+                            h.insert(nex_api::agent::HEADER_HS_MSG, "the node is busy: try again");
+                            let _ = c.publish_with_headers(r, h, Bytes::new()).await;
+                        }
+                    }
                 } else if let Some(t) = subject.strip_prefix(&events_prefix) {
                     let data = serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
-                    let _ = tx.send((tid.clone(), AgentMessage::Event(t.to_string(), data)));
+                    let _ = tx.control.send((tid.clone(), AgentMessage::Event(t.to_string(), data))).await;
                 }
             }
         });
-        Ok(AgentClient { id, conn, handshake: hs_rx })
+        Ok(AgentClient { id, conn, handshake: hs_rx, dropped })
+    }
+
+    /// Log lines dropped on their way to the node since the last call (the node was busy).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits for the agent's handshake.

@@ -52,19 +52,30 @@ pub async fn serve(ctx: ControlContext) -> Result<Vec<tokio::task::JoinHandle<()
         (format!("$NEX.LAMEDUCK.{id}"), Op::LameDuck),
     ];
     let mut tasks = Vec::new();
+    // Requests handled at the same time: beyond that, subscriptions wait (and NATS buffers or
+    // drops for the slow consumer) instead of the node spawning without bound.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
     for (subject, op) in subs {
         let mut sub = ctx.conn.subscribe(subject.clone()).await.with_context(|| format!("subscribing to {subject}"))?;
         let ctx = ctx.clone();
+        let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let ctx = ctx.clone();
-                tokio::spawn(async move { handle(ctx, op, msg).await });
+                tokio::spawn(async move {
+                    handle(ctx, op, msg).await;
+                    drop(permit);
+                });
             }
         }));
     }
     crate::nats_ext::round_trip(&ctx.conn).await.context("registering control subscriptions")?;
     Ok(tasks)
 }
+
+/// Control requests handled at the same time.
+const MAX_CONCURRENT_REQUESTS: usize = 64;
 
 fn token(subject: &str, i: usize) -> Option<&str> {
     subject.split('.').nth(i).filter(|t| !t.is_empty())
@@ -110,7 +121,7 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
                 Ok(r) => Envelope::ok(response_type::RUN, &r),
                 Err(e) => {
                     tracing::warn!(error = %e, "deploy request rejected");
-                    Envelope::fail(response_type::RUN, e)
+                    Envelope::fail(response_type::RUN, e.to_string())
                 }
             };
             Some(env)
@@ -119,7 +130,7 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
             let ns = token(subject, 2);
             Some(match mgr.stop(ns, &msg.payload).await {
                 Ok(r) => Envelope::ok(response_type::STOP, &r),
-                Err(e) => Envelope::fail(response_type::STOP, e),
+                Err(e) => Envelope::fail(response_type::STOP, e.to_string()),
             })
         }
         Op::LameDuck => {
@@ -162,7 +173,7 @@ fn ping(mgr: &WorkloadManager) -> PingResponse {
         version: nex_api::VERSION.to_string(),
         uptime: nex_api::uptime::format(id.started.elapsed()),
         target_xkey: id.xkey.public_key(),
-        tags: id.tags.read().unwrap().clone(),
+        tags: id.tags.read().unwrap_or_else(|e| e.into_inner()).clone(),
         running_machines: mgr.count() as u64,
     }
 }
@@ -209,7 +220,7 @@ fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
         version: nex_api::VERSION.to_string(),
         uptime: nex_api::uptime::format(id.started.elapsed()),
         public_xkey: id.xkey.public_key(),
-        tags: id.tags.read().unwrap().clone(),
+        tags: id.tags.read().unwrap_or_else(|e| e.into_inner()).clone(),
         memory: read_meminfo(),
         machines: mgr.machines(ns),
         supported_workload_types: mgr.config().workload_types.clone(),

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -42,8 +43,10 @@ impl std::fmt::Debug for WorkloadCredentials {
 /// A running internal server.
 #[derive(Debug)]
 pub struct InternalNats {
+    binary: PathBuf,
     child: Mutex<Option<Child>>,
-    pid: u32,
+    pid: AtomicU32,
+    stopping: AtomicBool,
     port: u16,
     host: String,
     dir: PathBuf,
@@ -60,8 +63,10 @@ impl InternalNats {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = if port == 0 { free_port(listen_host)? } else { port };
         let me = InternalNats {
+            binary: binary.to_path_buf(),
             child: Mutex::new(None),
-            pid: 0,
+            pid: AtomicU32::new(0),
+            stopping: AtomicBool::new(false),
             port,
             host: listen_host.to_string(),
             dir: dir.to_path_buf(),
@@ -72,9 +77,16 @@ impl InternalNats {
             last_reload: Mutex::new(None),
         };
         me.write_config()?;
-        let log = std::fs::File::create(dir.join("internal-nats.log"))?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("-c").arg(&me.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        me.spawn()?;
+        me.wait_ready(Duration::from_secs(10)).await?;
+        Ok(me)
+    }
+
+    /// Starts the server process from the current config.
+    fn spawn(&self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("internal-nats.log"))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-c").arg(&self.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         // Its own process group: a terminal's Ctrl-C reaches the node, which stops it last.
         cmd.process_group(0);
         // SAFETY: prctl only sets a flag on the child; async-signal-safe.
@@ -84,11 +96,55 @@ impl InternalNats {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting internal nats-server {}", binary.display()))?;
-        let pid = child.id().unwrap_or(0);
-        let me = InternalNats { child: Mutex::new(Some(child)), pid, ..me };
-        me.wait_ready(Duration::from_secs(10)).await?;
-        Ok(me)
+        let child = cmd.spawn().with_context(|| format!("starting internal nats-server {}", self.binary.display()))?;
+        self.pid.store(child.id().unwrap_or(0), Ordering::SeqCst);
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        Ok(())
+    }
+
+    /// Restarts the server whenever it dies (on the same port, with the accounts of now), until
+    /// [`InternalNats::shutdown`]: agents and the node's agent clients reconnect by themselves.
+    pub fn supervise(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if me.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let exited = {
+                    let mut c = me.child.lock().unwrap_or_else(|e| e.into_inner());
+                    match c.as_mut().map(|c| c.try_wait()) {
+                        Some(Ok(Some(status))) => Some(status.to_string()),
+                        Some(Ok(None)) => None,
+                        Some(Err(e)) => Some(e.to_string()),
+                        None => Some("gone".into()),
+                    }
+                };
+                let Some(how) = exited else {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                };
+                if me.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::error!(exit = %how, "the internal NATS server died; restarting it on port {}", me.port);
+                let _g = me.reload_lock.lock().await;
+                let started = match me.write_config().and_then(|()| me.spawn()) {
+                    Ok(()) => me.wait_ready(Duration::from_secs(10)).await,
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(()) => tracing::info!(port = me.port, "internal NATS server restarted"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "restarting the internal NATS server failed; retrying in {}ms", backoff.as_millis());
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     async fn wait_ready(&self, within: Duration) -> Result<()> {
@@ -97,7 +153,7 @@ impl InternalNats {
             if tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.is_ok() {
                 return Ok(());
             }
-            if let Some(child) = self.child.lock().unwrap().as_mut() {
+            if let Some(child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     let log = std::fs::read_to_string(self.dir.join("internal-nats.log")).unwrap_or_default();
                     bail!("internal nats-server exited with {status}: {}", log.trim());
@@ -125,7 +181,7 @@ impl InternalNats {
         let _g = self.reload_lock.lock().await;
         let mut creds = Vec::with_capacity(ids.len());
         {
-            let mut acc = self.accounts.lock().unwrap();
+            let mut acc = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
             for id in ids {
                 let c = WorkloadCredentials {
                     agent: std::sync::Arc::new(KeyPair::new_user()),
@@ -143,7 +199,7 @@ impl InternalNats {
     /// Removes a workload's account and reloads.
     pub async fn remove_workload(&self, id: &str) -> Result<()> {
         let _g = self.reload_lock.lock().await;
-        if self.accounts.lock().unwrap().remove(id).is_none() {
+        if self.accounts.lock().unwrap_or_else(|e| e.into_inner()).remove(id).is_none() {
             return Ok(());
         }
         self.write_config()?;
@@ -179,7 +235,7 @@ impl InternalNats {
     /// transfers into an account (the artifact cache) fail when a reload lands in the middle.
     pub async fn without_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
         let g = self.reload_lock.lock().await;
-        let last = *self.last_reload.lock().unwrap();
+        let last = *self.last_reload.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = last {
             let settle = Duration::from_millis(150);
             if t.elapsed() < settle {
@@ -190,12 +246,13 @@ impl InternalNats {
     }
 
     fn reload(&self) -> Result<()> {
-        *self.last_reload.lock().unwrap() = Some(std::time::Instant::now());
-        if self.pid == 0 {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid == 0 {
             return Ok(());
         }
         // SAFETY: sending a signal to our own child process id.
-        let rc = unsafe { libc::kill(self.pid as i32, libc::SIGHUP) };
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
         if rc != 0 {
             bail!("reloading internal nats-server: {}", std::io::Error::last_os_error());
         }
@@ -203,7 +260,7 @@ impl InternalNats {
     }
 
     fn write_config(&self) -> Result<()> {
-        let acc = self.accounts.lock().unwrap().clone();
+        let acc = self.accounts.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
         s.push_str(&format!("listen: \"{}:{}\"\n", self.host, self.port));
         s.push_str("server_name: nex_internal\nmax_payload: 8MB\n");
@@ -238,7 +295,8 @@ impl InternalNats {
 
     /// Stops the server and removes its state directory.
     pub async fn shutdown(&self) {
-        let child = self.child.lock().unwrap().take();
+        self.stopping.store(true, Ordering::SeqCst);
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut child) = child {
             if let Some(pid) = child.id() {
                 // SAFETY: signalling our own child.

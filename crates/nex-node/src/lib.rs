@@ -13,6 +13,8 @@
 //!   may reach; [`files`] — the node's own files, safe from other local users.
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod agent_client;
 pub mod artifact;
 pub mod cgroup;

@@ -22,7 +22,7 @@ use crate::pool::AgentPool;
 use crate::state::{self, RunState};
 use crate::tiers::process::ProcessTier;
 use crate::tiers::IsolationTier;
-use crate::workloads::{NodeIdentity, WorkloadManager};
+use crate::workloads::{ManagerParts, NodeIdentity, WorkloadManager};
 
 /// What `nex node up` hands the daemon.
 pub struct NodeOptions {
@@ -144,6 +144,7 @@ async fn run_inner(
         }
     };
     tracing::info!(port = internal.port(), "internal NATS server started");
+    internal.supervise();
     if let Err(e) = tier.expose(internal.port()).await {
         internal.shutdown().await;
         tier.shutdown().await;
@@ -168,44 +169,71 @@ async fn run_inner(
         tags: RwLock::new(all_tags),
     });
     let events = EventPublisher::new(control.clone(), node_id.clone());
-    let (msg_tx, msg_rx) = mpsc::unbounded_channel();
-    let pool = AgentPool::new(tier.clone(), internal.clone(), run.clone(), cfg.clone(), msg_tx);
+    let (channels, data_rx, control_rx) = crate::agent_client::AgentChannels::new();
+    let pool = AgentPool::new(tier.clone(), internal.clone(), run.clone(), cfg.clone(), channels);
     // A function's agent may hold its own trigger subscriptions when it can reach the user's
     // NATS without the node's credentials: the request's trigger_connection, or an anonymous
     // control connection.
     let agent_triggers_url = control_anonymous.then_some(control_url.clone());
-    let mgr = WorkloadManager::new(
-        ident.clone(),
-        cfg.clone(),
-        control.clone(),
+    let mgr = WorkloadManager::new(ManagerParts {
+        ident: ident.clone(),
+        cfg: cfg.clone(),
+        control: control.clone(),
         control_url,
         agent_triggers_url,
-        pool.clone(),
-        events.clone(),
+        pool: pool.clone(),
+        events: events.clone(),
         replay,
-    );
-    tokio::spawn(mgr.clone().run_agent_messages(msg_rx));
+    });
+    tokio::spawn(mgr.clone().run_agent_data(data_rx));
+    tokio::spawn(mgr.clone().run_agent_control(control_rx));
     pool.start();
 
+    // Whatever ends serving (a signal, a drain, or a failure to start serving), everything the
+    // node started is stopped in order: workloads, warm agents, the tier's network, the bus.
+    let served = serve(&mgr, &control, &events, tier.name()).await;
+    mgr.stop_all().await;
+    pool.shutdown().await;
+    tier.shutdown().await;
+    internal.shutdown().await;
+    events.node_event(event_type::NODE_STOPPED, &json!({"id": node_id, "graceful": served.is_ok()})).await;
+    events.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), control.drain()).await;
+    tracing::info!("node stopped");
+    served
+}
+
+/// Answers the control API, publishes heartbeats and starts the autostart workloads, until a
+/// signal or a lame-duck drain says stop.
+async fn serve(
+    mgr: &Arc<WorkloadManager>,
+    control: &async_nats::Client,
+    events: &EventPublisher,
+    tier: &str,
+) -> Result<()> {
+    let ident = mgr.identity().clone();
+    let node_id = ident.node_id.clone();
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel();
     let api =
         control_api::serve(ControlContext { mgr: mgr.clone(), conn: control.clone(), shutdown: shutdown_tx }).await?;
-    tracing::info!(node = %node_id, xkey = %ident.xkey.public_key(), tier = tier.name(), "node listening for control requests");
+    tracing::info!(node = %node_id, xkey = %ident.xkey.public_key(), tier, "node listening for control requests");
+    let tags = || ident.tags.read().unwrap_or_else(|e| e.into_inner()).clone();
     events
-        .node_event(
-            event_type::NODE_STARTED,
-            &json!({"version": nex_api::VERSION, "id": node_id, "tags": ident.tags.read().unwrap().clone()}),
-        )
+        .node_event(event_type::NODE_STARTED, &json!({"version": nex_api::VERSION, "id": node_id, "tags": tags()}))
         .await;
     events.flush().await;
     {
         let mgr = mgr.clone();
         tokio::spawn(async move { mgr.autostart().await });
     }
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigquit = signal(SignalKind::quit())?;
+    let signals = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::quit()));
+    let (mut sigint, mut sigterm, mut sigquit) = match signals {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => {
+            api.iter().for_each(|t| t.abort());
+            bail!("cannot listen for signals");
+        }
+    };
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
     loop {
@@ -220,24 +248,15 @@ async fn run_inner(
                     "node_id": node_id,
                     "nexus": ident.nexus,
                     "uptime": nex_api::uptime::format(ident.started.elapsed()),
-                    "tags": ident.tags.read().unwrap().clone(),
+                    "tags": tags(),
                     "running_machines": mgr.count(),
                 })).await;
             }
         }
     }
-
     for t in api {
         t.abort();
     }
-    mgr.stop_all().await;
-    pool.shutdown().await;
-    tier.shutdown().await;
-    internal.shutdown().await;
-    events.node_event(event_type::NODE_STOPPED, &json!({"id": node_id, "graceful": true})).await;
-    events.flush().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), control.drain()).await;
-    tracing::info!("node stopped");
     Ok(())
 }
 

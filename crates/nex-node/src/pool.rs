@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
-use crate::agent_client::{AgentClient, AgentMessage};
+use crate::agent_client::{AgentChannels, AgentClient};
 use crate::config::NodeConfig;
 use crate::internal_nats::InternalNats;
 use crate::state::RunState;
@@ -57,7 +57,7 @@ pub struct AgentPool {
     nats: Arc<InternalNats>,
     run: Arc<RunState>,
     cfg: Arc<NodeConfig>,
-    msgs: mpsc::UnboundedSender<(String, AgentMessage)>,
+    msgs: AgentChannels,
     warm: Mutex<VecDeque<Agent>>,
     starting: AtomicUsize,
     waiting: AtomicUsize,
@@ -74,7 +74,7 @@ impl AgentPool {
         nats: Arc<InternalNats>,
         run: Arc<RunState>,
         cfg: Arc<NodeConfig>,
-        msgs: mpsc::UnboundedSender<(String, AgentMessage)>,
+        msgs: AgentChannels,
     ) -> Arc<AgentPool> {
         Arc::new(AgentPool {
             tier,
@@ -112,7 +112,7 @@ impl AgentPool {
 
     /// How many warm agents wait for work.
     pub fn available(&self) -> usize {
-        self.warm.lock().unwrap().len()
+        self.warm.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// How long starting one agent may take in this tier.
@@ -122,7 +122,7 @@ impl AgentPool {
 
     /// The last reason an agent failed to start, if the pool is struggling.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap().clone()
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     async fn refill_loop(self: Arc<Self>) {
@@ -145,25 +145,25 @@ impl AgentPool {
                 let res = me.launch_one().await;
                 match res {
                     Ok(agent) => {
-                        *backoff.lock().unwrap() = Duration::from_millis(100);
-                        *me.last_error.lock().unwrap() = None;
+                        *backoff.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(100);
+                        *me.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         if me.stopping.load(Ordering::SeqCst) {
                             me.release(agent).await;
                         } else {
-                            me.warm.lock().unwrap().push_back(agent);
+                            me.warm.lock().unwrap_or_else(|e| e.into_inner()).push_back(agent);
                         }
                         me.starting.fetch_sub(1, Ordering::SeqCst);
                         me.available.notify_waiters();
                     }
                     Err(e) => {
                         let wait = {
-                            let mut b = backoff.lock().unwrap();
+                            let mut b = backoff.lock().unwrap_or_else(|e| e.into_inner());
                             let w = *b;
                             *b = (w * 2).min(Duration::from_secs(5));
                             w
                         };
                         tracing::error!(error = %format!("{e:#}"), "failed to start a warm agent; retrying in {}ms", wait.as_millis());
-                        *me.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                        *me.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{e:#}"));
                         me.available.notify_waiters();
                         tokio::time::sleep(wait).await;
                         me.starting.fetch_sub(1, Ordering::SeqCst);
@@ -259,7 +259,10 @@ impl AgentPool {
             let notified = self.available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let next = self.warm.lock().unwrap().pop_front();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(anyhow!("the node is shutting down"));
+            }
+            let next = self.warm.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
             if let Some(agent) = next {
                 self.wanted.notify_one();
                 if agent.is_dead() {
@@ -291,11 +294,11 @@ impl AgentPool {
         tick.tick().await;
         while !self.stopping.load(Ordering::SeqCst) {
             tick.tick().await;
-            let agents: Vec<Agent> = self.warm.lock().unwrap().iter().cloned().collect();
+            let agents: Vec<Agent> = self.warm.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
             for a in agents {
                 if a.is_dead() || !a.client.ping(ping_timeout).await {
                     let removed = {
-                        let mut w = self.warm.lock().unwrap();
+                        let mut w = self.warm.lock().unwrap_or_else(|e| e.into_inner());
                         let before = w.len();
                         w.retain(|x| x.id != a.id);
                         before != w.len()
@@ -310,11 +313,18 @@ impl AgentPool {
         }
     }
 
+    /// Stops handing out agents: deploys waiting for one fail at once (node shutdown).
+    pub fn stop_taking(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.available.notify_waiters();
+        self.wanted.notify_waiters();
+    }
+
     /// Stops the loops and destroys every warm agent.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.wanted.notify_waiters();
-        let agents: Vec<Agent> = self.warm.lock().unwrap().drain(..).collect();
+        let agents: Vec<Agent> = self.warm.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
         futures::future::join_all(agents.into_iter().map(|a| self.release(a))).await;
         // An agent being started right now is released by the refill loop when it sees the flag.
         for _ in 0..100 {
@@ -323,7 +333,7 @@ impl AgentPool {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let leftovers: Vec<Agent> = self.warm.lock().unwrap().drain(..).collect();
+        let leftovers: Vec<Agent> = self.warm.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
         futures::future::join_all(leftovers.into_iter().map(|a| self.release(a))).await;
     }
 }

@@ -16,6 +16,9 @@ use nex_api::events::event_type;
 use crate::events::EventPublisher;
 use crate::workloads::{Workload, WorkloadManager};
 
+/// Relayed calls of one function in flight at the same time.
+const MAX_CALLS_IN_FLIGHT: usize = 256;
+
 /// The live subscriptions of one function workload.
 pub struct TriggerSet {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -55,6 +58,8 @@ pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<Tr
     };
     let group = queue_group(&w.namespace, &w.name, &w.issuer);
     let mut tasks = Vec::new();
+    // Calls in flight per function: beyond that the subscription waits (NATS queues for it).
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
     for subject in &v.trigger_subjects {
         let mut sub = conn
             .queue_subscribe(subject.clone(), group.clone())
@@ -63,12 +68,17 @@ pub async fn subscribe(mgr: Arc<WorkloadManager>, w: Arc<Workload>) -> Result<Tr
         let mgr = mgr.clone();
         let w = w.clone();
         let conn = conn.clone();
+        let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let mgr = mgr.clone();
                 let w = w.clone();
                 let conn = conn.clone();
-                tokio::spawn(async move { handle(mgr, w, conn, msg).await });
+                tokio::spawn(async move {
+                    handle(mgr, w, conn, msg).await;
+                    drop(permit);
+                });
             }
         }));
     }

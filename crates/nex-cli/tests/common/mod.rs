@@ -591,3 +591,21 @@ pub async fn http_server(respond: impl Fn(&str) -> String + Send + Sync + 'stati
     });
     port
 }
+
+/// Processes whose working directory lies under `dir`.
+pub fn processes_with_cwd_under(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let dir = std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
+            if cwd.starts_with(&dir) {
+                let c = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                out.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
+            }
+        }
+    }
+    out
+}

@@ -547,10 +547,11 @@ async fn teardown(tier: &TierInfo, cid: &str, netns: &str, id: &str, bundle: &Pa
         Cgroup::at(v, &tier.run_id, id).destroy().await;
         crate::cgroup::remove_everywhere(&tier.run_id, Some(id));
     }
-    // Deleting the namespace (now without processes) deletes the veth pair with it.
+    // The veth pair goes with its host side (`BridgeNet::release`); deleting the namespace alone
+    // would leave it while sockets still hold the namespace.
     let _ = run_cmd("ip", &["netns", "delete", netns], None).await;
-    let _ = std::fs::remove_dir_all(bundle);
-    let _ = std::fs::remove_dir_all(work_dir);
+    let _ = tokio::fs::remove_dir_all(bundle).await;
+    let _ = tokio::fs::remove_dir_all(work_dir).await;
 }
 
 /// The agent binary's shared libraries (from `ldd`), to bind into the container read-only.

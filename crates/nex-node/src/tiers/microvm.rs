@@ -330,7 +330,7 @@ impl IsolationTier for MicrovmTier {
                 Ok(a) => Ok(Box::new(a) as Box<dyn AgentHandle>),
                 Err(e) => {
                     let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
-                    let _ = std::fs::remove_dir_all(&spec.work_dir);
+                    let _ = tokio::fs::remove_dir_all(&spec.work_dir).await;
                     self.net.release(&spec.id).await;
                     Err(e)
                 }
@@ -370,7 +370,7 @@ impl AgentHandle for MicrovmAgent {
             let mut rx = self.exited.clone();
             let _ = tokio::time::timeout(Duration::from_secs(5), super::wait_exit(&mut rx)).await;
             let _ = run_cmd("ip", &["link", "delete", &self.tap], None).await;
-            let _ = std::fs::remove_dir_all(&self.work_dir);
+            let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
             self.net.release(&self.id).await;
         })
     }

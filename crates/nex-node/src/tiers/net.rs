@@ -181,6 +181,9 @@ table bridge {btable} {{
                 .await;
         }
         if let Some(p) = &a.port {
+            // The link itself (a veth pair with its peer, or a tap) goes now, not whenever its
+            // namespace or last socket does.
+            let _ = run_cmd("ip", &["link", "delete", p], None).await;
             let element = format!("{{ \"{p}\" . {ip} }}");
             let _ = run_cmd(
                 "nft",

@@ -104,7 +104,7 @@ impl IsolationTier for ProcessTier {
                     if let Some(cg) = &cgroup {
                         cg.destroy().await;
                     }
-                    let _ = std::fs::remove_dir_all(&spec.work_dir);
+                    let _ = tokio::fs::remove_dir_all(&spec.work_dir).await;
                     return Err(anyhow::anyhow!("starting agent {}: {e}", self.agent_path.display()));
                 }
             };
@@ -171,7 +171,7 @@ impl AgentHandle for ProcessAgent {
             }
             let mut rx = self.exited.clone();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), super::wait_exit(&mut rx)).await;
-            let _ = std::fs::remove_dir_all(&self.work_dir);
+            let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
         })
     }
 
