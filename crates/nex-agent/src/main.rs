@@ -26,8 +26,7 @@ use nex_api::subjects::internal;
 
 use providers::Provider;
 
-const CACHE_BUCKET: &str = "NEXCACHE";
-const CACHE_KEY: &str = "workload";
+use nex_api::agent::{CACHE_BUCKET, CACHE_KEY};
 
 /// The agent's connection and identity, shared by providers.
 pub struct Agent {
@@ -338,7 +337,7 @@ async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats
             let _ = nc.publish_with_headers(reply, h, out.into()).await;
         }
         Err(e) => {
-            h.insert(nex_api::agent::HEADER_ERROR, e.replace(['\r', '\n'], " ").as_str());
+            h.insert(nex_api::agent::HEADER_ERROR, nex_io::header_value(&e).as_str());
             let _ = nc.publish_with_headers(reply, h, Bytes::new()).await;
         }
     }

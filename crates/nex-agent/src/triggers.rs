@@ -181,7 +181,7 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
                 (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None })
             }
             Err(e) => {
-                h.insert(HEADER_ERROR, e.replace(['\r', '\n'], " ").as_str());
+                h.insert(HEADER_ERROR, nex_io::header_value(&e).as_str());
                 (Bytes::new(), FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e) })
             }
         };
@@ -200,32 +200,11 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
 }
 
 async fn connect(dt: &DirectTriggers) -> Result<async_nats::Client, String> {
-    let c = &dt.connection;
-    let mut opts = async_nats::ConnectOptions::new().name("workload-trigger-subscription");
-    if let (Some(jwt), Some(seed)) = (&c.nats_user_jwt, &c.nats_user_seed) {
-        if !jwt.is_empty() && !seed.is_empty() {
-            let kp = Arc::new(
-                nkeys::KeyPair::from_seed(seed.expose()).map_err(|e| format!("trigger connection seed: {e}"))?,
-            );
-            opts = opts.jwt(jwt.clone(), move |nonce| {
-                let kp = kp.clone();
-                async move { kp.sign(&nonce).map_err(async_nats::AuthError::new) }
-            });
-        }
-    }
-    opts.connect(c.nats_url.as_str()).await.map_err(|e| format!("connecting to {} for triggers: {e}", c.nats_url))
+    nex_io::connect(&dt.connection, "workload-trigger-subscription").await.map_err(|e| format!("{e} (triggers)"))
 }
 
-/// Proves the server registered every subscription sent before it.
 async fn round_trip(nc: &async_nats::Client) -> Result<(), String> {
-    let inbox = nc.new_inbox();
-    let mut sub = nc.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
-    nc.publish(inbox, Bytes::new()).await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err("connection closed".into()),
-        Err(_) => Err("no answer from the server within 5s".into()),
-    }
+    nex_io::round_trip(nc).await
 }
 
 /// Sends the node the workers' reports, as many per message as have piled up.

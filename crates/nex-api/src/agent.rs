@@ -35,6 +35,11 @@ pub mod env {
     pub const WORKLOAD_DIR: &str = "NEX_WORKLOAD_DIR";
 }
 
+/// Name of the per-workload artifact cache bucket (in the workload's internal account).
+pub const CACHE_BUCKET: &str = "NEXCACHE";
+/// Object key of the artifact in the cache bucket.
+pub const CACHE_KEY: &str = "workload";
+
 /// The uid and gid a native workload runs as inside a container or guest: unprivileged, so the
 /// agent beside it (root of the sandbox) and its secrets stay out of reach.
 pub const WORKLOAD_UID: u32 = 1000;

@@ -163,13 +163,13 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  nex lameduck NBCD… --delay 10s\n  nex lameduck NBCD… --issuer ~/.nex/admin.nk     # nodes with admin_issuers or valid_issuers"
     )]
-    Lameduck(crate::commands::misc::LameduckArgs),
+    Lameduck(crate::commands::lameduck::LameduckArgs),
     /// Start a local NATS (with JetStream) and a node; Ctrl-C stops both
     #[command(after_help = "Example:\n  nex up            # then, in another terminal: nex node ls")]
     Up(crate::commands::up::UpArgs),
     /// Send a request (e.g. to a service or a function trigger) and print the reply
     #[command(after_help = "Examples:\n  nex call svc.echo hello\n  nex call hello.js 'hello world'")]
-    Call(crate::commands::misc::CallArgs),
+    Call(crate::commands::call::CallArgs),
     /// Measure nex against plain NATS request/reply in one run
     #[command(
         after_help = "Examples:\n  nex bench --json bench.json\n  nex bench --clients 8 --requests 500 --functions 10 --artifact-mib 5"
@@ -182,7 +182,7 @@ pub enum Command {
     Rootfs(crate::commands::rootfs::RootfsArgs),
     /// Print shell completions
     #[command(after_help = "Example:\n  nex completions bash > /etc/bash_completion.d/nex")]
-    Completions(crate::commands::misc::CompletionsArgs),
+    Completions(crate::commands::completions::CompletionsArgs),
     /// Stop a workload (signed by the issuer that started it)
     #[command(
         after_help = "Example:\n  nex stop NBCD… cq2v3n6d0b3e1ftrs4ng --name echoservice --issuer ~/.nex/issuer.nk"
@@ -206,7 +206,7 @@ pub enum NodeCommand {
     Preflight(crate::commands::preflight::PreflightArgs),
     /// List workloads in --namespace on every node (WPING)
     #[command(after_help = "Example:\n  nex node probe --workload echoservice")]
-    Probe(crate::commands::misc::ProbeArgs),
+    Probe(crate::commands::node::ProbeArgs),
     /// Show a node's details and its workloads in --namespace
     #[command(after_help = "Example:\n  nex node info NBCD… --full")]
     Info(crate::commands::node::InfoArgs),

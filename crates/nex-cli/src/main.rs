@@ -57,7 +57,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => return commands::bench::bench(&g, args).await,
         Command::Rootfs(args) => return commands::rootfs::rootfs(args),
         Command::Completions(args) => {
-            commands::misc::completions(args);
+            commands::completions::completions(args);
             return Ok(());
         }
         other => other,
@@ -67,11 +67,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let res = match command {
         Command::Node(NodeCommand::Ls(a)) => commands::node::ls(&client, a).await,
         Command::Node(NodeCommand::Info(a)) => commands::node::info(&client, a).await,
-        Command::Node(NodeCommand::Probe(a)) => commands::misc::probe(&client, a).await,
+        Command::Node(NodeCommand::Probe(a)) => commands::node::probe(&client, a).await,
         Command::Logs(a) => commands::monitor::logs(&nc, client.namespace(), a).await,
         Command::Events(a) => commands::monitor::events(&nc, client.namespace(), a).await,
-        Command::Lameduck(a) => commands::misc::lameduck(&client, a).await,
-        Command::Call(a) => commands::misc::call(&nc, g.timeout, a).await,
+        Command::Lameduck(a) => commands::lameduck::lameduck(&client, a).await,
+        Command::Call(a) => commands::call::call(&nc, g.timeout, a).await,
         Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_))
         | Command::Up(_)
         | Command::Bench(_)

@@ -394,6 +394,15 @@ impl NodeConfig {
 
     /// Checks every value; the first problem found, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_resources()?;
+        self.validate_trust()?;
+        self.validate_host_services()?;
+        self.validate_tier()?;
+        self.validate_autostart()
+    }
+
+    /// Pool size, machine template and timeouts.
+    fn validate_resources(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.machine_pool_size < 1 {
             return bad("machine pool size must be >= 1 (key machine_pool_size)".into());
@@ -410,6 +419,21 @@ impl NodeConfig {
         if self.machine_template.pids_max < 8 {
             return bad("machine_template.pids_max must be >= 8".into());
         }
+        if self.agent_handshake_timeout_ms == 0 {
+            return bad("agent_handshake_timeout_ms must be > 0".into());
+        }
+        if self.agent_ping_timeout_ms == 0 {
+            return bad("agent_ping_timeout_ms must be > 0".into());
+        }
+        if self.function_timeout_ms == 0 {
+            return bad("function_timeout_ms must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Workload types, trigger deny list, issuers, token age, NATS targets.
+    fn validate_trust(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         for t in &self.workload_types {
             if !SUPPORTED_WORKLOAD_TYPES.contains(&t.as_str()) {
                 return bad(format!(
@@ -438,6 +462,12 @@ impl NodeConfig {
                 return bad(format!("allowed_nats_targets: {e}"));
             }
         }
+        Ok(())
+    }
+
+    /// Host-service settings (unknown services are only warned about).
+    fn validate_host_services(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         if let Some(list) = self.service_setting("messaging", "deny_subjects").and_then(|v| v.as_array()) {
             for s in list {
                 match s.as_str() {
@@ -462,6 +492,17 @@ impl NodeConfig {
                 return bad(format!("host_services.services.http.config.allow: {e}"));
             }
         }
+        for (name, _) in self.host_services.services.iter() {
+            if !HOST_SERVICES.contains(&name.as_str()) {
+                tracing::warn!(service = %name, "unknown host service in host_services.services is ignored");
+            }
+        }
+        Ok(())
+    }
+
+    /// The isolation tier and what it needs.
+    fn validate_tier(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         match self.tier() {
             isolation::PROCESS | isolation::CONTAINER => {}
             isolation::MICROVM => {
@@ -481,20 +522,12 @@ impl NodeConfig {
                 ))
             }
         }
-        if self.agent_handshake_timeout_ms == 0 {
-            return bad("agent_handshake_timeout_ms must be > 0".into());
-        }
-        if self.agent_ping_timeout_ms == 0 {
-            return bad("agent_ping_timeout_ms must be > 0".into());
-        }
-        if self.function_timeout_ms == 0 {
-            return bad("function_timeout_ms must be > 0".into());
-        }
-        for (name, _) in self.host_services.services.iter() {
-            if !HOST_SERVICES.contains(&name.as_str()) {
-                tracing::warn!(service = %name, "unknown host service in host_services.services is ignored");
-            }
-        }
+        Ok(())
+    }
+
+    /// Autostart entries.
+    fn validate_autostart(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         for (i, w) in self.autostart.workloads.iter().enumerate() {
             if !nex_api::jwt::is_valid_workload_name(&w.name) {
                 return bad(format!("autostart.workloads[{i}].name {:?} must match ^[a-zA-Z0-9_-]+$", w.name));

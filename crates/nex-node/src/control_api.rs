@@ -90,27 +90,7 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
     let envelope = match op {
         Op::Ping => Some(Envelope::ok(response_type::PING, &ping(mgr))),
         Op::Auction => auction(mgr, &msg.payload).map(|p| Envelope::ok(response_type::AUCTION, &p)),
-        Op::WorkloadPing => {
-            let ns = token(subject, 2);
-            let id = token(subject, 3);
-            let found = mgr.wping(ns, id);
-            if found.is_empty() {
-                None
-            } else {
-                let p = ping(mgr);
-                Some(Envelope::ok(
-                    response_type::PING,
-                    &WorkloadPingResponse {
-                        node_id: p.node_id,
-                        target_xkey: p.target_xkey,
-                        version: p.version,
-                        tags: p.tags,
-                        uptime: p.uptime,
-                        running_machines: found,
-                    },
-                ))
-            }
-        }
+        Op::WorkloadPing => wping(mgr, token(subject, 2), token(subject, 3)),
         Op::Info => {
             let ns = token(subject, 2).unwrap_or(nex_api::DEFAULT_NAMESPACE);
             Some(Envelope::ok(response_type::INFO, &info(mgr, ns)))
@@ -133,35 +113,52 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
                 Err(e) => Envelope::fail(response_type::STOP, e.to_string()),
             })
         }
-        Op::LameDuck => {
-            match crate::trust::authorize_lameduck(mgr.config(), mgr.replay(), &mgr.identity().node_id, &msg.payload) {
-                Ok(order) => {
-                    tracing::info!(
-                        issuer = order.issuer.as_deref().unwrap_or("(open node)"),
-                        "entering lame duck mode"
-                    );
-                    mgr.enter_lameduck().await;
-                    if let Some(ms) = order.delay_ms {
-                        let tx = ctx.shutdown.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                            let _ = tx.send(());
-                        });
-                    }
-                    Some(Envelope::ok(
-                        response_type::LAMEDUCK,
-                        &LameDuckResponse { node_id: mgr.identity().node_id.clone(), success: true },
-                    ))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lame duck request refused");
-                    Some(Envelope::fail(response_type::LAMEDUCK, e))
-                }
-            }
-        }
+        Op::LameDuck => Some(lameduck(&ctx, &msg.payload).await),
     };
     if let Some(env) = envelope {
         let _ = ctx.conn.publish(reply, env.to_bytes().into()).await;
+    }
+}
+
+/// WPING: the node's workloads matching the filters, or silence when none does.
+fn wping(mgr: &WorkloadManager, ns: Option<&str>, id: Option<&str>) -> Option<Envelope> {
+    let found = mgr.wping(ns, id);
+    if found.is_empty() {
+        return None;
+    }
+    let p = ping(mgr);
+    let r = WorkloadPingResponse {
+        node_id: p.node_id,
+        target_xkey: p.target_xkey,
+        version: p.version,
+        tags: p.tags,
+        uptime: p.uptime,
+        running_machines: found,
+    };
+    Some(Envelope::ok(response_type::PING, &r))
+}
+
+/// LAMEDUCK: authorised (signed on a restricted node), then lame duck and, with a delay, a drain.
+async fn lameduck(ctx: &ControlContext, body: &[u8]) -> Envelope {
+    let mgr = &ctx.mgr;
+    match crate::trust::authorize_lameduck(mgr.config(), mgr.replay(), &mgr.identity().node_id, body) {
+        Ok(order) => {
+            tracing::info!(issuer = order.issuer.as_deref().unwrap_or("(open node)"), "entering lame duck mode");
+            mgr.enter_lameduck().await;
+            if let Some(ms) = order.delay_ms {
+                let tx = ctx.shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = tx.send(());
+                });
+            }
+            let r = LameDuckResponse { node_id: mgr.identity().node_id.clone(), success: true };
+            Envelope::ok(response_type::LAMEDUCK, &r)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "lame duck request refused");
+            Envelope::fail(response_type::LAMEDUCK, e)
+        }
     }
 }
 

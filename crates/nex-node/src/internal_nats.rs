@@ -17,10 +17,7 @@ use anyhow::{bail, Context, Result};
 use nkeys::KeyPair;
 use tokio::process::{Child, Command};
 
-/// Name of the per-workload artifact cache bucket.
-pub const CACHE_BUCKET: &str = "NEXCACHE";
-/// Object key of the artifact in the cache bucket.
-pub const CACHE_KEY: &str = "workload";
+pub use nex_api::agent::{CACHE_BUCKET, CACHE_KEY};
 
 /// Credentials of one workload account.
 #[derive(Clone)]
@@ -89,13 +86,7 @@ impl InternalNats {
         cmd.arg("-c").arg(&self.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         // Its own process group: a terminal's Ctrl-C reaches the node, which stops it last.
         cmd.process_group(0);
-        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
         let child = cmd.spawn().with_context(|| format!("starting internal nats-server {}", self.binary.display()))?;
         self.pid.store(child.id().unwrap_or(0), Ordering::SeqCst);
         *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);

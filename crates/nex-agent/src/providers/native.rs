@@ -125,14 +125,7 @@ impl Native {
             // Supplementary groups are dropped with it (std calls setgroups for us).
             cmd.uid(u.uid).gid(u.uid);
         }
-        // SAFETY: prctl only sets a flag on the child; async-signal-safe. It runs after the uid
-        // change, which would otherwise clear it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

@@ -22,20 +22,12 @@ pub const DEV_BUCKET: &str = "NEXCLIFILES";
 pub struct DevrunArgs {
     /// The file to run: a native executable, a .wasm module or a .js function
     pub file: PathBuf,
-    /// Environment, KEY=VALUE (sealed to the node)
-    pub env: Vec<String>,
+    /// Environment, arguments, triggers, essential
+    #[command(flatten)]
+    pub workload: super::WorkloadArgs,
     /// Workload type (default: from the file — ELF → native, .wasm → wasm, .js → v8)
     #[arg(long = "type")]
     pub workload_type: Option<String>,
-    /// Arguments, one string split on spaces
-    #[arg(long)]
-    pub argv: Option<String>,
-    /// Restart when it exits non-zero (native only)
-    #[arg(long)]
-    pub essential: bool,
-    /// Trigger subject (functions; repeatable)
-    #[arg(long = "trigger_subject")]
-    pub trigger_subjects: Vec<String>,
     /// Stop running instances of the same name first
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub stop: bool,
@@ -171,7 +163,7 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
             bail!("cannot tell what kind of workload {} is: pass --type native, wasm or v8", args.file.display())
         }
     };
-    if workload_type::is_function(&wt) && args.trigger_subjects.is_empty() {
+    if workload_type::is_function(&wt) && args.workload.trigger_subjects.is_empty() {
         bail!("cannot start a function-type workload without specifying at least one trigger subject");
     }
     let platform = detected.and_then(|(_, p)| p);
@@ -220,14 +212,10 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
         workload_type: wt,
         location: format!("nats://{DEV_BUCKET}/{key}"),
         hash: nex_api::jwt::sha256_hex(&bytes),
-        environment: super::parse_env(&args.env)?,
-        argv: args
-            .argv
-            .as_deref()
-            .map(|a| a.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect())
-            .unwrap_or_default(),
-        trigger_subjects: args.trigger_subjects.clone(),
-        essential: args.essential,
+        environment: args.workload.environment()?,
+        argv: args.workload.argv(),
+        trigger_subjects: args.workload.trigger_subjects.clone(),
+        essential: args.workload.essential,
         description: Some("Workload published in devmode".into()),
         jsdomain: Some(g.jsdomain.clone().unwrap_or_default()),
         host_services: None,

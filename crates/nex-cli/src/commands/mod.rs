@@ -1,8 +1,10 @@
 //! One module per command group.
 
 pub mod bench;
+pub mod call;
+pub mod completions;
 pub mod devrun;
-pub mod misc;
+pub mod lameduck;
 pub mod monitor;
 pub mod node;
 pub mod preflight;
@@ -12,6 +14,37 @@ pub mod up;
 
 use anyhow::{Context, Result};
 use std::path::Path;
+
+/// What `run` and `devrun` say about the workload itself.
+#[derive(Debug, clap::Args)]
+pub struct WorkloadArgs {
+    /// Environment, KEY=VALUE (sealed to the node)
+    pub env: Vec<String>,
+    /// Arguments, one string split on spaces
+    #[arg(long)]
+    pub argv: Option<String>,
+    /// Restart when it exits non-zero (native only)
+    #[arg(long)]
+    pub essential: bool,
+    /// Trigger subject (functions; repeatable)
+    #[arg(long = "trigger_subject")]
+    pub trigger_subjects: Vec<String>,
+}
+
+impl WorkloadArgs {
+    /// The environment map.
+    pub fn environment(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        parse_env(&self.env)
+    }
+
+    /// `--argv` split on spaces.
+    pub fn argv(&self) -> Vec<String> {
+        self.argv
+            .as_deref()
+            .map(|a| a.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+}
 
 /// Reads the first seed (`S…`) found in a key file.
 pub fn read_seed(path: &Path) -> Result<String> {

@@ -1,4 +1,4 @@
-//! `nex node up | ls | info`.
+//! `nex node up | ls | info | probe`.
 
 use std::path::PathBuf;
 
@@ -235,5 +235,38 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
         ]);
     }
     print!("{}", t.render());
+    Ok(())
+}
+
+/// `nex node probe`
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Only this workload (id or name)
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Lists workloads (WPING).
+pub async fn probe(client: &ControlClient, args: ProbeArgs) -> Result<()> {
+    let found = client.ping_workloads(args.workload.as_deref()).await?;
+    if args.json {
+        print_json(&found);
+        return Ok(());
+    }
+    let mut t = Table::new("Discovered Workloads", &["ID", "Name", "Type", "Namespace", "Node Name"]);
+    for n in &found {
+        let node_name = n.tags.get(nex_api::control::tags::NODE_NAME).cloned().unwrap_or_else(|| "no-name".into());
+        for m in &n.running_machines {
+            t.row(vec![m.id.clone(), m.name.clone(), m.workload_type.clone(), m.namespace.clone(), node_name.clone()]);
+        }
+    }
+    if found.is_empty() {
+        println!("No workloads matched");
+    } else {
+        print!("{}", t.render());
+    }
     Ok(())
 }

@@ -17,8 +17,9 @@ pub struct RunArgs {
     pub url: String,
     /// Target node id
     pub id: String,
-    /// Environment, KEY=VALUE (sealed to the node)
-    pub env: Vec<String>,
+    /// Environment, arguments, triggers, essential
+    #[command(flatten)]
+    pub workload: super::WorkloadArgs,
     /// Publisher xkey seed file (SX…)
     #[arg(long, required = true)]
     pub xkey: PathBuf,
@@ -34,15 +35,6 @@ pub struct RunArgs {
     /// Description
     #[arg(long)]
     pub description: Option<String>,
-    /// Arguments, one string split on spaces
-    #[arg(long)]
-    pub argv: Option<String>,
-    /// Restart when it exits non-zero (native only)
-    #[arg(long)]
-    pub essential: bool,
-    /// Trigger subject (functions; repeatable)
-    #[arg(long = "trigger_subject")]
-    pub trigger_subjects: Vec<String>,
     /// Host-services NATS URL
     #[arg(long = "hs_url")]
     pub hs_url: Option<String>,
@@ -75,7 +67,7 @@ pub struct StopArgs {
 /// Deploys from an object store.
 pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Result<()> {
     let wt = workload_type::canonical(&args.workload_type);
-    if workload_type::is_function(&wt) && args.trigger_subjects.is_empty() {
+    if workload_type::is_function(&wt) && args.workload.trigger_subjects.is_empty() {
         bail!("cannot start a function-type workload without specifying at least one trigger subject");
     }
     let issuer = nkeys::KeyPair::from_seed(&super::read_seed(&args.issuer)?).context("issuer seed")?;
@@ -102,14 +94,10 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
         workload_type: wt,
         location: args.url.clone(),
         hash,
-        environment: super::parse_env(&args.env)?,
-        argv: args
-            .argv
-            .as_deref()
-            .map(|a| a.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect())
-            .unwrap_or_default(),
-        trigger_subjects: args.trigger_subjects.clone(),
-        essential: args.essential,
+        environment: args.workload.environment()?,
+        argv: args.workload.argv(),
+        trigger_subjects: args.workload.trigger_subjects.clone(),
+        essential: args.workload.essential,
         description: args.description.clone(),
         jsdomain: g.jsdomain.clone(),
         host_services: hs,

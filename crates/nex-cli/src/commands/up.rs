@@ -67,13 +67,7 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
                 // Its own process group: Ctrl-C reaches nex, which stops the node first, then NATS.
                 .process_group(0)
                 .kill_on_drop(true);
-            // SAFETY: prctl only sets a flag on the child; async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
+            nex_io::tie_to_parent(&mut cmd, libc::SIGTERM);
             let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
             g.server = format!("nats://127.0.0.1:{port}");
             for _ in 0..200 {

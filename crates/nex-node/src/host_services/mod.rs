@@ -43,7 +43,7 @@ pub async fn handle(
     let (code, text, body) = answer(cfg, conn, w, &msg).await;
     let mut h = async_nats::HeaderMap::new();
     h.insert(HEADER_HS_CODE, code.to_string().as_str());
-    h.insert(HEADER_HS_MSG, text.replace(['\r', '\n'], " ").as_str());
+    h.insert(HEADER_HS_MSG, nex_io::header_value(&text).as_str());
     let _ = agent_conn.publish_with_headers(reply, h, body.into()).await;
 }
 

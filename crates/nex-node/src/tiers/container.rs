@@ -28,7 +28,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::future::BoxFuture;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -311,35 +310,27 @@ impl ContainerTier {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
         let mut child = cmd.spawn().with_context(|| format!("starting {}", self.runtime.display()))?;
         let runtime_pid = child.id().unwrap_or(0);
         let failure = Arc::new(Mutex::new(None));
-        for (stream, name) in [
-            (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stdout"),
-            (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stderr"),
-        ] {
-            if let Some(s) = stream {
-                let id = spec.id.clone();
-                let failure = failure.clone();
-                tokio::spawn(async move {
-                    let mut lines = BufReader::new(s).lines();
-                    while let Ok(Some(l)) = lines.next_line().await {
-                        if l.contains("level=error") {
-                            tracing::warn!(workload_id = %id, "container runtime: {l}");
-                            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime_error_text(&l));
-                        } else {
-                            tracing::debug!(workload_id = %id, from_agent = true, stream = name, "{l}");
-                        }
-                    }
-                });
+        let forward = |name: &'static str| {
+            let id = spec.id.clone();
+            let failure = failure.clone();
+            move |l: &str| {
+                if l.contains("level=error") {
+                    tracing::warn!(workload_id = %id, "container runtime: {l}");
+                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime_error_text(l));
+                } else {
+                    tracing::debug!(workload_id = %id, from_agent = true, stream = name, "{l}");
+                }
             }
+        };
+        if let Some(s) = child.stdout.take() {
+            nex_io::forward_lines(s, forward("stdout"));
+        }
+        if let Some(s) = child.stderr.take() {
+            nex_io::forward_lines(s, forward("stderr"));
         }
         let rx = super::watch_exit(child);
         Ok(ContainerAgent {
@@ -380,16 +371,8 @@ impl IsolationTier for ContainerTier {
         crate::config::isolation::CONTAINER
     }
 
-    fn sandboxed(&self) -> bool {
-        true
-    }
-
-    fn internal_listen_host(&self) -> String {
-        self.net.host_ip().to_string()
-    }
-
-    fn agent_nats_host(&self) -> String {
-        self.net.host_ip().to_string()
+    fn bridge(&self) -> Option<&BridgeNet> {
+        Some(&self.net)
     }
 
     fn shares_host_filesystem(&self) -> bool {
@@ -409,19 +392,6 @@ impl IsolationTier for ContainerTier {
         std::os::unix::fs::chown(path, Some(UID_BASE), Some(workload_host_id()))
             .with_context(|| format!("chown {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o550)).map_err(Into::into)
-    }
-
-    fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.net.allow_port(port))
-    }
-
-    fn workload_nats_url<'a>(
-        &'a self,
-        agent_id: &'a str,
-        urls: &'a str,
-        targets: &'a [crate::nats_targets::Target],
-    ) -> BoxFuture<'a, Result<String>> {
-        Box::pin(self.net.workload_nats_url(agent_id, urls, targets))
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {

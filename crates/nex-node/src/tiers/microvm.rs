@@ -174,13 +174,7 @@ impl MicrovmTier {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl only sets a flag on the child; async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
         cmd
     }
 
@@ -230,12 +224,7 @@ impl MicrovmTier {
         }
         if let Some(err) = child.stderr.take() {
             let id = spec.id.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    tracing::warn!(workload_id = %id, "qemu: {l}");
-                }
-            });
+            nex_io::forward_lines(err, move |l| tracing::warn!(workload_id = %id, "qemu: {l}"));
         }
         let rx = super::watch_exit(child);
         Ok(MicrovmAgent {
@@ -289,16 +278,8 @@ impl IsolationTier for MicrovmTier {
         crate::config::isolation::MICROVM
     }
 
-    fn sandboxed(&self) -> bool {
-        true
-    }
-
-    fn internal_listen_host(&self) -> String {
-        self.net.host_ip().to_string()
-    }
-
-    fn agent_nats_host(&self) -> String {
-        self.net.host_ip().to_string()
+    fn bridge(&self) -> Option<&BridgeNet> {
+        Some(&self.net)
     }
 
     fn start_timeout(&self, configured: Duration) -> Duration {
@@ -307,19 +288,6 @@ impl IsolationTier for MicrovmTier {
             Accel::Tcg => configured.max(Duration::from_secs(20)),
             Accel::Kvm => configured.max(Duration::from_secs(10)),
         }
-    }
-
-    fn expose(&self, port: u16) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.net.allow_port(port))
-    }
-
-    fn workload_nats_url<'a>(
-        &'a self,
-        agent_id: &'a str,
-        urls: &'a str,
-        targets: &'a [crate::nats_targets::Target],
-    ) -> BoxFuture<'a, Result<String>> {
-        Box::pin(self.net.workload_nats_url(agent_id, urls, targets))
     }
 
     fn launch(&self, spec: AgentSpec) -> BoxFuture<'_, Result<Box<dyn AgentHandle>>> {

@@ -67,12 +67,23 @@ pub trait AgentHandle: Send + Sync + std::fmt::Debug {
 pub trait IsolationTier: Send + Sync {
     /// `process`, `container` or `microvm`.
     fn name(&self) -> &'static str;
+    /// The fenced bridge network agents live on, in the sandboxed tiers; `None` when agents
+    /// share the host's network (the process tier).
+    fn bridge(&self) -> Option<&net::BridgeNet> {
+        None
+    }
     /// Whether workloads are isolated from the host (reported as `nex.unsafe` when not).
-    fn sandboxed(&self) -> bool;
+    fn sandboxed(&self) -> bool {
+        self.bridge().is_some()
+    }
     /// Address the internal NATS server must listen on for agents of this tier.
-    fn internal_listen_host(&self) -> String;
-    /// Address agents dial to reach it.
-    fn agent_nats_host(&self) -> String;
+    fn internal_listen_host(&self) -> String {
+        self.agent_nats_host()
+    }
+    /// Address agents dial to reach it: the host's on the bridge, else loopback.
+    fn agent_nats_host(&self) -> String {
+        self.bridge().map(|b| b.host_ip().to_string()).unwrap_or_else(|| "127.0.0.1".into())
+    }
     /// True when agents see the host's file system, so the node can hand them the artifact as a
     /// file in their work directory instead of through the `NEXCACHE` bucket.
     fn shares_host_filesystem(&self) -> bool {
@@ -96,20 +107,30 @@ pub trait IsolationTier: Send + Sync {
     fn start_timeout(&self, configured: std::time::Duration) -> std::time::Duration {
         configured
     }
-    /// Lets agents reach `port` on the internal NATS host (firewalled tiers).
-    fn expose(&self, _port: u16) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
+    /// Lets agents reach `port` on the internal NATS host (through the bridge's firewall).
+    fn expose(&self, port: u16) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            match self.bridge() {
+                Some(b) => b.allow_port(port).await,
+                None => Ok(()),
+            }
+        })
     }
     /// The NATS URL list a workload of agent `agent_id` must dial to reach `urls` from inside the
     /// tier: in sandboxed tiers each of the checked `targets` through a relay serving that agent
     /// alone, gone with it.
     fn workload_nats_url<'a>(
         &'a self,
-        _agent_id: &'a str,
+        agent_id: &'a str,
         urls: &'a str,
-        _targets: &'a [crate::nats_targets::Target],
+        targets: &'a [crate::nats_targets::Target],
     ) -> BoxFuture<'a, anyhow::Result<String>> {
-        Box::pin(async move { Ok(urls.to_string()) })
+        Box::pin(async move {
+            match self.bridge() {
+                Some(b) => b.workload_nats_url(agent_id, urls, targets).await,
+                None => Ok(urls.to_string()),
+            }
+        })
     }
     /// Removes what the tier made for the whole node run (after every agent is destroyed).
     fn shutdown(&self) -> BoxFuture<'_, ()> {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -32,18 +31,6 @@ impl ProcessTier {
 impl IsolationTier for ProcessTier {
     fn name(&self) -> &'static str {
         crate::config::isolation::PROCESS
-    }
-
-    fn sandboxed(&self) -> bool {
-        false
-    }
-
-    fn internal_listen_host(&self) -> String {
-        "127.0.0.1".into()
-    }
-
-    fn agent_nats_host(&self) -> String {
-        "127.0.0.1".into()
     }
 
     fn shares_host_filesystem(&self) -> bool {
@@ -91,13 +78,7 @@ impl IsolationTier for ProcessTier {
             if let Ok(v) = std::env::var("NEX_AGENT_LOG") {
                 cmd.env("NEX_AGENT_LOG", v);
             }
-            // SAFETY: prctl only sets a flag on the child; async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
+            nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(e) => {
@@ -115,19 +96,20 @@ impl IsolationTier for ProcessTier {
                     tracing::warn!(error = %e, "could not move agent {} into its cgroup", spec.id);
                 }
             }
-            for (stream, name) in [
-                (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stdout"),
-                (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), "stderr"),
-            ] {
-                if let Some(s) = stream {
-                    let id = spec.id.clone();
-                    tokio::spawn(async move {
-                        let mut lines = BufReader::new(s).lines();
-                        while let Ok(Some(l)) = lines.next_line().await {
-                            tracing::debug!(workload_id = %id, from_agent = true, stream = name, "{l}");
-                        }
-                    });
-                }
+            // The agent's own diagnostics (its workload's output travels over NATS).
+            if let Some(s) = child.stdout.take() {
+                let id = spec.id.clone();
+                nex_io::forward_lines(
+                    s,
+                    move |l| tracing::debug!(workload_id = %id, from_agent = true, stream = "stdout", "{l}"),
+                );
+            }
+            if let Some(s) = child.stderr.take() {
+                let id = spec.id.clone();
+                nex_io::forward_lines(
+                    s,
+                    move |l| tracing::debug!(workload_id = %id, from_agent = true, stream = "stderr", "{l}"),
+                );
             }
             let rx = super::watch_exit(child);
             Ok(Box::new(ProcessAgent { pid, exited: rx, cgroup, work_dir: spec.work_dir }) as Box<dyn AgentHandle>)

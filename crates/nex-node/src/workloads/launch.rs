@@ -129,32 +129,7 @@ impl WorkloadManager {
         p: Prepared,
         reservation: Reservation,
     ) -> Result<RunResponse, DeployError> {
-        let held_bytes = reservation.bytes();
-        let w = Arc::new(Workload {
-            id: agent.id.clone(),
-            namespace: v.namespace.clone(),
-            name: v.claims.sub.clone(),
-            workload_type: v.workload_type.clone(),
-            description: v.request.description.clone(),
-            hash: p.hash.clone(),
-            total_bytes: p.total_bytes,
-            held_bytes,
-            issuer: v.claims.iss.clone(),
-            tenant: nex_api::id::tenant_id(&v.namespace, &v.claims.sub, &v.claims.iss),
-            claims: v.claims.clone(),
-            validated: v.clone(),
-            agent: agent.clone(),
-            started: Instant::now(),
-            essential: AtomicBool::new(v.request.essential),
-            chain: AtomicU64::new(0),
-            life: tokio::sync::Mutex::new(Life::default()),
-            ended: tokio::sync::Notify::new(),
-            torn_down: AtomicBool::new(false),
-            runtime_ns: AtomicU64::new(0),
-            triggers: Mutex::new(None),
-            hs_conn: p.hs_conn,
-            log_limit: Mutex::new(super::lifecycle::LogLimit::new()),
-        });
+        let w = Arc::new(Workload::new(&v, &agent, &p, reservation.bytes()));
         let mut life = w.life.lock().await;
         let slot = match v.chain {
             Some(c) => ChainSlot::Existing(c),
@@ -171,29 +146,7 @@ impl WorkloadManager {
         }
         let direct_triggers = self.direct_triggers(&v, &agent.id).await;
         let relayed = workload_type::is_function(&w.workload_type) && direct_triggers.is_none();
-        let areq = AgentDeployRequest {
-            argv: v.request.argv.clone(),
-            description: v.request.description.clone(),
-            environment: p.environment,
-            essential: v.request.essential,
-            hash: p.hash,
-            namespace: v.namespace.clone(),
-            retried_at: v.request.retried_at.clone(),
-            retry_count: v.request.retry_count,
-            total_bytes: p.total_bytes,
-            trigger_subjects: v.request.trigger_subjects.clone(),
-            trigger_connection: v.request.trigger_connection.clone(),
-            workload_name: v.claims.sub.clone(),
-            workload_type: v.workload_type.clone(),
-            // Host services are answered by the node: their credentials stay here.
-            host_services: None,
-            function_limits: Some(FunctionLimits {
-                timeout_ms: self.cfg.function_timeout_ms,
-                memory_mib: self.cfg.function_memory_mib,
-            }),
-            local_path: p.local_path,
-            direct_triggers,
-        };
+        let areq = self.agent_request(&v, p, direct_triggers);
         let mut accepted = match agent.client.deploy(&areq, Duration::from_secs(30)).await {
             Ok(r) if r.accepted => Ok(()),
             Ok(r) => Err(DeployError::Deploy(format!("workload rejected by agent: {}", r.message.unwrap_or_default()))),
@@ -230,6 +183,71 @@ impl WorkloadManager {
         self.spawn_monitor(w.clone());
         tracing::info!(workload = %w.name, id = %w.id, namespace = %w.namespace, "workload deployed");
         Ok(RunResponse { started: true, id: w.id.clone(), issuer: w.issuer.clone(), name: w.name.clone() })
+    }
+}
+
+impl WorkloadManager {
+    /// What the agent is asked to run: the validated request as the node prepared it.
+    fn agent_request(
+        &self,
+        v: &Validated,
+        p: Prepared,
+        direct_triggers: Option<nex_api::agent::DirectTriggers>,
+    ) -> AgentDeployRequest {
+        AgentDeployRequest {
+            argv: v.request.argv.clone(),
+            description: v.request.description.clone(),
+            environment: p.environment,
+            essential: v.request.essential,
+            hash: p.hash,
+            namespace: v.namespace.clone(),
+            retried_at: v.request.retried_at.clone(),
+            retry_count: v.request.retry_count,
+            total_bytes: p.total_bytes,
+            trigger_subjects: v.request.trigger_subjects.clone(),
+            trigger_connection: v.request.trigger_connection.clone(),
+            workload_name: v.claims.sub.clone(),
+            workload_type: v.workload_type.clone(),
+            // Host services are answered by the node: their credentials stay here.
+            host_services: None,
+            function_limits: Some(FunctionLimits {
+                timeout_ms: self.cfg.function_timeout_ms,
+                memory_mib: self.cfg.function_memory_mib,
+            }),
+            local_path: p.local_path,
+            direct_triggers,
+        }
+    }
+}
+
+impl Workload {
+    /// The workload `v` becomes in `agent`, holding `held_bytes` of the node's byte budget.
+    fn new(v: &Validated, agent: &Agent, p: &Prepared, held_bytes: u64) -> Workload {
+        Workload {
+            id: agent.id.clone(),
+            namespace: v.namespace.clone(),
+            name: v.claims.sub.clone(),
+            workload_type: v.workload_type.clone(),
+            description: v.request.description.clone(),
+            hash: p.hash.clone(),
+            total_bytes: p.total_bytes,
+            held_bytes,
+            issuer: v.claims.iss.clone(),
+            tenant: nex_api::id::tenant_id(&v.namespace, &v.claims.sub, &v.claims.iss),
+            claims: v.claims.clone(),
+            validated: v.clone(),
+            agent: agent.clone(),
+            started: Instant::now(),
+            essential: AtomicBool::new(v.request.essential),
+            chain: AtomicU64::new(0),
+            life: tokio::sync::Mutex::new(Life::default()),
+            ended: tokio::sync::Notify::new(),
+            torn_down: AtomicBool::new(false),
+            runtime_ns: AtomicU64::new(0),
+            triggers: Mutex::new(None),
+            hs_conn: p.hs_conn.clone(),
+            log_limit: Mutex::new(super::lifecycle::LogLimit::new()),
+        }
     }
 }
 
