@@ -168,6 +168,8 @@ pub struct Script {
     limits: FunctionLimits,
     /// Deadline of the running call, in ms since `base`; 0 = no call running.
     deadline: Arc<AtomicU64>,
+    /// Set by the interrupt handler when it stopped the running call.
+    interrupted: Arc<std::sync::atomic::AtomicBool>,
     base: Instant,
     calls: u64,
 }
@@ -180,10 +182,15 @@ impl Script {
         rt.set_max_stack_size(1024 * 1024);
         let base = Instant::now();
         let deadline = Arc::new(AtomicU64::new(0));
-        let d = deadline.clone();
+        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, hit) = (deadline.clone(), interrupted.clone());
         rt.set_interrupt_handler(Some(Box::new(move || {
             let dl = d.load(Ordering::Relaxed);
-            dl != 0 && base.elapsed().as_millis() as u64 > dl
+            let stop = dl != 0 && base.elapsed().as_millis() as u64 > dl;
+            if stop {
+                hit.store(true, Ordering::Relaxed);
+            }
+            stop
         })));
         let ctx = Context::full(&rt).map_err(|e| format!("failed to create a JavaScript context: {e}"))?;
         let func: Persistent<Function<'static>> = ctx.with(|ctx| {
@@ -200,7 +207,7 @@ impl Script {
             })?;
             Ok::<_, String>(Persistent::save(&ctx, f))
         })?;
-        Ok(Script { func, ctx, rt, limits: spec.limits.clone(), deadline, base, calls: 0 })
+        Ok(Script { func, ctx, rt, limits: spec.limits.clone(), deadline, interrupted, base, calls: 0 })
     }
 
     /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`) and the run
@@ -209,6 +216,7 @@ impl Script {
         let limits = &self.limits;
         let started = Instant::now();
         self.deadline.store(self.base.elapsed().as_millis() as u64 + limits.timeout_ms, Ordering::Relaxed);
+        self.interrupted.store(false, Ordering::Relaxed);
         let result = self.ctx.with(|ctx| -> Result<Vec<u8>, String> {
             let f = self.func.clone().restore(&ctx).map_err(|e| e.to_string())?;
             let payload = TypedArray::<u8>::new(ctx.clone(), payload).map_err(|e| e.to_string())?;
@@ -220,10 +228,16 @@ impl Script {
         });
         self.deadline.store(0, Ordering::Relaxed);
         let elapsed = started.elapsed();
+        // Known by what happened (our deadline stopped it; the heap is at its limit), not by
+        // the wording of QuickJS's exception.
+        let heap_full = || {
+            let used = self.rt.memory_usage().malloc_size.max(0) as u64;
+            used + (1 << 20) >= limits.memory_mib * 1024 * 1024
+        };
         let result = result.map_err(|e| {
-            if elapsed.as_millis() as u64 >= limits.timeout_ms && e.contains("interrupted") {
+            if self.interrupted.load(Ordering::Relaxed) {
                 format!("javascript execution timed out after {}ms", limits.timeout_ms)
-            } else if e.contains("out of memory") {
+            } else if heap_full() {
                 format!("javascript function exceeded its memory limit of {} MiB: {e}", limits.memory_mib)
             } else {
                 e

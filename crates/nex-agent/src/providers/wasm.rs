@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Caller, Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
-    Store, StoreLimits, StoreLimitsBuilder,
+    Store,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
@@ -28,9 +28,34 @@ const POOL: u32 = SLOTS + crate::triggers::MAX_WORKERS as u32;
 
 struct CallState {
     wasi: WasiP1Ctx,
-    limits: StoreLimits,
+    limits: CallLimits,
     host: super::js::HostCall,
 }
+
+/// One call's memory cap; remembers that it refused to grow, so the failure is known by what
+/// happened rather than by an error's wording.
+struct CallLimits {
+    memory_bytes: usize,
+    refused: bool,
+}
+
+impl wasmtime::ResourceLimiter for CallLimits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.refused = true;
+            // An error (rather than `false`) traps the call at once.
+            wasmtime::bail!("memory limit reached");
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Most table elements one instance may have.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// A compiled, linked module.
 pub struct Wasm {
@@ -121,10 +146,7 @@ impl Wasm {
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .build_p1();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size((self.limits.memory_mib as usize) * 1024 * 1024)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = CallLimits { memory_bytes: (self.limits.memory_mib as usize) * 1024 * 1024, refused: false };
         let mut store = Store::new(&self.engine, CallState { wasi, limits, host: self.host.clone() });
         store.limiter(|s| &mut s.limits);
         let ticks = (self.limits.timeout_ms / TICK.as_millis() as u64).max(1);
@@ -151,11 +173,10 @@ impl Wasm {
                         started.elapsed().as_millis().max(self.limits.timeout_ms as u128)
                     ));
                 }
-                let msg = format!("{e:#}");
-                if msg.contains("forcing trap when growing memory") {
+                if store.data().limits.refused {
                     return Err(format!("wasm function exceeded its memory limit of {} MiB", self.limits.memory_mib));
                 }
-                Err(format!("wasm function failed: {}", msg.replace('\n', " ")))
+                Err(format!("wasm function failed: {}", format!("{e:#}").replace('\n', " ")))
             }
         }
     }
