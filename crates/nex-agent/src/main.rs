@@ -328,7 +328,7 @@ async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats
         .unwrap_or_default();
     let result = match p {
         Some(p) => p.trigger(&subject, m.payload.clone()).await,
-        None => Err("no workload deployed".into()),
+        None => Err(providers::CallError::NotAFunction("no workload deployed")),
     };
     let mut h = async_nats::HeaderMap::new();
     match result {
@@ -337,7 +337,7 @@ async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats
             let _ = nc.publish_with_headers(reply, h, out.into()).await;
         }
         Err(e) => {
-            h.insert(nex_api::agent::HEADER_ERROR, nex_io::header_value(&e).as_str());
+            h.insert(nex_api::agent::HEADER_ERROR, nex_io::header_value(&e.to_string()).as_str());
             let _ = nc.publish_with_headers(reply, h, Bytes::new()).await;
         }
     }

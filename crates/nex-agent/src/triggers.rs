@@ -181,6 +181,7 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
                 (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None })
             }
             Err(e) => {
+                let e = e.to_string();
                 h.insert(HEADER_ERROR, nex_io::header_value(&e).as_str());
                 (Bytes::new(), FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e) })
             }

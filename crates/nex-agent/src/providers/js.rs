@@ -21,7 +21,13 @@ use nex_api::agent::FunctionLimits;
 pub type HostCall = Arc<dyn Fn(&str, &str, HashMap<String, String>, Vec<u8>) -> (u16, String, Vec<u8>) + Send + Sync>;
 
 /// Log sink: (agent level, text).
-pub type LogSink = tokio::sync::mpsc::UnboundedSender<(i32, String)>;
+pub type LogSink = tokio::sync::mpsc::Sender<(i32, String)>;
+
+/// Console lines waiting to be shipped; beyond that they are dropped (the node counts and limits
+/// every workload's output too).
+pub const LOG_QUEUE: usize = 4096;
+/// Calls waiting for the JavaScript thread; beyond that a call is refused at once.
+const CALL_QUEUE: usize = 256;
 
 const PRELUDE: &str = r#"
 (function (g) {
@@ -89,7 +95,9 @@ const PRELUDE: &str = r#"
 struct Call {
     subject: String,
     payload: Vec<u8>,
-    reply: oneshot::Sender<Result<(Vec<u8>, u64), String>>,
+    /// After this, nobody waits for the answer any more: the call is dropped unrun.
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(Vec<u8>, u64), super::CallError>>,
 }
 
 /// What a JavaScript function is made of; every [`Script`] built from it is independent.
@@ -107,13 +115,15 @@ pub struct Spec {
 
 /// A loaded script on its own thread (calls from the async runtime).
 pub struct Js {
-    tx: mpsc::Sender<Call>,
+    tx: mpsc::SyncSender<Call>,
+    timeout: std::time::Duration,
 }
 
 impl Js {
     /// Evaluates the script on a new thread and keeps its function there for calls.
     pub fn load(spec: Spec) -> Result<Js, String> {
-        let (tx, rx) = mpsc::channel::<Call>();
+        let (tx, rx) = mpsc::sync_channel::<Call>(CALL_QUEUE);
+        let timeout = std::time::Duration::from_millis(spec.limits.timeout_ms);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         std::thread::Builder::new()
             .name("js".into())
@@ -129,21 +139,30 @@ impl Js {
                     }
                 };
                 while let Ok(call) = rx.recv() {
+                    if call.reply.is_closed() || Instant::now() > call.deadline {
+                        let _ = call.reply.send(Err(super::CallError::Expired));
+                        continue;
+                    }
                     let _ = call.reply.send(script.call(&call.subject, call.payload));
                 }
             })
             .map_err(|e| format!("failed to start the JavaScript thread: {e}"))?;
         ready_rx.recv().map_err(|_| "the JavaScript engine stopped".to_string())??;
-        Ok(Js { tx })
+        Ok(Js { tx, timeout })
     }
 
     /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`).
-    pub async fn call(&self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), String> {
+    pub async fn call(&self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), super::CallError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Call { subject: subject.to_string(), payload: payload.to_vec(), reply })
-            .map_err(|_| "the JavaScript engine stopped".to_string())?;
-        rx.await.map_err(|_| "the JavaScript engine stopped".to_string())?
+        // A requester waits at most about the call's timeout: a call still queued then is moot.
+        let deadline = Instant::now() + self.timeout + std::time::Duration::from_secs(1);
+        let call = Call { subject: subject.to_string(), payload: payload.to_vec(), deadline, reply };
+        let stopped = || super::CallError::Failed("the JavaScript engine stopped".into());
+        self.tx.try_send(call).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => super::CallError::Busy(CALL_QUEUE),
+            mpsc::TrySendError::Disconnected(_) => stopped(),
+        })?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -212,7 +231,7 @@ impl Script {
 
     /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`) and the run
     /// time in nanoseconds.
-    pub fn call(&mut self, subject: &str, payload: Vec<u8>) -> Result<(Vec<u8>, u64), String> {
+    pub fn call(&mut self, subject: &str, payload: Vec<u8>) -> Result<(Vec<u8>, u64), super::CallError> {
         let limits = &self.limits;
         let started = Instant::now();
         self.deadline.store(self.base.elapsed().as_millis() as u64 + limits.timeout_ms, Ordering::Relaxed);
@@ -236,11 +255,11 @@ impl Script {
         };
         let result = result.map_err(|e| {
             if self.interrupted.load(Ordering::Relaxed) {
-                format!("javascript execution timed out after {}ms", limits.timeout_ms)
+                super::CallError::TimedOut { engine: "javascript", ms: limits.timeout_ms }
             } else if heap_full() {
-                format!("javascript function exceeded its memory limit of {} MiB: {e}", limits.memory_mib)
+                super::CallError::MemoryLimit { engine: "javascript", mib: limits.memory_mib }
             } else {
-                e
+                super::CallError::Failed(e)
             }
         });
         // Reference counting frees most garbage; collect cycles now and then, not on every call.
@@ -257,7 +276,7 @@ fn install_natives<'js>(ctx: &Ctx<'js>, host: HostCall, logs: LogSink) -> rquick
     g.set(
         "__nex_log",
         Function::new(ctx.clone(), move |level: i32, text: String| {
-            let _ = logs.send((level, text));
+            let _ = logs.try_send((level, text));
         })?,
     )?;
     g.set(

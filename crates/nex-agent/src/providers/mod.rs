@@ -24,6 +24,42 @@ pub enum Provider {
     Js(js::Js, js::Spec),
 }
 
+/// Why a function call gave no reply; the `Display` is what the requester reads in `x-nex-error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Cut off at its deadline.
+    #[error("{engine} execution timed out after {ms}ms")]
+    TimedOut {
+        /// `wasm` or `javascript`.
+        engine: &'static str,
+        /// The deadline.
+        ms: u64,
+    },
+    /// Over its memory cap.
+    #[error("{engine} function exceeded its memory limit of {mib} MiB")]
+    MemoryLimit {
+        /// `wasm` or `javascript`.
+        engine: &'static str,
+        /// The cap.
+        mib: u64,
+    },
+    /// A WebAssembly command exited non-zero.
+    #[error("wasm function exited with code {0}")]
+    Exited(i32),
+    /// Too many calls waiting already.
+    #[error("the function is busy: {0} calls are already waiting")]
+    Busy(usize),
+    /// Nobody waits for the answer any more.
+    #[error("dropped: it waited in the queue past its deadline")]
+    Expired,
+    /// This workload is not a function (or none is deployed).
+    #[error("{0}")]
+    NotAFunction(&'static str),
+    /// Anything else the function or its engine reported.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A function a trigger worker thread calls directly, without a hop to another thread.
 pub enum Callable {
     /// The shared compiled module (each call instantiates it).
@@ -34,7 +70,7 @@ pub enum Callable {
 
 impl Callable {
     /// Runs one call on this thread; the reply and the run time in nanoseconds.
-    pub fn call(&mut self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), String> {
+    pub fn call(&mut self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), CallError> {
         match self {
             Callable::Wasm(w, logs) => {
                 let started = std::time::Instant::now();
@@ -52,14 +88,14 @@ impl Callable {
 fn stderr_to_logs(stderr: &[u8], logs: &js::LogSink) {
     if !stderr.is_empty() {
         for line in String::from_utf8_lossy(stderr).lines() {
-            let _ = logs.send((level::ERROR, line.to_string()));
+            let _ = logs.try_send((level::ERROR, line.to_string()));
         }
     }
 }
 
 /// A log sink whose lines the agent ships as the workload's.
 fn log_sink(agent: Arc<Agent>, name: String) -> js::LogSink {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, String)>();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, String)>(js::LOG_QUEUE);
     tokio::spawn(async move {
         while let Some((lvl, text)) = rx.recv().await {
             agent.log(&name, lvl, &text).await;
@@ -118,17 +154,17 @@ impl Provider {
     }
 
     /// Runs a function call; returns the reply and the run time in nanoseconds.
-    pub async fn trigger(&self, subject: &str, payload: bytes::Bytes) -> Result<(Vec<u8>, u64), String> {
+    pub async fn trigger(&self, subject: &str, payload: bytes::Bytes) -> Result<(Vec<u8>, u64), CallError> {
         match self {
-            Provider::Native(_) => Err("native workloads have no triggers".into()),
+            Provider::Native(_) => Err(CallError::NotAFunction("native workloads have no triggers")),
             Provider::Wasm(w, logs) => {
-                let _slot = w.slots.acquire().await.map_err(|e| format!("wasm call failed: {e}"))?;
+                let _slot = w.slots.acquire().await.map_err(|e| CallError::Failed(format!("wasm call failed: {e}")))?;
                 let w = w.clone();
                 let s = subject.to_string();
                 let started = std::time::Instant::now();
                 let out = tokio::task::spawn_blocking(move || w.call(&s, &payload))
                     .await
-                    .map_err(|e| format!("wasm call failed: {e}"))?;
+                    .map_err(|e| CallError::Failed(format!("wasm call failed: {e}")))?;
                 let ns = started.elapsed().as_nanos() as u64;
                 let out = out?;
                 stderr_to_logs(&out.stderr, logs);

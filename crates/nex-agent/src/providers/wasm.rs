@@ -136,7 +136,7 @@ impl Wasm {
     }
 
     /// Runs one call (blocking; run it off the async runtime).
-    pub fn call(self: &Arc<Self>, subject: &str, payload: &[u8]) -> Result<CallOutput, String> {
+    pub fn call(self: &Arc<Self>, subject: &str, payload: &[u8]) -> Result<CallOutput, super::CallError> {
         let stdout = MemoryOutputPipe::new(MAX_OUTPUT);
         let stderr = MemoryOutputPipe::new(1024 * 1024);
         let wasi = WasiCtxBuilder::new()
@@ -161,22 +161,16 @@ impl Wasm {
             Ok(()) => Ok(out()),
             Err(e) => {
                 if let Some(exit) = e.downcast_ref::<I32Exit>() {
-                    return if exit.0 == 0 {
-                        Ok(out())
-                    } else {
-                        Err(format!("wasm function exited with code {}", exit.0))
-                    };
+                    return if exit.0 == 0 { Ok(out()) } else { Err(super::CallError::Exited(exit.0)) };
                 }
                 if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
-                    return Err(format!(
-                        "wasm execution timed out after {}ms",
-                        started.elapsed().as_millis().max(self.limits.timeout_ms as u128)
-                    ));
+                    let ms = (started.elapsed().as_millis() as u64).max(self.limits.timeout_ms);
+                    return Err(super::CallError::TimedOut { engine: "wasm", ms });
                 }
                 if store.data().limits.refused {
-                    return Err(format!("wasm function exceeded its memory limit of {} MiB", self.limits.memory_mib));
+                    return Err(super::CallError::MemoryLimit { engine: "wasm", mib: self.limits.memory_mib });
                 }
-                Err(format!("wasm function failed: {}", format!("{e:#}").replace('\n', " ")))
+                Err(super::CallError::Failed(format!("wasm function failed: {}", format!("{e:#}").replace('\n', " "))))
             }
         }
     }

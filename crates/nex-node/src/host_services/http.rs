@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{err, ok, service_config, Answer};
+use super::{err, fail, ok, service_config, Answer, HostServiceError};
 use crate::config::NodeConfig;
 
 /// Redirects followed at most.
@@ -128,19 +128,19 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 }
 
 /// The addresses `url` may be fetched from, or the refusal (403) or error.
-async fn checked_addrs(allow: &AllowList, url: &url::Url) -> Result<Vec<SocketAddr>, Answer> {
-    let host = url.host().ok_or_else(|| err(400, format!("invalid url {url}: no host")))?;
-    let port = url.port_or_known_default().ok_or_else(|| err(400, format!("invalid url {url}: no port")))?;
+async fn checked_addrs(allow: &AllowList, url: &url::Url) -> Result<Vec<SocketAddr>, HostServiceError> {
+    let host = url.host().ok_or_else(|| fail(400, format!("invalid url {url}: no host")))?;
+    let port = url.port_or_known_default().ok_or_else(|| fail(400, format!("invalid url {url}: no port")))?;
     let (name, addrs): (String, Vec<SocketAddr>) = match host {
         url::Host::Ipv4(ip) => (ip.to_string(), vec![SocketAddr::new(IpAddr::V4(ip), port)]),
         url::Host::Ipv6(ip) => (format!("[{ip}]"), vec![SocketAddr::new(IpAddr::V6(ip), port)]),
         url::Host::Domain(d) => match tokio::net::lookup_host((d, port)).await {
             Ok(a) => (d.to_string(), a.collect()),
-            Err(e) => return Err(err(500, format!("http request failed: cannot resolve {d}: {e}"))),
+            Err(e) => return Err(fail(500, format!("http request failed: cannot resolve {d}: {e}"))),
         },
     };
     if addrs.is_empty() {
-        return Err(err(500, format!("http request failed: {name} resolves to no address")));
+        return Err(fail(500, format!("http request failed: {name} resolves to no address")));
     }
     if allow.host_allowed(&name) {
         return Ok(addrs);
@@ -153,7 +153,7 @@ async fn checked_addrs(allow: &AllowList, url: &url::Url) -> Result<Vec<SocketAd
             } else {
                 format!("{name} ({ip})")
             };
-            return Err(err(
+            return Err(fail(
                 403,
                 format!(
                     "http to {shown} is refused: it is {kind}, which functions may not reach from this node (an operator can allow it in host_services.services.http.config.allow)"
@@ -186,14 +186,14 @@ pub(super) async fn call(cfg: &NodeConfig, method: &str, url: Option<String>, bo
     for _ in 0..=MAX_REDIRECTS {
         let addrs = match checked_addrs(&allow, &current).await {
             Ok(a) => a,
-            Err(answer) => return answer,
+            Err(e) => return Err(e),
         };
         let hop = current.clone();
         let hop_body = body.clone();
         let res = tokio::task::spawn_blocking(move || fetch(verb, &hop, addrs, hop_body)).await;
         let resp = match res {
             Ok(Ok(r)) => r,
-            Ok(Err(answer)) => return answer,
+            Ok(Err(e)) => return Err(e),
             Err(e) => return err(500, format!("http request failed: {e}")),
         };
         let location = resp.header("location").map(str::to_string);
@@ -219,7 +219,12 @@ pub(super) async fn call(cfg: &NodeConfig, method: &str, url: Option<String>, bo
 }
 
 /// One request to the checked `addrs`, redirects not followed.
-fn fetch(verb: &str, url: &url::Url, addrs: Vec<SocketAddr>, body: Option<Vec<u8>>) -> Result<ureq::Response, Answer> {
+fn fetch(
+    verb: &str,
+    url: &url::Url,
+    addrs: Vec<SocketAddr>,
+    body: Option<Vec<u8>>,
+) -> Result<ureq::Response, HostServiceError> {
     let agent =
         ureq::AgentBuilder::new().timeout(TIMEOUT).redirects(0).resolver(move |_: &str| Ok(addrs.clone())).build();
     let req = agent.request_url(verb, url).set("Accept", "*/*").set("Accept-Language", "en-us");
@@ -229,7 +234,7 @@ fn fetch(verb: &str, url: &url::Url, addrs: Vec<SocketAddr>, body: Option<Vec<u8
     };
     match resp {
         Ok(r) | Err(ureq::Error::Status(_, r)) => Ok(r),
-        Err(e) => Err(err(500, format!("http request failed: {e}"))),
+        Err(e) => Err(fail(500, format!("http request failed: {e}"))),
     }
 }
 
@@ -254,7 +259,7 @@ mod tests {
     fn refused(u: &str) -> bool {
         let url = url::Url::parse(u).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        matches!(rt.block_on(checked_addrs(&AllowList::default(), &url)), Err((403, _, _)))
+        matches!(rt.block_on(checked_addrs(&AllowList::default(), &url)), Err(HostServiceError { code: 403, .. }))
     }
 
     #[test]

@@ -20,15 +20,30 @@ use nex_api::workload_type;
 use crate::config::NodeConfig;
 use crate::workloads::Workload;
 
-/// A service's answer: code, message, body.
-pub type Answer = (u16, String, Vec<u8>);
+/// Why a host-service call failed: the code and message the agent receives in
+/// `x-nex-hs-code` / `x-nex-hs-msg` (400 bad request, 403 refused, 404 unknown, 500 failed, 503 busy).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct HostServiceError {
+    /// The code.
+    pub code: u16,
+    /// What went wrong, for the function's author.
+    pub message: String,
+}
+
+/// A service's answer: the body, or why there is none.
+pub type Answer = Result<Vec<u8>, HostServiceError>;
 
 fn ok(body: Vec<u8>) -> Answer {
-    (200, "OK".into(), body)
+    Ok(body)
+}
+
+fn fail(code: u16, msg: impl Into<String>) -> HostServiceError {
+    HostServiceError { code, message: msg.into() }
 }
 
 fn err(code: u16, msg: impl Into<String>) -> Answer {
-    (code, msg.into(), Vec::new())
+    Err(fail(code, msg))
 }
 
 /// Answers one host-service request from workload `w`'s agent.
@@ -40,7 +55,10 @@ pub async fn handle(
     msg: async_nats::Message,
 ) {
     let Some(reply) = msg.reply.clone() else { return };
-    let (code, text, body) = answer(cfg, conn, w, &msg).await;
+    let (code, text, body) = match answer(cfg, conn, w, &msg).await {
+        Ok(body) => (200, "OK".to_string(), body),
+        Err(e) => (e.code, e.message, Vec::new()),
+    };
     let mut h = async_nats::HeaderMap::new();
     h.insert(HEADER_HS_CODE, code.to_string().as_str());
     h.insert(HEADER_HS_MSG, nex_io::header_value(&text).as_str());
