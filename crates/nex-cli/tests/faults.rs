@@ -338,12 +338,6 @@ async fn a_full_disk_during_download_fails_cleanly() {
     user.deploy(&node.id, &small).await.expect("a small one still deploys");
 }
 
-/// Process id of a node's internal nats-server (its config lives in the node's state dir).
-fn internal_nats_pid(state: &std::path::Path) -> Option<i32> {
-    let state = std::fs::canonicalize(state).ok()?.display().to_string();
-    processes_matching("internal-nats.conf").into_iter().find(|(_, cmd)| cmd.contains(&state)).map(|(p, _)| p)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_nats_server_is_restarted_and_workloads_keep_running() {
     let nats = NatsServer::start();

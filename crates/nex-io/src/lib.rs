@@ -119,6 +119,6 @@ mod tests {
         let g = got.clone();
         let data: &'static [u8] = b"one\ntwo\r\nthree";
         super::forward_lines(data, move |l| g.lock().unwrap().push(l.to_string())).await.unwrap();
-        assert_eq!(*got.lock().unwrap(), vec!["one", "two\r", "three"]);
+        assert_eq!(*got.lock().unwrap(), vec!["one", "two", "three"]);
     }
 }

@@ -62,6 +62,8 @@ pub struct AgentClient {
     conn: async_nats::Client,
     handshake: watch::Receiver<Option<Instant>>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// The task reading the agent's subjects (it holds the connection too).
+    reader: tokio::task::AbortHandle,
 }
 
 impl AgentClient {
@@ -75,7 +77,7 @@ impl AgentClient {
         let tid = id.clone();
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let lost = dropped.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let handshake = internal::handshake(&tid);
             let logs = internal::logs(&tid);
             let execs = internal::execs(&tid);
@@ -116,7 +118,7 @@ impl AgentClient {
                 }
             }
         });
-        Ok(AgentClient { id, conn, handshake: hs_rx, dropped })
+        Ok(AgentClient { id, conn, handshake: hs_rx, dropped, reader: reader.abort_handle() })
     }
 
     /// Log lines dropped on their way to the node since the last call (the node was busy).
@@ -248,9 +250,11 @@ impl AgentClient {
         &self.conn
     }
 
-    /// Closes the connection.
+    /// Closes the connection: drained when the server answers, dropped in any case (a client
+    /// left behind would reconnect forever to an account that no longer exists).
     pub async fn close(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.drain()).await;
+        self.reader.abort();
     }
 }
 

@@ -609,3 +609,9 @@ pub fn processes_with_cwd_under(dir: &std::path::Path) -> Vec<(i32, String)> {
     }
     out
 }
+
+/// Process id of a node's internal nats-server (its config lives in the node's state dir).
+pub fn internal_nats_pid(state: &std::path::Path) -> Option<i32> {
+    let state = std::fs::canonicalize(state).ok()?.display().to_string();
+    processes_matching("internal-nats.conf").into_iter().find(|(_, cmd)| cmd.contains(&state)).map(|(p, _)| p)
+}

@@ -182,6 +182,8 @@ impl ContainerTier {
         c
     }
 
+    /// The OCI runtime spec of agent `spec`'s container. Long because it is one document: every
+    /// wall of the container is a field here, and reading them together is the point.
     fn config(&self, spec: &AgentSpec, netns: &str) -> serde_json::Value {
         let t = &spec.template;
         let mut mounts = vec![
