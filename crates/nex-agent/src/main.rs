@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use nex_api::agent::{level, AgentDeployRequest, DeployResponse, HandshakeRequest, LogEntry, WorkloadStatusEvent};
 use nex_api::subjects::internal;
 
-use providers::Provider;
+use providers::{DeployError, Provider};
 
 use nex_api::agent::{CACHE_BUCKET, CACHE_KEY};
 
@@ -226,50 +226,41 @@ struct Slot {
 }
 
 async fn deploy(agent: &Arc<Agent>, slot: &Mutex<Slot>, body: &[u8]) -> DeployResponse {
-    let reject = |m: String| DeployResponse { accepted: false, message: Some(m) };
-    let req: AgentDeployRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => return reject(format!("invalid deploy request: {e}")),
-    };
-    if let Err(e) = req.validate() {
-        return reject(e);
+    match start(agent, slot, body).await {
+        Ok(()) => DeployResponse { accepted: true, message: Some("Workload deployed".into()) },
+        Err(e) => {
+            if !matches!(e, DeployError::Invalid(_) | DeployError::Occupied | DeployError::Fetch(_)) {
+                agent.log("nex-agent", level::ERROR, &e.to_string()).await;
+            }
+            DeployResponse { accepted: false, message: Some(e.to_string()) }
+        }
     }
+}
+
+async fn start(agent: &Arc<Agent>, slot: &Mutex<Slot>, body: &[u8]) -> Result<(), DeployError> {
+    let req: AgentDeployRequest =
+        serde_json::from_slice(body).map_err(|e| DeployError::Invalid(format!("invalid deploy request: {e}")))?;
+    req.validate().map_err(DeployError::Invalid)?;
     let mut slot = slot.lock().await;
     if slot.provider.is_some() {
-        return reject("this agent already runs a workload".into());
+        return Err(DeployError::Occupied);
     }
-    let path = match fetch_artifact(agent, &req).await {
-        Ok(p) => p,
-        Err(e) => return reject(format!("Failed to fetch workload: {e:#}")),
-    };
+    let path = fetch_artifact(agent, &req).await.map_err(|e| DeployError::Fetch(format!("{e:#}")))?;
     if agent.sandboxed && req.workload_type == nex_api::workload_type::NATIVE {
-        if let Err(e) = elf::check_static(&path) {
-            let msg = format!("Failed to validate workload: {e}");
-            agent.log("nex-agent", level::ERROR, &msg).await;
-            return reject(msg);
-        }
+        elf::check_static(&path).map_err(DeployError::NotStatic)?;
     }
-    match Provider::deploy(agent.clone(), &req, path).await {
-        Ok(p) => {
-            let p = Arc::new(p);
-            if let Some(dt) = &req.direct_triggers {
-                match triggers::Triggers::start(agent.clone(), p.clone(), &req.trigger_subjects, dt).await {
-                    Ok(t) => slot.triggers = Some(t),
-                    Err(e) => {
-                        p.undeploy().await;
-                        agent.log("nex-agent", level::ERROR, &e).await;
-                        return reject(e);
-                    }
-                }
+    let p = Arc::new(Provider::deploy(agent.clone(), &req, path).await?);
+    if let Some(dt) = &req.direct_triggers {
+        match triggers::Triggers::start(agent.clone(), p.clone(), &req.trigger_subjects, dt).await {
+            Ok(t) => slot.triggers = Some(t),
+            Err(e) => {
+                p.undeploy().await;
+                return Err(DeployError::Triggers(e));
             }
-            slot.provider = Some(p);
-            DeployResponse { accepted: true, message: Some("Workload deployed".into()) }
-        }
-        Err(e) => {
-            agent.log("nex-agent", level::ERROR, &e).await;
-            reject(e)
         }
     }
+    slot.provider = Some(p);
+    Ok(())
 }
 
 /// Copies the artifact from the account's cache bucket into the work directory.

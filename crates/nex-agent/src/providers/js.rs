@@ -16,6 +16,8 @@ use tokio::sync::oneshot;
 
 use nex_api::agent::FunctionLimits;
 
+use super::{failed_to, DeployError};
+
 /// Calls into the host (kv, messaging, objectstore, http): (service, method, headers, body) →
 /// (code, message, body).
 pub type HostCall = Arc<dyn Fn(&str, &str, HashMap<String, String>, Vec<u8>) -> (u16, String, Vec<u8>) + Send + Sync>;
@@ -121,10 +123,10 @@ pub struct Js {
 
 impl Js {
     /// Evaluates the script on a new thread and keeps its function there for calls.
-    pub fn load(spec: Spec) -> Result<Js, String> {
+    pub fn load(spec: Spec) -> Result<Js, DeployError> {
         let (tx, rx) = mpsc::sync_channel::<Call>(CALL_QUEUE);
         let timeout = std::time::Duration::from_millis(spec.limits.timeout_ms);
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), DeployError>>();
         std::thread::Builder::new()
             .name("js".into())
             .spawn(move || {
@@ -146,8 +148,8 @@ impl Js {
                     let _ = call.reply.send(script.call(&call.subject, call.payload));
                 }
             })
-            .map_err(|e| format!("failed to start the JavaScript thread: {e}"))?;
-        ready_rx.recv().map_err(|_| "the JavaScript engine stopped".to_string())??;
+            .map_err(failed_to("start the JavaScript thread"))?;
+        ready_rx.recv().map_err(|_| failed_to("start JavaScript")("its thread ended"))??;
         Ok(Js { tx, timeout })
     }
 
@@ -195,8 +197,8 @@ pub struct Script {
 
 impl Script {
     /// Evaluates the script; its completion value must be the function.
-    pub fn new(spec: &Spec) -> Result<Script, String> {
-        let rt = Runtime::new().map_err(|e| format!("failed to start JavaScript: {e}"))?;
+    pub fn new(spec: &Spec) -> Result<Script, DeployError> {
+        let rt = Runtime::new().map_err(failed_to("start JavaScript"))?;
         rt.set_memory_limit((spec.limits.memory_mib as usize) * 1024 * 1024);
         rt.set_max_stack_size(1024 * 1024);
         let base = Instant::now();
@@ -211,20 +213,22 @@ impl Script {
             }
             stop
         })));
-        let ctx = Context::full(&rt).map_err(|e| format!("failed to create a JavaScript context: {e}"))?;
+        let ctx = Context::full(&rt).map_err(failed_to("create a JavaScript context"))?;
         let func: Persistent<Function<'static>> = ctx.with(|ctx| {
             install_natives(&ctx, spec.host.clone(), spec.logs.clone())
-                .map_err(|e| format!("failed to install host services: {e}"))?;
-            ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude failed: {}", describe(e)))?;
+                .map_err(failed_to("install host services"))?;
+            ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| DeployError::Script(format!("prelude failed: {}", describe(e))))?;
             let v: Value = ctx
                 .eval(spec.source.clone().into_bytes())
                 .catch(&ctx)
-                .map_err(|e| format!("failed to compile source for execution: {}", describe(e)))?;
+                .map_err(|e| failed_to("compile source for execution")(describe(e)))?;
             let f = v.into_function().ok_or_else(|| {
-                "the script's completion value must be a function(subject, payload); end the script with that function"
-                    .to_string()
+                DeployError::Script(
+                    "the script's completion value must be a function(subject, payload); end the script with that function"
+                        .into(),
+                )
             })?;
-            Ok::<_, String>(Persistent::save(&ctx, f))
+            Ok::<_, DeployError>(Persistent::save(&ctx, f))
         })?;
         Ok(Script { func, ctx, rt, limits: spec.limits.clone(), deadline, interrupted, base, calls: 0 })
     }

@@ -24,6 +24,55 @@ pub enum Provider {
     Js(js::Js, js::Spec),
 }
 
+/// Why a workload did not start in this agent; the `Display` is the text the node reports.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The request itself is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// One agent runs one workload.
+    #[error("this agent already runs a workload")]
+    Occupied,
+    /// The artifact could not be brought into the agent.
+    #[error("Failed to fetch workload: {0}")]
+    Fetch(String),
+    /// A sandboxed native workload must be a static executable.
+    #[error("Failed to validate workload: {0}")]
+    NotStatic(String),
+    /// This agent has no engine for the type.
+    #[error("workload type {0} is not supported by this agent")]
+    Unsupported(String),
+    /// A step of preparing the engine or the artifact failed.
+    #[error("failed to {step}: {detail}")]
+    Engine {
+        /// What was being done, as "failed to …" reads it.
+        step: &'static str,
+        /// The engine's own words.
+        detail: String,
+    },
+    /// The JavaScript source evaluated, but not to something callable.
+    #[error("{0}")]
+    Script(String),
+    /// The native executable did not start.
+    #[error("Failed to start workload: {name}; vm: {vm}: {detail}")]
+    Spawn {
+        /// The workload's name.
+        name: String,
+        /// This agent's id.
+        vm: String,
+        /// The operating system's words.
+        detail: String,
+    },
+    /// The function's own trigger subscriptions could not be set up.
+    #[error("{0}")]
+    Triggers(String),
+}
+
+/// `map_err` for a failed preparation step: `failed to {step}: {error}`.
+pub fn failed_to<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> DeployError {
+    move |e| DeployError::Engine { step, detail: e.to_string() }
+}
+
 /// Why a function call gave no reply; the `Display` is what the requester reads in `x-nex-error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
@@ -106,7 +155,7 @@ fn log_sink(agent: Arc<Agent>, name: String) -> js::LogSink {
 
 impl Provider {
     /// Starts the workload described by `req` from the artifact at `path`.
-    pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Provider, String> {
+    pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Provider, DeployError> {
         match nex_api::workload_type::canonical(&req.workload_type).as_str() {
             nex_api::workload_type::NATIVE => native::Native::deploy(agent, req, path).await.map(Provider::Native),
             nex_api::workload_type::WASM => {
@@ -114,12 +163,13 @@ impl Provider {
                 let host = host_call(agent.clone(), req);
                 let w = tokio::task::spawn_blocking(move || wasm::Wasm::load(&path, &r, host))
                     .await
-                    .map_err(|e| format!("failed to compile module: {e}"))??;
+                    .map_err(failed_to("compile module"))??;
                 Ok(Provider::Wasm(Arc::new(w), log_sink(agent, req.workload_name.clone())))
             }
             nex_api::workload_type::V8 => {
-                let bytes = std::fs::read(&path).map_err(|e| format!("failed to read source: {e}"))?;
-                let source = String::from_utf8(bytes).map_err(|_| "the JavaScript source is not UTF-8".to_string())?;
+                let bytes = std::fs::read(&path).map_err(failed_to("read source"))?;
+                let source = String::from_utf8(bytes)
+                    .map_err(|_| DeployError::Script("the JavaScript source is not UTF-8".into()))?;
                 let spec = js::Spec {
                     source,
                     limits: req.function_limits.clone().unwrap_or_default(),
@@ -129,10 +179,10 @@ impl Provider {
                 let s = spec.clone();
                 let js = tokio::task::spawn_blocking(move || js::Js::load(s))
                     .await
-                    .map_err(|e| format!("failed to start JavaScript: {e}"))??;
+                    .map_err(failed_to("start JavaScript"))??;
                 Ok(Provider::Js(js, spec))
             }
-            other => Err(format!("workload type {other} is not supported by this agent")),
+            other => Err(DeployError::Unsupported(other.to_string())),
         }
     }
 
@@ -142,7 +192,7 @@ impl Provider {
         match self {
             Provider::Native(_) => Err("native workloads have no triggers".into()),
             Provider::Wasm(w, logs) => Ok(Callable::Wasm(w.clone(), logs.clone())),
-            Provider::Js(_, spec) => js::Script::new(spec).map(Callable::Js),
+            Provider::Js(_, spec) => js::Script::new(spec).map(Callable::Js).map_err(|e| e.to_string()),
         }
     }
 

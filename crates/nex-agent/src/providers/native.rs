@@ -106,12 +106,18 @@ pub struct Native {
 
 impl Native {
     /// Spawns the executable.
-    pub async fn deploy(agent: Arc<Agent>, req: &AgentDeployRequest, path: PathBuf) -> Result<Native, String> {
+    pub async fn deploy(
+        agent: Arc<Agent>,
+        req: &AgentDeployRequest,
+        path: PathBuf,
+    ) -> Result<Native, super::DeployError> {
         let name = req.workload_name.clone();
-        let user = match workload_user(&agent, &path) {
-            Ok(u) => u,
-            Err(e) => return Err(format!("Failed to start workload: {name}; vm: {}: {e}", agent.id)),
+        let failed = |e: std::io::Error| super::DeployError::Spawn {
+            name: name.clone(),
+            vm: agent.id.clone(),
+            detail: e.to_string(),
         };
+        let user = workload_user(&agent, &path).map_err(failed)?;
         let mut cmd = Command::new(&path);
         cmd.args(&req.argv)
             .env_clear()
@@ -130,7 +136,7 @@ impl Native {
             Ok(c) => c,
             Err(e) => {
                 agent.log("nex-agent", level::ERROR, &format!("Workload {name} failed to deploy: {e}")).await;
-                return Err(format!("Failed to start workload: {name}; vm: {}: {e}", agent.id));
+                return Err(failed(e));
             }
         };
         let pid = child.id().unwrap_or(0) as i32;

@@ -17,6 +17,8 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use nex_api::agent::{AgentDeployRequest, FunctionLimits};
 
+use super::{failed_to, DeployError};
+
 /// Epoch tick used for call deadlines.
 const TICK: Duration = Duration::from_millis(5);
 /// Most output a call may write.
@@ -78,8 +80,8 @@ pub struct CallOutput {
 
 impl Wasm {
     /// Compiles and links the module at `path`.
-    pub fn load(path: &Path, req: &AgentDeployRequest, host: super::js::HostCall) -> Result<Wasm, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("failed to read module: {e}"))?;
+    pub fn load(path: &Path, req: &AgentDeployRequest, host: super::js::HostCall) -> Result<Wasm, DeployError> {
+        let bytes = std::fs::read(path).map_err(failed_to("read module"))?;
         let limits = req.function_limits.clone().unwrap_or_default();
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
@@ -104,15 +106,14 @@ impl Wasm {
             .pagemap_scan(wasmtime::Enabled::Auto);
         cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         cfg.memory_reservation(mem as u64).memory_guard_size(2 << 20).memory_reservation_for_growth(0);
-        let engine = Engine::new(&cfg).map_err(|e| format!("failed to create the wasm engine: {e}"))?;
-        let module = Module::new(&engine, &bytes).map_err(|e| format!("failed to compile module: {e}"))?;
+        let engine = Engine::new(&cfg).map_err(failed_to("create the wasm engine"))?;
+        let module = Module::new(&engine, &bytes).map_err(failed_to("compile module"))?;
         let mut linker: Linker<CallState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut CallState| &mut s.wasi)
-            .map_err(|e| format!("failed to link WASI: {e}"))?;
-        linker.func_wrap("nex_host", "call", host_call).map_err(|e| format!("failed to link nex_host: {e}"))?;
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| format!("failed to link module (a WASI preview-1 command is required): {e}"))?;
+            .map_err(failed_to("link WASI"))?;
+        linker.func_wrap("nex_host", "call", host_call).map_err(failed_to("link nex_host"))?;
+        let pre =
+            linker.instantiate_pre(&module).map_err(failed_to("link module (a WASI preview-1 command is required)"))?;
         // One ticker per engine drives every call's deadline.
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -124,7 +125,7 @@ impl Wasm {
                     std::thread::sleep(TICK);
                 }
             })
-            .map_err(|e| format!("failed to start the epoch ticker: {e}"))?;
+            .map_err(failed_to("start the epoch ticker"))?;
         Ok(Wasm {
             slots: tokio::sync::Semaphore::new(SLOTS as usize),
             engine,
