@@ -23,6 +23,10 @@ pub mod uptime;
 /// Version reported by nodes and agents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The build: `v<version> [<commit>] | Built-on: <commit date, UTC>`.
+pub const BUILD: &str =
+    concat!("v", env!("CARGO_PKG_VERSION"), " [", env!("NEX_COMMIT"), "] | Built-on: ", env!("NEX_BUILT"));
+
 /// Namespace used when none is given.
 pub const DEFAULT_NAMESPACE: &str = "default";
 

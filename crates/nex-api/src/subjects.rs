@@ -81,6 +81,10 @@ pub mod control {
     pub fn logs(ns: &str, node: &str, workload_name: &str, workload_id: &str) -> String {
         format!("$NEX.logs.{ns}.{node}.{workload_name}.{workload_id}")
     }
+    /// A node's own log lines (`--logger nats`): `.stderr` for warnings and errors, else `.stdout`.
+    pub fn system_log(node: &str, error: bool) -> String {
+        format!("$NEX.logs.system.{node}.{}", if error { "stderr" } else { "stdout" })
+    }
 }
 
 /// Internal subjects between a node and one agent.

@@ -55,6 +55,14 @@ pub struct GlobalOpts {
     /// CA bundle (TLS)
     #[arg(long, env = "NATS_CA", global = true)]
     pub tlsca: Option<PathBuf>,
+    /// TLS handshake before the server's INFO (servers configured with handshake_first)
+    #[arg(long, global = true)]
+    pub tlsfirst: bool,
+    /// Use a `nats` CLI context (from $XDG_CONFIG_HOME/nats/context, ~/.config by default);
+    /// replaces every other connection flag. Without it, the context `nats context select` chose
+    /// is used when neither a server nor credentials are given.
+    #[arg(long, env = "NATS_CONTEXT", global = true)]
+    pub context: Option<String>,
     /// Request timeout and the gather window of PING/WPING/AUCTION (e.g. 2s, 750ms)
     #[arg(long, env = "NATS_TIMEOUT", default_value = "2s", global = true, value_parser = parse_duration)]
     pub timeout: std::time::Duration,
@@ -73,6 +81,10 @@ pub struct GlobalOpts {
     /// Log as JSON lines
     #[arg(long, env = "NEX_LOGJSON", global = true)]
     pub logjson: bool,
+    /// Where log lines go, repeatable: std (stderr), file (./nex.log, errors also in ./nex.err),
+    /// nats (published on $NEX.logs.system.<node>.stdout|stderr by `nex node up`)
+    #[arg(long, env = "NEX_LOGGER", value_delimiter = ',', default_value = "std", global = true, value_parser = ["std", "file", "nats"])]
+    pub logger: Vec<String>,
 }
 
 /// Warns when `flag` was given a value on the command line, where every local user can read it

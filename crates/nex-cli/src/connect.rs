@@ -49,6 +49,9 @@ pub async fn connect(g: &GlobalOpts, name: &str, reconnect_forever: bool) -> Res
     if let Some(ca) = &g.tlsca {
         opts = opts.add_root_certificates(ca.clone()).require_tls(true);
     }
+    if g.tlsfirst {
+        opts = opts.tls_first();
+    }
     if reconnect_forever {
         opts = opts.max_reconnects(None).retry_on_initial_connect();
     } else {

@@ -3,32 +3,47 @@
 mod cli;
 mod commands;
 mod connect;
+mod context;
+mod logging;
 mod output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use cli::{Cli, Command, NodeCommand};
 
-fn init_logging(g: &cli::GlobalOpts) {
-    let level = match g.loglevel.as_str() {
-        "none" => "off",
-        other => other,
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NEX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn")));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    if g.logjson {
-        b.json().init();
-    } else {
-        b.init();
+/// The command line, with a `nats` context applied to the connection options.
+fn parse() -> anyhow::Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    // `v<version> [<commit>] | Built-on: <date>`, without clap's leading program name.
+    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
+        println!("{}", nex_api::BUILD);
+        std::process::exit(0);
     }
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let server_given = matches!(
+        matches.value_source("server"),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    );
+    cli.global.apply_context(server_given)?;
+    Ok(cli)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.global);
+    let cli = match parse() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{} {e:#}", output::paint("error:", "1;31"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = logging::init(&cli.global) {
+        eprintln!("{} {e}", output::paint("error:", "1;31"));
+        return ExitCode::FAILURE;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

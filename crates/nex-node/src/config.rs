@@ -576,6 +576,43 @@ impl NodeConfig {
         }
     }
 
+    /// Keys set in this configuration that this node does not act on, each with why: logged at
+    /// start-up and listed by `nex node preflight`, so nobody believes an ignored key works.
+    pub fn ignored_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let d = NodeConfig::default();
+        let microvm = self.tier() == isolation::MICROVM;
+        let mut out = Vec::new();
+        let mut ignored = |set: bool, key: &'static str, why: &'static str| {
+            if set {
+                out.push((key, why));
+            }
+        };
+        ignored(
+            self.cni != d.cni,
+            "cni",
+            "CNI networking is not built yet: the sandboxed tiers use nex's own bridge network",
+        );
+        ignored(
+            self.internal_node_host != d.internal_node_host,
+            "internal_node_host",
+            "sandboxed workloads reach the internal NATS at their bridge's gateway address",
+        );
+        ignored(self.preserve_network, "preserve_network", "there are no CNI address leases to preserve");
+        ignored(self.rate_limiters.is_some(), "rate_limiters", "network rate-limit buckets are not enforced yet");
+        ignored(
+            self.otel_traces || self.otel_traces_exporter != d.otel_traces_exporter,
+            "otel_traces",
+            "trace export is not built yet",
+        );
+        ignored(self.otlp_exporter_url != d.otlp_exporter_url, "otlp_exporter_url", "trace export is not built yet");
+        ignored(
+            !microvm && (self.kernel_filepath != d.kernel_filepath || self.rootfs_filepath != d.rootfs_filepath),
+            "kernel_filepath/rootfs_filepath",
+            "only the microvm isolation tier boots a kernel and image",
+        );
+        out
+    }
+
     /// The pid file path.
     pub fn pid_file(&self) -> PathBuf {
         if self.pid_filepath.is_empty() {

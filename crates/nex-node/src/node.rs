@@ -46,6 +46,9 @@ pub struct NodeOptions {
 pub async fn run(opts: NodeOptions) -> Result<()> {
     let cfg = Arc::new(opts.config.clone());
     cfg.validate()?;
+    for (key, why) in cfg.ignored_keys() {
+        tracing::warn!("configuration key {key} is ignored: {why}");
+    }
     let state_dir = crate::files::prepare_state_dir(&cfg.state_dir())?;
     let pid_file = cfg.pid_file();
     check_pid_file(&pid_file)?;

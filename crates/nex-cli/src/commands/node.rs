@@ -122,6 +122,7 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     let key = node_key(&cfg)?;
     let control = crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
     let url = g.server.split(',').next().unwrap_or("").trim().to_string();
+    crate::logging::publish_on(control.clone(), &key.public_key());
     nex_node::run(nex_node::NodeOptions {
         config: cfg,
         control,

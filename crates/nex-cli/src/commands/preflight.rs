@@ -242,6 +242,9 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
             });
         }
     }
+    for (key, why) in cfg.ignored_keys() {
+        println!("⚠️  {} - {key}: {why}", paint("Ignored key", "33"));
+    }
     let mut missing = 0;
     for c in &checks {
         match &c.found {
