@@ -287,6 +287,8 @@ pub mod tags {
     pub const SANDBOX: &str = "nex.sandbox";
     /// Human-friendly node name.
     pub const NODE_NAME: &str = "node_name";
+    /// Where the node's metrics are (`http://…/metrics` or `file ./metrics.log`), when exported.
+    pub const METRICS: &str = "nex.metrics";
 }
 
 #[cfg(test)]

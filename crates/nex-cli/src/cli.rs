@@ -206,7 +206,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Start a node and keep it running until Ctrl-C
-    #[command(after_help = "Example:\n  nex node up --config ./config.json --no-sandbox --tags region=eu")]
+    #[command(
+        after_help = "Examples:\n  nex node up --config ./config.json --no-sandbox --tags region=eu\n  nex node up --metrics --metrics_port 9464     # Prometheus scrapes http://HOST:9464/metrics"
+    )]
     Up(crate::commands::node::UpArgs),
     /// List the nodes on this NATS
     #[command(after_help = "Example:\n  nex node ls --full\n  nex node ls --json | jq '.[].node_id'")]

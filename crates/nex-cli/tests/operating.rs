@@ -126,6 +126,20 @@ async fn node_logs_go_to_nats_and_ignored_keys_are_named() {
     assert!(stderr.iter().all(|l| l.contains("WARN") || l.contains("ERROR")), "{stderr:?}");
     // `std` still writes to the node's stderr.
     assert!(node.log().contains("configuration key preserve_network is ignored"), "{}", node.log());
+    // `nex logs --system` follows them.
+    let follow = Command::new(nex_bin())
+        .args(["logs", "--system", "--json", "--count", "1", "--node", &node.id, "-s", &nats.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let user = User::new(&nats).await;
+    user.deploy(&node.id, &user.native("syslogged", &script("exec /bin/sleep 7904")).await).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap()).await.unwrap();
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(line["node"], node.id.as_str(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(line["stream"] == "stdout" || line["stream"] == "stderr");
 }
 
 #[test]
@@ -134,4 +148,125 @@ fn version_names_the_build() {
     let text = String::from_utf8(out.stdout).unwrap();
     let re_ok = text.starts_with(&format!("v{} [", nex_api::VERSION)) && text.contains("] | Built-on: ");
     assert!(out.status.success() && re_ok, "{text}");
+}
+
+/// One HTTP/1.0 exchange with the node's metrics endpoint: `(status, body)`.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("{method} {path} on port {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The value of the series `name` whose labels include every one of `labels` (and, when
+/// `exact`, no label but those and the scope's).
+fn sample(text: &str, name: &str, labels: &[&str], exact: bool) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if n != name {
+            return None;
+        }
+        let got: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|p| !p.is_empty()).collect();
+        let own: Vec<&&str> = got.iter().filter(|p| !p.starts_with("otel_scope_")).collect();
+        let all = labels.iter().all(|want| got.contains(want));
+        (all && (!exact || own.len() == labels.len())).then(|| value.parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_sequence_and_the_endpoint_serves_only_metrics() {
+    let nats = NatsServer::start();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), json!({"otel_metrics_host": "127.0.0.1", "machine_pool_size": 1}));
+    let port_s = port.to_string();
+    let node = Node::start_in(
+        &nats,
+        dir,
+        cfg,
+        &["--metrics", "--otel_metrics_exporter", "prometheus", "--metrics_port", &port_s],
+    )
+    .await;
+    let user = User::new(&nats).await;
+
+    // 2 deploys, 5 calls of which 2 fail, 1 stop.
+    let src: &[u8] = b"(function (s, p) { if (p.length == 4) { throw new Error('asked to fail'); } return p.length; })";
+    let mut f = user.native("metricsfn", src).await;
+    f.workload_type = "v8".into();
+    f.trigger_subjects = vec!["metrics.fn".into()];
+    user.deploy(&node.id, &f).await.unwrap();
+    let svc = user.deploy(&node.id, &user.native("metricssvc", &script("exec /bin/sleep 7903")).await).await.unwrap();
+    for payload in ["ok", "fail", "okay!", "nope", "fine!"] {
+        let req = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_secs(5)));
+        let _ = user.nc.send_request("metrics.fn", req).await;
+    }
+    user.stop(&node.id, &svc.id, &svc.name).await.unwrap();
+
+    let fnl = ["namespace=\"default\"", "workload_name=\"metricsfn\""];
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        let (status, body) = http(port, "GET", "/metrics");
+        assert_eq!(status, 200, "{body}\n{}", node.log());
+        text = body;
+        let calls = sample(&text, "nex_function_trigger_total", &fnl, true).unwrap_or(0.0)
+            + sample(&text, "nex_function_failed_trigger_total", &fnl, true).unwrap_or(0.0);
+        let native = sample(&text, "nex_workload_count", &["workload_type=\"native\""], false);
+        if calls >= 5.0 && native == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let get = |name: &str, labels: &[&str]| sample(&text, name, labels, true);
+    assert_eq!(get("nex_function_trigger_total", &fnl), Some(3.0), "{text}");
+    assert_eq!(get("nex_function_failed_trigger_total", &fnl), Some(2.0), "{text}");
+    assert_eq!(get("nex_function_trigger_total", &[]), Some(3.0), "the unlabelled total, as Nex adds it: {text}");
+    assert!(get("nex_function_runtime_nanosec_total", &fnl).unwrap_or(0.0) > 0.0, "{text}");
+    assert_eq!(get("nex_function_duration_seconds_count", &fnl), Some(3.0), "{text}");
+    let v8 = ["workload_type=\"v8\"", "namespace=\"default\""];
+    assert_eq!(get("nex_workload_count", &v8), Some(1.0), "{text}");
+    assert_eq!(get("nex_workload_count", &["workload_type=\"native\"", "namespace=\"default\""]), Some(0.0));
+    assert_eq!(get("nex_workload_count", &[]), Some(1.0), "{text}");
+    assert_eq!(get("nex_deployed_bytes_count", &["namespace=\"default\""]), Some(src.len() as f64), "{text}");
+    assert_eq!(get("nex_deploy_duration_seconds_count", &["accepted=\"true\""]), Some(2.0), "{text}");
+    assert!(get("nex_vm_count", &[]).unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(text.contains("service_name=\"nex-node\""), "resource attributes: {text}");
+    // `nex node info` says where the metrics are.
+    let info = user.info(&node.id).await;
+    assert_eq!(info.tags.get("nex.metrics"), Some(&format!("http://127.0.0.1:{port}/metrics")));
+
+    // The endpoint serves metrics and nothing else.
+    assert_eq!(http(port, "POST", "/metrics").0, 405);
+    assert_eq!(http(port, "GET", "/../../etc/passwd").0, 404);
+    assert_eq!(http(port, "GET", "/").0, 404);
+    // A second node on a taken port fails at start-up, saying which, and leaves nothing running.
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg2 = dir2.path().join("config.json");
+    std::fs::write(&cfg2, node_config(dir2.path(), json!({"otel_metrics_host": "127.0.0.1"})).to_string()).unwrap();
+    let out = Command::new(nex_bin())
+        .args([
+            "node",
+            "up",
+            "--metrics",
+            "--otel_metrics_exporter",
+            "prometheus",
+            "--metrics_port",
+            &port_s,
+            "--config",
+        ])
+        .arg(&cfg2)
+        .args(["-s", &nats.url()])
+        .env("NEX_NATS_SERVER", nats_server_bin())
+        .env("HOME", dir2.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(processes_with_cwd_under(dir2.path()).is_empty());
 }

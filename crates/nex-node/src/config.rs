@@ -271,6 +271,8 @@ pub struct NodeConfig {
     pub otlp_exporter_url: String,
     pub otel_metrics: bool,
     pub otel_metrics_port: u16,
+    /// Address the Prometheus endpoint listens on (all interfaces by default, as in Nex).
+    pub otel_metrics_host: String,
     pub otel_metrics_exporter: String,
     pub otel_traces: bool,
     pub otel_traces_exporter: String,
@@ -326,6 +328,7 @@ impl Default for NodeConfig {
             otlp_exporter_url: "127.0.0.1:14532".into(),
             otel_metrics: false,
             otel_metrics_port: 8085,
+            otel_metrics_host: "0.0.0.0".into(),
             otel_metrics_exporter: "file".into(),
             otel_traces: false,
             otel_traces_exporter: "file".into(),
@@ -398,6 +401,7 @@ impl NodeConfig {
         self.validate_trust()?;
         self.validate_host_services()?;
         self.validate_tier()?;
+        self.validate_telemetry()?;
         self.validate_autostart()
     }
 
@@ -501,6 +505,23 @@ impl NodeConfig {
     }
 
     /// The isolation tier and what it needs.
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.otel_metrics && !["prometheus", "file"].contains(&self.otel_metrics_exporter.as_str()) {
+            return bad(format!(
+                "otel_metrics_exporter {:?} is not a metrics exporter: use \"prometheus\" or \"file\"",
+                self.otel_metrics_exporter
+            ));
+        }
+        if self.otel_traces && !["file", "grpc", "http"].contains(&self.otel_traces_exporter.as_str()) {
+            return bad(format!(
+                "otel_traces_exporter {:?} is not a trace exporter: use \"file\", \"grpc\" or \"http\"",
+                self.otel_traces_exporter
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_tier(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         match self.tier() {

@@ -30,6 +30,7 @@ pub mod node;
 pub mod pool;
 pub mod replay;
 pub mod state;
+pub mod telemetry;
 pub mod tiers;
 pub mod triggers;
 pub mod trust;

@@ -129,10 +129,30 @@ async fn run_inner(
     tokio::spawn(mgr.clone().run_agent_data(data_rx));
     tokio::spawn(mgr.clone().run_agent_control(control_rx));
     pool.start();
+    let census: crate::telemetry::Census = {
+        let (p, m) = (Arc::downgrade(&pool), Arc::downgrade(&mgr));
+        Box::new(move || {
+            let warm = p.upgrade().map(|p| p.available() as u64).unwrap_or(0);
+            let busy = m.upgrade().map(|m| m.count() as u64).unwrap_or(0);
+            (warm + busy, warm)
+        })
+    };
+    let telemetry = crate::telemetry::start(&cfg, &node_id, census).await;
+    if let Ok(Some(t)) = &telemetry {
+        // `nex node info` shows where the metrics are.
+        let at = match t.metrics_addr {
+            Some(a) => format!("http://{a}/metrics"),
+            None => "file ./metrics.log".into(),
+        };
+        ident.tags.write().unwrap_or_else(|p| p.into_inner()).insert(nex_api::control::tags::METRICS.into(), at);
+    }
 
     // Whatever ends serving (a signal, a drain, or a failure to start serving), everything the
     // node started is stopped in order: workloads, warm agents, the tier's network, the bus.
-    let served = serve(&mgr, &control, &events, tier.name()).await;
+    let served = match &telemetry {
+        Ok(_) => serve(&mgr, &control, &events, tier.name()).await,
+        Err(e) => Err(anyhow!("{e:#}")),
+    };
     mgr.stop_all().await;
     pool.shutdown().await;
     tier.shutdown().await;
@@ -140,6 +160,7 @@ async fn run_inner(
     events.node_event(event_type::NODE_STOPPED, &json!({"id": node_id, "graceful": served.is_ok()})).await;
     events.flush().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), control.drain()).await;
+    drop(telemetry);
     tracing::info!("node stopped");
     served
 }

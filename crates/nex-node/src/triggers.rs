@@ -129,6 +129,7 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
 /// time, or `function_exec_failed` and an ERROR line, whether the node relayed the call or the
 /// agent answered it itself.
 pub async fn report(events: &EventPublisher, w: &Workload, subject: &str, outcome: Result<u64, String>) {
+    crate::telemetry::function_call(w, outcome.as_ref().map(|ns| *ns).map_err(|_| ()));
     match outcome {
         Ok(ns) => {
             w.runtime_ns.fetch_add(ns, Ordering::Relaxed);

@@ -104,6 +104,22 @@ pub struct Native {
     exited: watch::Receiver<Option<i32>>,
 }
 
+/// Spawns `cmd`, again for a while when the executable is busy: the artifact was just written,
+/// and a process forked meanwhile by another thread (the node, or here) may briefly hold an
+/// inherited descriptor to it open for writing until it execs.
+async fn spawn(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
+    let mut wait = Duration::from_millis(5);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && wait < Duration::from_millis(500) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Native {
     /// Spawns the executable.
     pub async fn deploy(
@@ -132,7 +148,7 @@ impl Native {
             cmd.uid(u.uid).gid(u.uid);
         }
         nex_io::tie_to_parent(&mut cmd, libc::SIGKILL);
-        let mut child = match cmd.spawn() {
+        let mut child = match spawn(&mut cmd).await {
             Ok(c) => c,
             Err(e) => {
                 agent.log("nex-agent", level::ERROR, &format!("Workload {name} failed to deploy: {e}")).await;

@@ -27,6 +27,36 @@ pub struct LogsArgs {
     /// Exit after this many lines
     #[arg(long)]
     pub count: Option<usize>,
+    /// The nodes' own log lines (nodes started with --logger nats) instead of workloads'
+    #[arg(long)]
+    pub system: bool,
+}
+
+/// Follows `$NEX.logs.system.<node>.stdout|stderr`: lines as the node formatted them.
+async fn system_logs(nc: &async_nats::Client, args: LogsArgs) -> Result<()> {
+    let subject = format!("$NEX.logs.system.{}.*", token(&args.node));
+    let mut sub = nc.subscribe(subject).await?;
+    nex_node::nats_ext::round_trip(nc).await?;
+    if !args.json {
+        eprintln!("Following node logs (nodes started with --logger nats; Ctrl-C to stop)");
+    }
+    let mut n = 0;
+    while let Some(m) = sub.next().await {
+        let mut parts = m.subject.as_str().rsplitn(3, '.');
+        let (stream, node) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let text = String::from_utf8_lossy(&m.payload);
+        if args.json {
+            println!("{}", serde_json::json!({"node": node, "stream": stream, "line": text}));
+        } else {
+            let short = node.get(..8).unwrap_or(node);
+            println!("{} {}", paint(short, if stream == "stderr" { "31" } else { "36" }), text);
+        }
+        n += 1;
+        if args.count.is_some_and(|c| n >= c) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// `nex events`
@@ -72,6 +102,9 @@ fn token(s: &str) -> String {
 
 /// Follows log lines.
 pub async fn logs(nc: &async_nats::Client, ns: &str, args: LogsArgs) -> Result<()> {
+    if args.system {
+        return system_logs(nc, args).await;
+    }
     let min = rank(&args.level);
     let mut stream = Box::pin(
         nex_client::monitor::logs(nc, ns, &token(&args.node), &token(&args.workload_name), &token(&args.workload_id))

@@ -27,6 +27,21 @@ pub struct UpArgs {
     /// Nexus name reported by this node
     #[arg(long, default_value = "nexus")]
     pub nexus: String,
+    /// Export metrics (config key otel_metrics)
+    #[arg(long)]
+    pub metrics: bool,
+    /// Port of the Prometheus endpoint, /metrics (otel_metrics_port; default 8085)
+    #[arg(long = "metrics_port", alias = "metrics-port")]
+    pub metrics_port: Option<u16>,
+    /// Metrics exporter: prometheus (HTTP /metrics) or file (./metrics.log)
+    #[arg(long = "otel_metrics_exporter", value_parser = ["prometheus", "file"])]
+    pub otel_metrics_exporter: Option<String>,
+    /// Export traces (config key otel_traces)
+    #[arg(long)]
+    pub traces: bool,
+    /// Trace exporter: file, grpc or http (OTLP at otlp_exporter_url)
+    #[arg(long = "otel_traces_exporter", value_parser = ["file", "grpc", "http"])]
+    pub otel_traces_exporter: Option<String>,
 }
 
 /// `nex node ls`
@@ -78,6 +93,18 @@ pub fn load_config(args: &UpArgs) -> Result<NodeConfig> {
     for t in &args.tags {
         let (k, v) = t.split_once('=').with_context(|| format!("--tags {t:?} must look like KEY=VALUE"))?;
         cfg.tags.insert(k.to_string(), v.to_string());
+    }
+    // Telemetry flags win over the file.
+    cfg.otel_metrics |= args.metrics;
+    cfg.otel_traces |= args.traces;
+    if let Some(p) = args.metrics_port {
+        cfg.otel_metrics_port = p;
+    }
+    if let Some(e) = &args.otel_metrics_exporter {
+        cfg.otel_metrics_exporter = e.clone();
+    }
+    if let Some(e) = &args.otel_traces_exporter {
+        cfg.otel_traces_exporter = e.clone();
     }
     Ok(cfg)
 }

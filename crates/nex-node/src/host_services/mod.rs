@@ -59,6 +59,10 @@ pub async fn handle(
         Ok(body) => (200, "OK".to_string(), body),
         Err(e) => (e.code, e.message, Vec::new()),
     };
+    // Only known names become a metric label: an agent cannot grow the label set.
+    let service = msg.subject.split('.').nth(5).unwrap_or_default();
+    let service = crate::config::HOST_SERVICES.iter().find(|s| **s == service).copied().unwrap_or("unknown");
+    crate::telemetry::host_service_call(w, service, code);
     let mut h = async_nats::HeaderMap::new();
     h.insert(HEADER_HS_CODE, code.to_string().as_str());
     h.insert(HEADER_HS_MSG, nex_io::header_value(&text).as_str());

@@ -79,6 +79,7 @@ impl WorkloadManager {
                     let lost = w.agent.client.take_dropped();
                     let (ok, report) = lock(&w.log_limit).admit(lost);
                     if let Some(n) = report {
+                        crate::telemetry::logs_dropped(&w, n);
                         let text = format!(
                             "nex: dropped {n} log lines of {} (rate limit {LOG_LINES_PER_SEC} lines/s)",
                             w.name

@@ -285,6 +285,13 @@ impl WorkloadManager {
     /// The whole DEPLOY pipeline for a request received on `$NEX.DEPLOY.{ns}.{node}`: a slot is
     /// reserved before anything else, so concurrent deploys never exceed `max_workloads`.
     pub async fn deploy(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<RunResponse, DeployError> {
+        let started = std::time::Instant::now();
+        let res = self.deploy_steps(ns, body).await;
+        crate::telemetry::deploy_answered(started.elapsed(), res.is_ok());
+        res
+    }
+
+    async fn deploy_steps(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<RunResponse, DeployError> {
         let ns = validate::namespace(ns)?;
         let reservation = self.state.reserve(self.cfg.node_limits.max_workloads, false)?;
         let checks = validate::Checks {

@@ -174,6 +174,7 @@ impl Lifecycle {
             },
         }
         s.pending = s.pending.saturating_sub(1);
+        crate::telemetry::workload_started(&w);
         s.workloads.insert(w.id.clone(), w);
         r.held = false;
         let idle = s.pending == 0;
@@ -187,11 +188,10 @@ impl Lifecycle {
     /// Removes a workload and gives back its bytes; false when it was not there.
     pub fn remove(&self, id: &str, bytes: u64) -> bool {
         let mut s = self.lock();
-        let found = s.workloads.remove(id).is_some();
-        if found {
-            s.bytes = s.bytes.saturating_sub(bytes);
-        }
-        found
+        let Some(w) = s.workloads.remove(id) else { return false };
+        s.bytes = s.bytes.saturating_sub(bytes);
+        crate::telemetry::workload_ended(&w);
+        true
     }
 
     /// The next back-off of chain `c` after an instance that ran for `ran`: 1 s doubling to 30 s,
