@@ -98,6 +98,7 @@ async fn node_logs_go_to_nats_and_ignored_keys_are_named() {
     let extra = json!({
         "rate_limiters": {"bandwidth": {"size": 1048576, "one_time_burst": 1048576, "refill_time": 500}},
         "preserve_network": true,
+        "public_nats_server": {"server_name": "Nex Public NATS Server", "port": 4222},
     });
     let cfg = node_config(dir.path(), extra);
     // Preflight lists what the node will not act on.
@@ -105,7 +106,7 @@ async fn node_logs_go_to_nats_and_ignored_keys_are_named() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let (_, out) = output(nex_at(dir.path()).args(["node", "preflight", "--check", "--config"]).arg(&cfg_path));
     assert!(out.contains("Ignored key") && out.contains("rate_limiters"), "preflight: {out}");
-    assert!(out.contains("preserve_network"), "preflight: {out}");
+    assert!(out.contains("preserve_network") && out.contains("public_nats_server"), "preflight: {out}");
 
     let node = Node::start_in(&nats, dir, cfg, &["--logger", "std,nats"]).await;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());

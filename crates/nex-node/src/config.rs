@@ -621,6 +621,11 @@ impl NodeConfig {
         ignored(self.preserve_network, "preserve_network", "there are no CNI address leases to preserve");
         ignored(self.rate_limiters.is_some(), "rate_limiters", "network rate-limit buckets are not enforced yet");
         ignored(
+            self.public_nats_server.is_some(),
+            "public_nats_server",
+            "the node does not start an embedded NATS server: run nats-server yourself (or `nex up`)",
+        );
+        ignored(
             self.otel_traces || self.otel_traces_exporter != d.otel_traces_exporter,
             "otel_traces",
             "trace export is not built yet",
