@@ -23,6 +23,7 @@ use tokio::sync::Mutex;
 
 use nex_api::agent::{level, AgentDeployRequest, DeployResponse, HandshakeRequest, LogEntry, WorkloadStatusEvent};
 use nex_api::subjects::internal;
+use nex_api::trace::CallSpan;
 
 use providers::{DeployError, Provider};
 
@@ -317,11 +318,19 @@ async fn trigger(nc: async_nats::Client, p: Option<Arc<Provider>>, m: async_nats
         .and_then(|h| h.get(nex_api::agent::HEADER_TRIGGER_SUBJECT))
         .map(|v| v.to_string())
         .unwrap_or_default();
+    // A traced call (the node sent its context): time it and name its span in the reply.
+    let parent = m.headers.as_ref().and_then(|h| h.get(nex_api::trace::TRACEPARENT));
+    let mut span =
+        parent.and_then(|v| nex_api::trace::TraceParent::parse(v.as_str())).map(|p| CallSpan::begin(Some(p)));
     let result = match p {
-        Some(p) => p.trigger(&subject, m.payload.clone()).await,
+        Some(p) => p.trigger(&subject, m.payload.clone(), span).await,
         None => Err(providers::CallError::NotAFunction("no workload deployed")),
     };
     let mut h = async_nats::HeaderMap::new();
+    if let Some(s) = span.as_mut() {
+        s.end();
+        h.insert(nex_api::trace::HEADER_SPAN, s.to_header().as_str());
+    }
     match result {
         Ok((out, ns)) => {
             h.insert(nex_api::agent::HEADER_RUNTIME_NS, ns.to_string().as_str());

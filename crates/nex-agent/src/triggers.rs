@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use nex_api::agent::{DirectTriggers, FunctionExec, HEADER_ERROR, HEADER_RUNTIME_NS};
 use nex_api::subjects::internal;
+use nex_api::trace::{CallSpan, TraceParent, TRACEPARENT};
 
 use crate::providers::Provider;
 use crate::Agent;
@@ -126,7 +127,7 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
                 .map_err(|e| format!("subscribing to trigger subject {s}: {e}"))?;
             subs.push(sub);
         }
-        round_trip(&conn).await.map_err(|e| format!("registering trigger subscriptions: {e}"))?;
+        nex_io::round_trip(&conn).await.map_err(|e| format!("registering trigger subscriptions: {e}"))?;
         Ok::<_, String>((conn, futures::stream::select_all(subs)))
     });
     let (conn, mut messages) = match setup {
@@ -169,21 +170,27 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
         };
         let subject = m.subject.to_string();
         let mut h = async_nats::HeaderMap::new();
+        // Traced when the requester sent a context, or always when the node records traces.
+        let parent = m.headers.as_ref().and_then(|h| h.get(TRACEPARENT)).and_then(|v| TraceParent::parse(v.as_str()));
+        let mut span = (parent.is_some() || w.dt.traces).then(|| CallSpan::begin(parent));
         // Inside this thread's runtime context, WASI's blocking calls run on it directly instead
         // of starting wasmtime-wasi's own multi-threaded runtime.
         let outcome = {
             let _rt = rt.enter();
-            callable.call(&subject, &m.payload)
+            crate::providers::traced(span.as_ref(), || callable.call(&subject, &m.payload))
         };
+        if let Some(s) = span.as_mut() {
+            s.end();
+        }
         let (reply, exec) = match outcome {
             Ok((out, ns)) => {
                 h.insert(HEADER_RUNTIME_NS, ns.to_string().as_str());
-                (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None })
+                (Bytes::from(out), FunctionExec { trigger_subject: subject, elapsed_nanos: ns, error: None, span })
             }
             Err(e) => {
                 let e = e.to_string();
                 h.insert(HEADER_ERROR, nex_io::header_value(&e).as_str());
-                (Bytes::new(), FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e) })
+                (Bytes::new(), FunctionExec { trigger_subject: subject, elapsed_nanos: 0, error: Some(e), span })
             }
         };
         if let Some(r) = m.reply {
@@ -202,10 +209,6 @@ fn worker(w: Worker, ready: oneshot::Sender<Result<(), String>>) {
 
 async fn connect(dt: &DirectTriggers) -> Result<async_nats::Client, String> {
     nex_io::connect(&dt.connection, "workload-trigger-subscription").await.map_err(|e| format!("{e} (triggers)"))
-}
-
-async fn round_trip(nc: &async_nats::Client) -> Result<(), String> {
-    nex_io::round_trip(nc).await
 }
 
 /// Sends the node the workers' reports, as many per message as have piled up.

@@ -164,6 +164,10 @@ pub struct DirectTriggers {
     pub connection: NatsConnectionConfig,
     /// Queue group of the trigger subscriptions.
     pub queue_group: String,
+    /// The node records traces: time every call and report its span, also for requesters that
+    /// sent no `traceparent`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub traces: bool,
 }
 
 /// What an agent holding its own triggers reports after each call, in batches on
@@ -178,6 +182,9 @@ pub struct FunctionExec {
     /// Why the call failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The call's span, when it was traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<crate::trace::CallSpan>,
 }
 
 /// Limits applied to every function call.

@@ -151,6 +151,9 @@ pub struct PingResponse {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub running_machines: u64,
+    /// `v<version> [<commit>] | Built-on: <date>`, as `nex --version` prints it (our addition).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build: String,
 }
 
 /// AUCTION request filters; every field optional.
@@ -247,6 +250,9 @@ pub struct InfoResponse {
     /// Why the node's tier cannot start agents right now, while that lasts (our addition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_start_error: Option<String>,
+    /// `v<version> [<commit>] | Built-on: <date>` (our addition).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build: String,
 }
 
 /// LAMEDUCK reply data.
@@ -289,6 +295,8 @@ pub mod tags {
     pub const NODE_NAME: &str = "node_name";
     /// Where the node's metrics are (`http://…/metrics` or `file ./metrics.log`), when exported.
     pub const METRICS: &str = "nex.metrics";
+    /// Where the node's traces go (`./traces.log` or the OTLP endpoint), when exported.
+    pub const TRACES: &str = "nex.traces";
 }
 
 #[cfg(test)]

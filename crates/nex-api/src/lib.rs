@@ -18,6 +18,7 @@ pub mod id;
 pub mod jwt;
 pub mod secret;
 pub mod subjects;
+pub mod trace;
 pub mod uptime;
 
 /// Version reported by nodes and agents.

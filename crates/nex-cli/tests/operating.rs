@@ -271,3 +271,134 @@ async fn metrics_count_a_known_sequence_and_the_endpoint_serves_only_metrics() {
     assert!(!out.status.success() && err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
     assert!(processes_with_cwd_under(dir2.path()).is_empty());
 }
+
+/// The spans in a node's `./traces.log` (file exporter: one JSON object per line).
+fn spans(node: &Node) -> Vec<Value> {
+    let text = std::fs::read_to_string(node.dir.path().join("traces.log")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn in_trace<'a>(spans: &'a [Value], trace: &str) -> Vec<&'a Value> {
+    spans.iter().filter(|s| s["trace_id"] == trace).collect()
+}
+
+fn named<'a>(spans: &[&'a Value], name: &str) -> &'a Value {
+    let found: Vec<_> = spans.iter().filter(|s| s["name"] == name).collect();
+    assert_eq!(found.len(), 1, "one {name:?} span expected in {spans:#?}");
+    found[0]
+}
+
+/// A call with a `traceparent` header, answered without error.
+async fn traced_call(nc: &async_nats::Client, subject: &str, traceparent: &str) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("traceparent", traceparent);
+    let req = async_nats::Request::new().headers(h).payload("traced".into()).timeout(Some(Duration::from_secs(5)));
+    let m = nc.send_request(subject.to_string(), req).await.unwrap();
+    assert!(m.headers.as_ref().and_then(|h| h.get("x-nex-error")).is_none(), "{m:?}");
+}
+
+/// A requester's trace context reaches the node, the agent and host services, on the relayed path
+/// and on the path where the agent holds the trigger, and each span is under the one that caused
+/// it. A malformed context starts a new trace instead of failing the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_follow_a_call_through_node_agent_and_host_services() {
+    let nats = NatsServer::start();
+    let start = |agent_triggers: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = node_config(dir.path(), json!({"agent_triggers": agent_triggers, "machine_pool_size": 1}));
+        Node::start_in(&nats, dir, cfg, &["--traces"])
+    };
+    // One after the other: each start waits for the first node_started event it sees.
+    let relaying = start(false).await;
+    let holding = start(true).await;
+    let user = User::new(&nats).await;
+    let src: &[u8] = b"(function (s, p) { hostServices.kv.set('last', p); return 'ok'; })";
+    for (node, subject) in [(&relaying, "traced.relayed"), (&holding, "traced.held")] {
+        let mut f = user.native(&subject.replace('.', "-"), src).await;
+        f.workload_type = "v8".into();
+        f.trigger_subjects = vec![subject.into()];
+        user.deploy(&node.id, &f).await.unwrap();
+    }
+    let (t1, t2) = ("4bf92f3577b34da6a3ce929d0e0e4736", "5cf92f3577b34da6a3ce929d0e0e4737");
+    let parent = "00f067aa0ba902b7";
+    traced_call(&user.nc, "traced.relayed", &format!("00-{t1}-{parent}-01")).await;
+    traced_call(&user.nc, "traced.held", &format!("00-{t2}-{parent}-01")).await;
+    traced_call(&user.nc, "traced.relayed", "00-not-a-trace-context").await;
+
+    // Batches are exported every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let complete = |n: &Node, t: &str, want: usize| in_trace(&spans(n), t).len() >= want;
+    while !(complete(&relaying, t1, 4) && complete(&holding, t2, 3)) {
+        let names = |n: &Node| {
+            spans(n)
+                .iter()
+                .map(|s| format!("{} {} {}", s["trace_id"], s["name"], s["parent_span_id"]))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spans missing:\n{:#?}\n{:#?}\n{}",
+            names(&relaying),
+            names(&holding),
+            relaying.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Relayed: requester → workload-trigger → internal request → (agent) function call → host services call.
+    let all = spans(&relaying);
+    let t = in_trace(&all, t1);
+    let trigger = named(&t, "workload-trigger");
+    let internal = named(&t, "internal request");
+    let call = named(&t, "function call");
+    let hs = named(&t, "host services call");
+    assert_eq!(trigger["parent_span_id"], parent);
+    assert_eq!(trigger["kind"], "server");
+    assert_eq!(trigger["attributes"]["trigger-subject"], "traced.relayed");
+    assert_eq!(trigger["attributes"]["namespace"], "default");
+    assert_eq!(internal["parent_span_id"], trigger["span_id"]);
+    assert_eq!(internal["kind"], "client");
+    assert_eq!(call["parent_span_id"], internal["span_id"]);
+    assert_eq!(hs["parent_span_id"], call["span_id"]);
+    assert_eq!(hs["attributes"]["service"], "kv");
+    let events: Vec<_> = trigger["events"].as_array().unwrap().iter().map(|e| e["name"].clone()).collect();
+    assert!(
+        events.contains(&json!("Completed internal request")) && events.contains(&json!("published success event"))
+    );
+    assert_eq!(trigger["resource"]["service.name"], "nex-node");
+    assert_eq!(trigger["resource"]["node_pub_key"], relaying.id);
+    // The malformed context: a call of its own, in a new trace.
+    let roots = all.iter().filter(|s| s["name"] == "workload-trigger" && s["parent_span_id"].is_null()).count();
+    assert_eq!(roots, 1, "{all:#?}");
+    // The DEPLOY had its server span with Nex's events.
+    let deploy = all.iter().find(|s| s["name"] == "Handle Deploy Request").expect("deploy span");
+    assert_eq!(deploy["attributes"]["workload_name"], "traced-relayed");
+    assert_eq!(deploy["attributes"]["trigger_subjects"], "traced.relayed");
+    let events: Vec<_> = deploy["events"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        [
+            "Started workload download",
+            "Completed workload download",
+            "Created agent deploy request",
+            "Agent deploy request accepted"
+        ]
+    );
+
+    // Agent-held: requester → workload-trigger (recorded from the agent's report) → function call → host services call.
+    let all = spans(&holding);
+    let t = in_trace(&all, t2);
+    let trigger = named(&t, "workload-trigger");
+    let call = named(&t, "function call");
+    let hs = named(&t, "host services call");
+    assert_eq!(trigger["parent_span_id"], parent);
+    assert_eq!(trigger["attributes"]["trigger-subject"], "traced.held");
+    assert_eq!(call["parent_span_id"], trigger["span_id"]);
+    assert_eq!(hs["parent_span_id"], call["span_id"]);
+    assert!(call["start_time_unix_nano"].as_u64() <= call["end_time_unix_nano"].as_u64());
+
+    // `nex node info` names where traces go.
+    let info = user.info(&holding.id).await;
+    assert_eq!(info.tags.get("nex.traces").map(String::as_str), Some("./traces.log"));
+    assert!(info.build.starts_with(&format!("v{}", env!("CARGO_PKG_VERSION"))), "{}", info.build);
+}

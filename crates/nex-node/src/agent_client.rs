@@ -227,9 +227,16 @@ impl AgentClient {
     }
 
     /// Sends a function trigger and returns the agent's reply message.
-    pub async fn trigger(&self, subject: &str, payload: Bytes, within: Duration) -> Result<async_nats::Message> {
+    pub async fn trigger(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        within: Duration,
+        trace: &opentelemetry::Context,
+    ) -> Result<async_nats::Message> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(nex_api::agent::HEADER_TRIGGER_SUBJECT, subject);
+        crate::traces::inject(trace, &mut headers);
         let mut retried = false;
         loop {
             let req =

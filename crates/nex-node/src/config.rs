@@ -626,11 +626,10 @@ impl NodeConfig {
             "the node does not start an embedded NATS server: run nats-server yourself (or `nex up`)",
         );
         ignored(
-            self.otel_traces || self.otel_traces_exporter != d.otel_traces_exporter,
-            "otel_traces",
-            "trace export is not built yet",
+            !self.otel_traces && self.otlp_exporter_url != d.otlp_exporter_url,
+            "otlp_exporter_url",
+            "traces are off (otel_traces / --traces)",
         );
-        ignored(self.otlp_exporter_url != d.otlp_exporter_url, "otlp_exporter_url", "trace export is not built yet");
         ignored(
             !microvm && (self.kernel_filepath != d.kernel_filepath || self.rootfs_filepath != d.rootfs_filepath),
             "kernel_filepath/rootfs_filepath",

@@ -14,6 +14,8 @@ use nex_api::control::{
     WorkloadPingResponse,
 };
 
+use opentelemetry::KeyValue;
+
 use crate::workloads::WorkloadManager;
 
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +89,7 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
     };
     let subject = msg.subject.as_str();
     let mgr = &ctx.mgr;
+    let cx = control_span(op, &msg);
     let envelope = match op {
         Op::Ping => Some(Envelope::ok(response_type::PING, &ping(mgr))),
         Op::Auction => auction(mgr, &msg.payload).map(|p| Envelope::ok(response_type::AUCTION, &p)),
@@ -97,10 +100,23 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
         }
         Op::Deploy => {
             let ns = token(subject, 2);
-            let env = match mgr.deploy(ns, &msg.payload).await {
-                Ok(r) => Envelope::ok(response_type::RUN, &r),
+            let env = match crate::traces::with(cx.clone(), mgr.deploy(ns, &msg.payload)).await {
+                Ok(r) => {
+                    let attrs = vec![
+                        KeyValue::new("workload_name", r.name.clone()),
+                        KeyValue::new("workload_id", r.id.clone()),
+                    ];
+                    let w = mgr.get(&r.id);
+                    let subjects = w.map(|w| w.trigger_request().trigger_subjects.join(",")).unwrap_or_default();
+                    crate::traces::attrs(
+                        &cx,
+                        attrs.into_iter().chain([KeyValue::new("trigger_subjects", subjects)]).collect(),
+                    );
+                    Envelope::ok(response_type::RUN, &r)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "deploy request rejected");
+                    crate::traces::error(&cx, &e.to_string());
                     Envelope::fail(response_type::RUN, e.to_string())
                 }
             };
@@ -108,9 +124,12 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
         }
         Op::Stop => {
             let ns = token(subject, 2);
-            Some(match mgr.stop(ns, &msg.payload).await {
+            Some(match crate::traces::with(cx.clone(), mgr.stop(ns, &msg.payload)).await {
                 Ok(r) => Envelope::ok(response_type::STOP, &r),
-                Err(e) => Envelope::fail(response_type::STOP, e.to_string()),
+                Err(e) => {
+                    crate::traces::error(&cx, &e.to_string());
+                    Envelope::fail(response_type::STOP, e.to_string())
+                }
             })
         }
         Op::LameDuck => Some(lameduck(&ctx, &msg.payload).await),
@@ -118,6 +137,28 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
     if let Some(env) = envelope {
         let _ = ctx.conn.publish(reply, env.to_bytes().into()).await;
     }
+}
+
+/// The server span of a control request (none for PING, as Nex), under the requester's trace
+/// context when it sent one.
+fn control_span(op: Op, msg: &async_nats::Message) -> opentelemetry::Context {
+    let name = match op {
+        Op::Ping => return opentelemetry::Context::new(),
+        Op::Auction => "Handle Auction Request",
+        Op::WorkloadPing => "Handle workload ping",
+        Op::Info => "Handle info request",
+        Op::Deploy => "Handle Deploy Request",
+        Op::Stop => "Handle workload stop request",
+        Op::LameDuck => "Handle enter lameduck",
+    };
+    if !crate::traces::enabled() {
+        return opentelemetry::Context::new();
+    }
+    let parent = crate::traces::extract(msg.headers.as_ref());
+    let ns =
+        token(msg.subject.as_str(), 2).filter(|_| matches!(op, Op::Deploy | Op::Stop | Op::Info | Op::WorkloadPing));
+    let attrs = ns.map(|n| vec![KeyValue::new("namespace", n.to_string())]).unwrap_or_default();
+    crate::traces::span(name, opentelemetry::trace::SpanKind::Server, &parent, attrs)
 }
 
 /// WPING: the node's workloads matching the filters, or silence when none does.
@@ -172,6 +213,7 @@ fn ping(mgr: &WorkloadManager) -> PingResponse {
         target_xkey: id.xkey.public_key(),
         tags: id.tags.read().unwrap_or_else(|e| e.into_inner()).clone(),
         running_machines: mgr.count() as u64,
+        build: nex_api::BUILD.to_string(),
     }
 }
 
@@ -223,6 +265,7 @@ fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
         supported_workload_types: mgr.config().workload_types.clone(),
         available_agents: mgr.pool().available() as u64,
         agent_start_error: mgr.pool().last_error(),
+        build: nex_api::BUILD.to_string(),
     }
 }
 

@@ -11,6 +11,7 @@
 //! * [`trust`] — who may ask for what: token binding and freshness, signed operator commands;
 //!   [`replay`] — accepted token ids, on disk; [`nats_targets`] — which NATS servers workloads
 //!   may reach; [`files`] — the node's own files, safe from other local users.
+//! * [`telemetry`] — metrics; [`traces`] — spans and trace context in NATS headers.
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -32,6 +33,7 @@ pub mod replay;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;
+pub mod traces;
 pub mod triggers;
 pub mod trust;
 pub mod workloads;

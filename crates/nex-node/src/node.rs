@@ -137,8 +137,18 @@ async fn run_inner(
             (warm + busy, warm)
         })
     };
-    let telemetry = crate::telemetry::start(&cfg, &node_id, census).await;
-    if let Ok(Some(t)) = &telemetry {
+    let telemetry = match crate::telemetry::start(&cfg, &node_id, census).await {
+        Ok(m) => crate::traces::start(&cfg, &node_id).await.map(|t| (m, t)),
+        Err(e) => Err(e),
+    };
+    if let Ok((_, Some(t))) = &telemetry {
+        ident
+            .tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nex_api::control::tags::TRACES.into(), t.endpoint.clone());
+    }
+    if let Ok((Some(t), _)) = &telemetry {
         // `nex node info` shows where the metrics are.
         let at = match t.metrics_addr {
             Some(a) => format!("http://{a}/metrics"),

@@ -91,7 +91,14 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
     let subject = msg.subject.to_string();
     let started = Instant::now();
     let timeout = Duration::from_millis(mgr.config().function_timeout_ms + 1000);
-    let outcome = w.agent().client.trigger(&subject, msg.payload.clone(), timeout).await;
+    let (trigger_cx, internal_cx) = trigger_spans(&w, &subject, &msg);
+    let outcome = w.agent().client.trigger(&subject, msg.payload.clone(), timeout, &internal_cx).await;
+    if let Ok(reply) = &outcome {
+        let span = reply.headers.as_ref().and_then(|h| h.get(nex_api::trace::HEADER_SPAN));
+        crate::traces::relayed_call(&internal_cx, span.map(|v| v.as_str()), call_attrs(&w, &subject));
+    }
+    drop(internal_cx);
+    crate::traces::event(&trigger_cx, "Completed internal request");
     let result = match outcome {
         Ok(reply) => match reply.headers.as_ref().and_then(|h| h.get(HEADER_ERROR)) {
             Some(e) => Err(e.to_string()),
@@ -113,8 +120,10 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
                 let _ = conn.publish_with_headers(r, h, reply.payload).await;
             }
             report(mgr.events(), &w, &subject, Ok(ns)).await;
+            crate::traces::event(&trigger_cx, "published success event");
         }
         Err(e) => {
+            crate::traces::error(&trigger_cx, &e);
             if let Some(r) = msg.reply {
                 let mut h = async_nats::HeaderMap::new();
                 h.insert(HEADER_ERROR, nex_io::header_value(&e).as_str());
@@ -123,6 +132,34 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
             report(mgr.events(), &w, &subject, Err(e)).await;
         }
     }
+}
+
+/// Attributes of a function call's spans.
+pub(crate) fn call_attrs(w: &Workload, subject: &str) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    vec![
+        KeyValue::new("name", w.name.clone()),
+        KeyValue::new("namespace", w.namespace.clone()),
+        KeyValue::new("trigger-subject", subject.to_string()),
+        KeyValue::new("workload_id", w.id.clone()),
+    ]
+}
+
+/// `workload-trigger` (under the requester's context when it sent one) and its child
+/// `internal request`, whose context travels to the agent.
+fn trigger_spans(
+    w: &Workload,
+    subject: &str,
+    msg: &async_nats::Message,
+) -> (opentelemetry::Context, opentelemetry::Context) {
+    use opentelemetry::trace::SpanKind;
+    if !crate::traces::enabled() {
+        return (opentelemetry::Context::new(), opentelemetry::Context::new());
+    }
+    let parent = crate::traces::extract(msg.headers.as_ref());
+    let trigger = crate::traces::span("workload-trigger", SpanKind::Server, &parent, call_attrs(w, subject));
+    let internal = crate::traces::span("internal request", SpanKind::Client, &trigger, Vec::new());
+    (trigger, internal)
 }
 
 /// Publishes what one call did: `function_exec_succeeded` and a DEBUG log line with its run

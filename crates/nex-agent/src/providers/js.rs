@@ -97,6 +97,8 @@ const PRELUDE: &str = r#"
 struct Call {
     subject: String,
     payload: Vec<u8>,
+    /// The span host-service calls made during it belong to.
+    span: Option<nex_api::trace::CallSpan>,
     /// After this, nobody waits for the answer any more: the call is dropped unrun.
     deadline: Instant,
     reply: oneshot::Sender<Result<(Vec<u8>, u64), super::CallError>>,
@@ -145,7 +147,8 @@ impl Js {
                         let _ = call.reply.send(Err(super::CallError::Expired));
                         continue;
                     }
-                    let _ = call.reply.send(script.call(&call.subject, call.payload));
+                    let out = super::traced(call.span.as_ref(), || script.call(&call.subject, call.payload));
+                    let _ = call.reply.send(out);
                 }
             })
             .map_err(failed_to("start the JavaScript thread"))?;
@@ -154,11 +157,16 @@ impl Js {
     }
 
     /// Runs one call; the reply is `JSON.stringify(result)` (empty for `undefined`).
-    pub async fn call(&self, subject: &str, payload: &[u8]) -> Result<(Vec<u8>, u64), super::CallError> {
+    pub async fn call(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        span: Option<nex_api::trace::CallSpan>,
+    ) -> Result<(Vec<u8>, u64), super::CallError> {
         let (reply, rx) = oneshot::channel();
         // A requester waits at most about the call's timeout: a call still queued then is moot.
         let deadline = Instant::now() + self.timeout + std::time::Duration::from_secs(1);
-        let call = Call { subject: subject.to_string(), payload: payload.to_vec(), deadline, reply };
+        let call = Call { subject: subject.to_string(), payload: payload.to_vec(), span, deadline, reply };
         let stopped = || super::CallError::Failed("the JavaScript engine stopped".into());
         self.tx.try_send(call).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => super::CallError::Busy(CALL_QUEUE),

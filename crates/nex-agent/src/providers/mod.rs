@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nex_api::agent::{level, AgentDeployRequest};
+use nex_api::trace::CallSpan;
 
 use crate::Agent;
 
@@ -203,8 +204,14 @@ impl Provider {
         }
     }
 
-    /// Runs a function call; returns the reply and the run time in nanoseconds.
-    pub async fn trigger(&self, subject: &str, payload: bytes::Bytes) -> Result<(Vec<u8>, u64), CallError> {
+    /// Runs a function call; returns the reply and the run time in nanoseconds. Host-service
+    /// calls made during it carry `span` as their parent.
+    pub async fn trigger(
+        &self,
+        subject: &str,
+        payload: bytes::Bytes,
+        span: Option<CallSpan>,
+    ) -> Result<(Vec<u8>, u64), CallError> {
         match self {
             Provider::Native(_) => Err(CallError::NotAFunction("native workloads have no triggers")),
             Provider::Wasm(w, logs) => {
@@ -212,7 +219,7 @@ impl Provider {
                 let w = w.clone();
                 let s = subject.to_string();
                 let started = std::time::Instant::now();
-                let out = tokio::task::spawn_blocking(move || w.call(&s, &payload))
+                let out = tokio::task::spawn_blocking(move || traced(span.as_ref(), || w.call(&s, &payload)))
                     .await
                     .map_err(|e| CallError::Failed(format!("wasm call failed: {e}")))?;
                 let ns = started.elapsed().as_nanos() as u64;
@@ -220,9 +227,22 @@ impl Provider {
                 stderr_to_logs(&out.stderr, logs);
                 Ok((out.stdout, ns))
             }
-            Provider::Js(js, _) => js.call(subject, &payload).await,
+            Provider::Js(js, _) => js.call(subject, &payload, span).await,
         }
     }
+}
+
+thread_local! {
+    /// The span of the call running on this thread, for the host-service calls it makes.
+    static CURRENT_SPAN: std::cell::Cell<Option<CallSpan>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a function call, on this thread) with host-service calls parented to `span`.
+pub fn traced<R>(span: Option<&CallSpan>, f: impl FnOnce() -> R) -> R {
+    let before = CURRENT_SPAN.replace(span.copied());
+    let out = f();
+    CURRENT_SPAN.set(before);
+    out
 }
 
 /// Host-service calls from a function: a request to the node on
@@ -236,6 +256,9 @@ fn host_call(agent: Arc<Agent>, req: &AgentDeployRequest) -> js::HostCall {
         let mut h = async_nats::HeaderMap::new();
         for (k, v) in &headers {
             h.insert(k.as_str(), v.as_str());
+        }
+        if let Some(tp) = CURRENT_SPAN.get().map(|s| s.traceparent()) {
+            h.insert(nex_api::trace::TRACEPARENT, tp.as_str());
         }
         let nc = agent.nc.clone();
         let req = async_nats::Request::new().headers(h).payload(body.into()).timeout(Some(Duration::from_secs(5)));

@@ -216,9 +216,18 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
     let b = |s: &str| paint(s, "1");
     println!("{}     {}", b("Node:"), args.id);
     println!("{}     {}", b("Xkey:"), info.public_xkey);
-    println!("{}  {}", b("Version:"), info.version);
+    println!("{}  {}", b("Version:"), if info.build.is_empty() { &info.version } else { &info.build });
     println!("{}   {}", b("Uptime:"), info.uptime);
-    let tags: Vec<String> = info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    use nex_api::control::tags::{METRICS, TRACES};
+    let off = "off";
+    println!("{}  {}", b("Metrics:"), info.tags.get(METRICS).map_or(off, String::as_str));
+    println!("{}   {}", b("Traces:"), info.tags.get(TRACES).map_or(off, String::as_str));
+    let tags: Vec<String> = info
+        .tags
+        .iter()
+        .filter(|(k, _)| ![METRICS, TRACES].contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     println!("{}     {}", b("Tags:"), tags.join(", "));
     println!("{}    {}", b("Types:"), info.supported_workload_types.join(", "));
     if let Some(m) = &info.memory {

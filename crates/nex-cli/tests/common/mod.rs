@@ -192,6 +192,7 @@ impl Node {
             .env("NEX_NATS_SERVER", nats_server_bin())
             .env("NEX_LOG", "info,nex_node=debug")
             .env("HOME", dir.path())
+            .current_dir(dir.path())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -55,18 +55,42 @@ pub async fn handle(
     msg: async_nats::Message,
 ) {
     let Some(reply) = msg.reply.clone() else { return };
-    let (code, text, body) = match answer(cfg, conn, w, &msg).await {
-        Ok(body) => (200, "OK".to_string(), body),
-        Err(e) => (e.code, e.message, Vec::new()),
-    };
-    // Only known names become a metric label: an agent cannot grow the label set.
+    // Only known names become a metric label or span attribute: an agent cannot grow the set.
     let service = msg.subject.split('.').nth(5).unwrap_or_default();
     let service = crate::config::HOST_SERVICES.iter().find(|s| **s == service).copied().unwrap_or("unknown");
+    let cx = call_span(w, service, msg.subject.split('.').nth(6).unwrap_or_default(), &msg);
+    crate::traces::event(&cx, "RPC Request Began");
+    let (code, text, body) = match answer(cfg, conn, w, &msg).await {
+        Ok(body) => (200, "OK".to_string(), body),
+        Err(e) => {
+            crate::traces::error(&cx, &e.message);
+            (e.code, e.message, Vec::new())
+        }
+    };
+    crate::traces::event(&cx, "RPC Request Completed");
+    drop(cx);
     crate::telemetry::host_service_call(w, service, code);
     let mut h = async_nats::HeaderMap::new();
     h.insert(HEADER_HS_CODE, code.to_string().as_str());
     h.insert(HEADER_HS_MSG, nex_io::header_value(&text).as_str());
     let _ = agent_conn.publish_with_headers(reply, h, body.into()).await;
+}
+
+/// `host services call`, under the context the agent sent (the function call's span).
+fn call_span(w: &Workload, service: &'static str, method: &str, msg: &async_nats::Message) -> opentelemetry::Context {
+    use opentelemetry::KeyValue;
+    if !crate::traces::enabled() {
+        return opentelemetry::Context::new();
+    }
+    let parent = crate::traces::extract(msg.headers.as_ref());
+    // The method is the agent's word: bounded, as any attribute from an untrusted source.
+    let method: String = method.chars().take(64).collect();
+    let attrs = vec![
+        KeyValue::new("workload_id", w.id.clone()),
+        KeyValue::new("service", service),
+        KeyValue::new("method", method),
+    ];
+    crate::traces::span("host services call", opentelemetry::trace::SpanKind::Client, &parent, attrs)
 }
 
 async fn answer(cfg: &NodeConfig, conn: &async_nats::Client, w: &Workload, msg: &async_nats::Message) -> Answer {

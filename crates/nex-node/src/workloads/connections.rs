@@ -73,6 +73,7 @@ impl WorkloadManager {
         Some(nex_api::agent::DirectTriggers {
             connection,
             queue_group: crate::triggers::queue_group(&v.namespace, &v.claims.sub, &v.claims.iss),
+            traces: crate::traces::enabled(),
         })
     }
 }

@@ -83,6 +83,7 @@ impl WorkloadManager {
         for (k, url) in environment.iter_mut().filter(|(k, _)| k.eq_ignore_ascii_case("NATS_URL")) {
             *url = self.sandbox_nats_url(&agent.id, url).await.map_err(|e| DeployError::Deploy(format!("{k}: {e}")))?;
         }
+        crate::traces::current_event("Started workload download");
         let object = store.get(key).await.map_err(|e| DeployError::Cache(e.to_string()))?;
         let mut reader = HashingReader::new(object, size);
         let tier = self.pool.tier();
@@ -99,6 +100,7 @@ impl WorkloadManager {
             None
         };
         let (hash, total_bytes) = reader.finish();
+        crate::traces::current_event("Completed workload download");
         if v.expected_hash.as_ref().is_some_and(|expected| *expected != hash) {
             // Neither digest is echoed: the requester may not be able to read the bucket.
             return Err(DeployError::Cache(
@@ -147,11 +149,15 @@ impl WorkloadManager {
         let direct_triggers = self.direct_triggers(&v, &agent.id).await;
         let relayed = workload_type::is_function(&w.workload_type) && direct_triggers.is_none();
         let areq = self.agent_request(&v, p, direct_triggers);
+        crate::traces::current_event("Created agent deploy request");
         let mut accepted = match agent.client.deploy(&areq, Duration::from_secs(30)).await {
             Ok(r) if r.accepted => Ok(()),
             Ok(r) => Err(DeployError::Deploy(format!("workload rejected by agent: {}", r.message.unwrap_or_default()))),
             Err(e) => Err(DeployError::Deploy(format!("{e:#}"))),
         };
+        if accepted.is_ok() {
+            crate::traces::current_event("Agent deploy request accepted");
+        }
         if accepted.is_ok() && relayed {
             accepted = match crate::triggers::subscribe(self.clone(), w.clone()).await {
                 Ok(set) => {

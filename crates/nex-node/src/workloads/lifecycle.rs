@@ -102,6 +102,10 @@ impl WorkloadManager {
                 }
                 AgentMessage::Execs(execs) => {
                     for exec in execs {
+                        if let Some(s) = &exec.span {
+                            let attrs = crate::triggers::call_attrs(&w, &exec.trigger_subject);
+                            crate::traces::agent_held_call(s, exec.error.as_deref(), attrs);
+                        }
                         let outcome = match exec.error {
                             Some(e) => Err(e),
                             None => Ok(exec.elapsed_nanos),
