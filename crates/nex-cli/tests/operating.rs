@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -401,4 +402,46 @@ async fn traces_follow_a_call_through_node_agent_and_host_services() {
     let info = user.info(&holding.id).await;
     assert_eq!(info.tags.get("nex.traces").map(String::as_str), Some("./traces.log"));
     assert!(info.build.starts_with(&format!("v{}", env!("CARGO_PKG_VERSION"))), "{}", info.build);
+}
+
+/// The OTLP exporters send where `otlp_exporter_url` says: protobuf over HTTP to `/v1/traces`, and
+/// HTTP/2 (gRPC) — each from where it can run (the gRPC one needs the node's runtime), with the
+/// node still answering afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_exporters_send_to_the_collector_url() {
+    let nats = NatsServer::start();
+    let user = User::new(&nats).await;
+    for exporter in ["http", "grpc"] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let s = seen.clone();
+        let port = http_server(move |head| {
+            s.lock().unwrap().push(head.to_string());
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n".into()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = node_config(dir.path(), json!({"otlp_exporter_url": format!("127.0.0.1:{port}")}));
+        let node = Node::start_in(&nats, dir, cfg, &["--traces", "--otel_traces_exporter", exporter]).await;
+        let info = user.info(&node.id).await;
+        let at = info.tags.get("nex.traces").cloned().unwrap_or_default();
+        assert!(at.contains(&format!("127.0.0.1:{port}")), "{at}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let arrived = |want: &str| seen.lock().unwrap().iter().any(|h| h.contains(want));
+        let want = if exporter == "http" { "POST /v1/traces" } else { "PRI * HTTP/2.0" };
+        while !arrived(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{exporter}: nothing sent: {:?}\n{}",
+                seen.lock().unwrap(),
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if exporter == "http" {
+            assert!(arrived("application/x-protobuf"), "{:?}", seen.lock().unwrap());
+        }
+        // Still serving, and the export did not panic.
+        user.info(&node.id).await;
+        assert!(!node.log().contains("panicked"), "{}", node.log());
+    }
 }
