@@ -14,6 +14,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 # and strips the agent with objcopy (binutils).
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v objcopy >/dev/null || need_apt+=(binutils)
+# The web console's test (`nex ui`) loads the page in a headless browser.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt-get)"
   if [ "$(id -u)" = 0 ]; then

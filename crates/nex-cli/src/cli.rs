@@ -177,7 +177,9 @@ pub enum Command {
     )]
     Lameduck(crate::commands::lameduck::LameduckArgs),
     /// Start a local NATS (with JetStream) and a node; Ctrl-C stops both
-    #[command(after_help = "Example:\n  nex up            # then, in another terminal: nex node ls")]
+    #[command(
+        after_help = "Examples:\n  nex up            # then, in another terminal: nex node ls\n  nex up --ui       # and the web console on http://127.0.0.1:8787"
+    )]
     Up(crate::commands::up::UpArgs),
     /// Send a request (e.g. to a service or a function trigger) and print the reply
     #[command(after_help = "Examples:\n  nex call svc.echo hello\n  nex call hello.js 'hello world'")]
@@ -200,6 +202,11 @@ pub enum Command {
         after_help = "Example:\n  nex stop NBCD… cq2v3n6d0b3e1ftrs4ng --name echoservice --issuer ~/.nex/issuer.nk"
     )]
     Stop(crate::commands::run::StopArgs),
+    /// A live, read-only web console: nodes, workloads, function metrics, events and logs
+    #[command(
+        after_help = "Examples:\n  nex ui                                   # then open http://127.0.0.1:8787\n  nex ui --port 9000 -s nats://10.0.0.5:4222\n  nex ui --host 0.0.0.0                    # reachable from other hosts: no authentication!\n  nex up --ui                              # local NATS + node + console"
+    )]
+    Ui(crate::commands::ui::UiArgs),
 }
 
 /// `nex node …`

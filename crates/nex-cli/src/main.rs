@@ -87,6 +87,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Events(a) => commands::monitor::events(&nc, client.namespace(), a).await,
         Command::Lameduck(a) => commands::lameduck::lameduck(&client, a).await,
         Command::Call(a) => commands::call::call(&nc, g.timeout, a).await,
+        Command::Ui(a) => commands::ui::ui(&nc, &client, g.timeout, a).await,
         Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_))
         | Command::Up(_)
         | Command::Bench(_)

@@ -10,6 +10,7 @@ pub mod node;
 pub mod preflight;
 pub mod rootfs;
 pub mod run;
+pub mod ui;
 pub mod up;
 
 use anyhow::{Context, Result};

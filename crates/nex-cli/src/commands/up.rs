@@ -23,6 +23,12 @@ pub struct UpArgs {
     /// Extra tags, KEY=VALUE (repeatable)
     #[arg(long = "tags", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
+    /// Also start the web console (`nex ui`) on 127.0.0.1
+    #[arg(long)]
+    pub ui: bool,
+    /// Port of the web console
+    #[arg(long = "ui-port", default_value_t = 8787, requires = "ui")]
+    pub ui_port: u16,
 }
 
 /// A nats-server binary: `$NEX_NATS_SERVER`, next to nex, PATH, then pip's scripts directory.
@@ -40,6 +46,11 @@ fn find_nats_server() -> Option<PathBuf> {
 
 /// Runs NATS + node until Ctrl-C.
 pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
+    // Taken first, so that a busy port fails before anything starts.
+    let ui_listener = match args.ui {
+        true => Some(crate::commands::ui::bind("127.0.0.1", args.ui_port).await?),
+        false => None,
+    };
     let dir = tempfile::Builder::new().prefix("nex-up-").tempdir().context("creating a temp directory")?;
     let mut g = g.clone();
     let mut nats_child = None;
@@ -105,6 +116,23 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
         node_key: key,
         nexus: "nexus".into(),
     }));
+    let (ui_stop, ui_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut ui_task = None;
+    if let Some(listener) = ui_listener {
+        let nc = crate::connect::connect(&g, "nex-ui", false).await?;
+        let addr = listener.local_addr()?;
+        let ns = g.namespace.clone();
+        let timeout = g.timeout;
+        ui_task = Some(tokio::spawn(async move {
+            let stopped = async {
+                let _ = ui_stopped.await;
+            };
+            if let Err(e) = crate::commands::ui::serve(listener, nc, &ns, timeout, false, stopped).await {
+                eprintln!("warning: the console stopped: {e:#}");
+            }
+        }));
+        println!("Console on http://{addr} (stops with nex up)");
+    }
     tokio::select! {
         _ = started.next() => {
             println!();
@@ -123,6 +151,10 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
         _ = tokio::time::sleep(Duration::from_secs(30)) => {}
     }
     let res = node.await.context("node task")?;
+    let _ = ui_stop.send(());
+    if let Some(t) = ui_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     if let Some(mut c) = nats_child {
         if let Some(pid) = c.id() {
             // SAFETY: signalling our own child.
