@@ -99,7 +99,6 @@ async fn node_logs_go_to_nats_and_ignored_keys_are_named() {
     let extra = json!({
         "rate_limiters": {"bandwidth": {"size": 1048576, "one_time_burst": 1048576, "refill_time": 500}},
         "preserve_network": true,
-        "public_nats_server": {"server_name": "Nex Public NATS Server", "port": 4222},
     });
     let cfg = node_config(dir.path(), extra);
     // Preflight lists what the node will not act on.
@@ -107,7 +106,7 @@ async fn node_logs_go_to_nats_and_ignored_keys_are_named() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let (_, out) = output(nex_at(dir.path()).args(["node", "preflight", "--check", "--config"]).arg(&cfg_path));
     assert!(out.contains("Ignored key") && out.contains("rate_limiters"), "preflight: {out}");
-    assert!(out.contains("preserve_network") && out.contains("public_nats_server"), "preflight: {out}");
+    assert!(out.contains("preserve_network"), "preflight: {out}");
 
     let node = Node::start_in(&nats, dir, cfg, &["--logger", "std,nats"]).await;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -444,4 +443,62 @@ async fn otlp_exporters_send_to_the_collector_url() {
         user.info(&node.id).await;
         assert!(!node.log().contains("panicked"), "{}", node.log());
     }
+}
+
+/// `public_nats_server`: the node starts its own nats-server (JetStream on, loopback unless told
+/// otherwise), connects to it, and stops it on exit; an option it would not apply is refused by
+/// name, and nothing is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_nats_server_is_started_used_and_stopped() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path();
+    let conf = |opts: Value| {
+        let p = h.join("config.json");
+        std::fs::write(&p, node_config(h, json!({"public_nats_server": opts})).to_string()).unwrap();
+        p
+    };
+    // Refused: an option the node does not pass on.
+    let bad = conf(json!({"port": port, "authorization": {"token": "t"}}));
+    let (ok, out) = output(nex_at(h).args(["node", "up", "--config"]).arg(&bad));
+    assert!(!ok && out.contains("option \"authorization\" is not supported"), "{out}");
+    assert!(processes_matching("public-nats.conf").is_empty());
+
+    let good = conf(json!({"server_name": "nex-public", "port": port, "jetstream": true}));
+    let log = std::fs::File::create(h.join("node.log")).unwrap();
+    let mut node = nex_at(h)
+        .args(["node", "up", "--config"])
+        .arg(&good)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let nc = loop {
+        if let Ok(nc) = async_nats::connect(&url).await {
+            break nc;
+        }
+        let log = std::fs::read_to_string(h.join("node.log")).unwrap_or_default();
+        assert!(std::time::Instant::now() < deadline, "no public server:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(nc.server_info().server_name, "nex-public");
+    // The node answers on it, and JetStream is on.
+    let client = nex_client::ControlClient::new(nc.clone(), Duration::from_millis(500), "default");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.ping_nodes().await.unwrap_or_default().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the node did not answer on its own server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    async_nats::jetstream::new(nc.clone()).query_account().await.expect("JetStream on the public server");
+    // Loopback only.
+    assert!(listening_tcp().iter().any(|(ip, p)| *p == port && ip.is_loopback()));
+    assert!(!listening_tcp().iter().any(|(ip, p)| *p == port && !ip.is_loopback()));
+
+    // SAFETY: signalling the node this test started.
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    assert!(node.wait().unwrap().success());
+    assert!(processes_matching("public-nats.conf").is_empty(), "the public server outlived its node");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }

@@ -621,11 +621,6 @@ impl NodeConfig {
         ignored(self.preserve_network, "preserve_network", "there are no CNI address leases to preserve");
         ignored(self.rate_limiters.is_some(), "rate_limiters", "network rate-limit buckets are not enforced yet");
         ignored(
-            self.public_nats_server.is_some(),
-            "public_nats_server",
-            "the node does not start an embedded NATS server: run nats-server yourself (or `nex up`)",
-        );
-        ignored(
             !self.otel_traces && self.otlp_exporter_url != d.otlp_exporter_url,
             "otlp_exporter_url",
             "traces are off (otel_traces / --traces)",

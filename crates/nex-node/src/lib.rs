@@ -12,6 +12,7 @@
 //!   [`replay`] — accepted token ids, on disk; [`nats_targets`] — which NATS servers workloads
 //!   may reach; [`files`] — the node's own files, safe from other local users.
 //! * [`telemetry`] — metrics; [`traces`] — spans and trace context in NATS headers.
+//! * [`public_nats`] — the `nats-server` a node starts for its users (`public_nats_server`).
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -29,6 +30,7 @@ pub mod nats_ext;
 pub mod nats_targets;
 pub mod node;
 pub mod pool;
+pub mod public_nats;
 pub mod replay;
 pub mod state;
 pub mod telemetry;

