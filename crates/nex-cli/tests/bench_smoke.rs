@@ -23,7 +23,7 @@ fn bench_runs_and_writes_every_key() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("wasm RTT p50"), "{stdout}");
+    assert!(stdout.contains("wasm RTT p50") && stdout.contains("telemetry off / on"), "{stdout}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_json).unwrap()).unwrap();
     for k in [
         "baseline_rtt_p50_us",
@@ -40,6 +40,9 @@ fn bench_runs_and_writes_every_key() {
         "agent_idle_rss_mib",
         "node_rss_100_functions_mib",
         "artifact_50mib_deploy_ms",
+        "js_rtt_p50_us_telemetry_off",
+        "js_rtt_p50_us_telemetry_on",
+        "telemetry_rtt_cost_ratio",
     ] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} missing or zero in {v}");
     }

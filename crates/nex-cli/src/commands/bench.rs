@@ -244,6 +244,10 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     let jsl = latency(&nc, "bench.js", args.requests).await?;
     let js_rps = throughput(&nc, "bench.js", args.clients, args.throughput_requests).await?;
 
+    // The cost of telemetry: the same function on a node with metrics and traces on.
+    eprintln!("bench: js with --metrics --traces");
+    let otel = telemetry_cost(&exe, &url, &nc, dir.path(), &js_loc, "bench.js", args.requests).await?;
+
     // Idle agent memory: the warm agents.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle: Vec<f64> = {
@@ -319,6 +323,8 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         "artifact_50mib_upload_ms": upload_ms,
         "artifact_50mib_deploy_ms": big_ms,
         "clients": args.clients,
+        "js_rtt_p50_us_telemetry_off": otel.0.p50_us, "js_rtt_p50_us_telemetry_on": otel.1.p50_us,
+        "telemetry_rtt_cost_ratio": if otel.0.p50_us > 0.0 { otel.1.p50_us / otel.0.p50_us } else { 0.0 },
     });
     if let Some((st, rss)) = &container {
         out["container_deploy_p50_ms"] = json!(st.p50_us / 1e3);
@@ -357,6 +363,12 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         "≤ 3×".into(),
     ]);
     t.row(vec!["js throughput".into(), format!("{js_rps:.0} req/s"), ratio(js_rps, base_rps), "≥ 0.5×".into()]);
+    t.row(vec![
+        "js RTT p50, telemetry off / on".into(),
+        format!("{:.0} / {:.0} µs", otel.0.p50_us, otel.1.p50_us),
+        ratio(otel.1.p50_us, otel.0.p50_us),
+        "≤ 1.10×".into(),
+    ]);
     t.row(vec![
         "native deploy p50 / p99".into(),
         format!("{:.1} / {:.1} ms", nat.p50_us / 1e3, nat.p99_us / 1e3),
@@ -505,21 +517,9 @@ async fn tier_deploys(
     let mut config = tier.config.clone();
     config["state_dir"] = json!(dir.join(format!("state-{slug}")));
     std::fs::write(&cfg, serde_json::to_vec(&config)?)?;
-    let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
-    nex_node::nats_ext::round_trip(nc).await?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["node", "up", "--config"])
-        .arg(&cfg)
-        .args(["-s", url, "--loglevel", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let (mut child, node) = start_node(exe, url, nc, &cfg, &[], dir).await?;
     eprintln!("bench: {} deploys", tier.name);
     let result = async {
-        let ev = tokio::time::timeout(Duration::from_secs(60), started.next()).await.context("node did not start")?;
-        let ev: serde_json::Value = serde_json::from_slice(&ev.context("no event")?.payload)?;
-        let node = ev["data"]["id"].as_str().context("node id")?.to_string();
         let client = ControlClient::new(nc.clone(), Duration::from_secs(60), "default");
         let issuer = nkeys::KeyPair::new_account();
         let sender = nkeys::XKey::new();
@@ -566,6 +566,45 @@ async fn tier_deploys(
         Ok::<_, anyhow::Error>((stats(times), rss))
     }
     .await;
+    stop_node(&mut child).await;
+    result
+}
+
+/// Starts `nex node up --config cfg` (plus `args`, in `cwd`) and waits for its node_started event.
+async fn start_node(
+    exe: &Path,
+    url: &str,
+    nc: &async_nats::Client,
+    cfg: &Path,
+    args: &[&str],
+    cwd: &Path,
+) -> Result<(tokio::process::Child, String)> {
+    let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
+    nex_node::nats_ext::round_trip(nc).await?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["node", "up", "--config"])
+        .arg(cfg)
+        .args(["-s", url, "--loglevel", "warn"])
+        .args(args)
+        .current_dir(cwd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let ev = match tokio::time::timeout(Duration::from_secs(60), started.next()).await {
+        Ok(Some(ev)) => ev,
+        _ => {
+            let _ = child.kill().await;
+            bail!("node did not start");
+        }
+    };
+    let ev: serde_json::Value = serde_json::from_slice(&ev.payload)?;
+    let node = ev["data"]["id"].as_str().context("node id")?.to_string();
+    Ok((child, node))
+}
+
+/// SIGTERM, then SIGKILL after 30 s.
+async fn stop_node(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -573,5 +612,49 @@ async fn tier_deploys(
     if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
+}
+
+/// JavaScript echo RTT on a node with Prometheus metrics and traces (file exporter) on, against
+/// `off_subject` on the node without them, measured alternately in the same run.
+async fn telemetry_cost(
+    exe: &Path,
+    url: &str,
+    nc: &async_nats::Client,
+    dir: &Path,
+    js: &(String, String),
+    off_subject: &str,
+    requests: usize,
+) -> Result<(Stats, Stats)> {
+    let cwd = dir.join("telemetry");
+    std::fs::create_dir_all(&cwd)?;
+    let cfg = cwd.join("config.json");
+    std::fs::write(&cfg, serde_json::to_vec(&json!({"no_sandbox": true, "state_dir": cwd.join("state")}))?)?;
+    let port = nex_node::internal_nats::free_port("127.0.0.1")?.to_string();
+    let on_args = ["--metrics", "--metrics_port", &port, "--otel_metrics_exporter", "prometheus", "--traces"];
+    let (mut child, node) = start_node(exe, url, nc, &cfg, &on_args, &cwd).await?;
+    let result = async {
+        let client = ControlClient::new(nc.clone(), Duration::from_secs(60), "default");
+        let xkey = client.node_info(&node).await?.public_xkey;
+        let b = DeployBuilder {
+            name: "benchjsotel".into(),
+            workload_type: "v8".into(),
+            location: js.0.clone(),
+            hash: js.1.clone(),
+            trigger_subjects: vec!["bench.js.otel".into()],
+            ..Default::default()
+        };
+        let req = b.build(&nkeys::KeyPair::new_account(), &nkeys::XKey::new(), &node, &xkey)?;
+        client.deploy(&node, &req).await?;
+        let _ = latency(nc, "bench.js.otel", 100).await?;
+        let _ = latency(nc, off_subject, 100).await?;
+        let half = (requests / 2).max(1);
+        let (off1, on1) = (latency(nc, off_subject, half).await?, latency(nc, "bench.js.otel", half).await?);
+        let (on2, off2) = (latency(nc, "bench.js.otel", half).await?, latency(nc, off_subject, half).await?);
+        let mean =
+            |a: &Stats, b: &Stats| Stats { p50_us: (a.p50_us + b.p50_us) / 2.0, p99_us: (a.p99_us + b.p99_us) / 2.0 };
+        Ok::<_, anyhow::Error>((mean(&off1, &off2), mean(&on1, &on2)))
+    }
+    .await;
+    stop_node(&mut child).await;
     result
 }
