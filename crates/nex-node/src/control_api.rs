@@ -102,16 +102,16 @@ async fn handle(ctx: ControlContext, op: Op, msg: async_nats::Message) {
             let ns = token(subject, 2);
             let env = match crate::traces::with(cx.clone(), mgr.deploy(ns, &msg.payload)).await {
                 Ok(r) => {
-                    let attrs = vec![
-                        KeyValue::new("workload_name", r.name.clone()),
-                        KeyValue::new("workload_id", r.id.clone()),
-                    ];
-                    let w = mgr.get(&r.id);
-                    let subjects = w.map(|w| w.trigger_request().trigger_subjects.join(",")).unwrap_or_default();
-                    crate::traces::attrs(
-                        &cx,
-                        attrs.into_iter().chain([KeyValue::new("trigger_subjects", subjects)]).collect(),
-                    );
+                    if crate::traces::enabled() {
+                        let w = mgr.get(&r.id);
+                        let subjects = w.map(|w| w.trigger_request().trigger_subjects.join(",")).unwrap_or_default();
+                        let attrs = vec![
+                            KeyValue::new("workload_name", r.name.clone()),
+                            KeyValue::new("workload_id", r.id.clone()),
+                            KeyValue::new("trigger_subjects", subjects),
+                        ];
+                        crate::traces::attrs(&cx, attrs);
+                    }
                     Envelope::ok(response_type::RUN, &r)
                 }
                 Err(e) => {

@@ -280,8 +280,8 @@ fn function_call(t: &Traces, parent: &Context, s: &CallSpan, attrs: Vec<KeyValue
 }
 
 /// The span an agent returned on a relayed call (header `x-nex-span`), under `internal`, the
-/// node's span of the request it answered.
-pub fn relayed_call(internal: &Context, header: Option<&str>, attrs: Vec<KeyValue>) {
+/// node's span of the request it answered. `attrs` are built only when the span is recorded.
+pub fn relayed_call(internal: &Context, header: Option<&str>, attrs: impl FnOnce() -> Vec<KeyValue>) {
     let (Some(t), Some(h)) = (TRACES.get(), header) else { return };
     let sc = internal.span().span_context().clone();
     if !sc.is_valid() {
@@ -293,17 +293,18 @@ pub fn relayed_call(internal: &Context, header: Option<&str>, attrs: Vec<KeyValu
         sampled: true,
     };
     if let Some(s) = CallSpan::from_header(parent, h) {
-        function_call(t, internal, &s, attrs);
+        function_call(t, internal, &s, attrs());
     }
 }
 
 /// A call an agent answered itself: the node's `workload-trigger` span, with the call's times,
-/// and under it the agent's `function call`.
-pub fn agent_held_call(s: &CallSpan, error: Option<&str>, attrs: Vec<KeyValue>) {
+/// and under it the agent's `function call`. `attrs` are built only when the spans are recorded.
+pub fn agent_held_call(s: &CallSpan, error: Option<&str>, attrs: impl FnOnce() -> Vec<KeyValue>) {
     let Some(t) = TRACES.get() else { return };
     if !s.is_plausible() {
         return;
     }
+    let attrs = attrs();
     let parent = remote_parent(s);
     if s.parent_span_id == 0 {
         // A trace the agent started: the root span takes its trace id.

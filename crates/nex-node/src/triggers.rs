@@ -95,7 +95,7 @@ async fn handle(mgr: Arc<WorkloadManager>, w: Arc<Workload>, conn: async_nats::C
     let outcome = w.agent().client.trigger(&subject, msg.payload.clone(), timeout, &internal_cx).await;
     if let Ok(reply) = &outcome {
         let span = reply.headers.as_ref().and_then(|h| h.get(nex_api::trace::HEADER_SPAN));
-        crate::traces::relayed_call(&internal_cx, span.map(|v| v.as_str()), call_attrs(&w, &subject));
+        crate::traces::relayed_call(&internal_cx, span.map(|v| v.as_str()), || call_attrs(&w, &subject));
     }
     drop(internal_cx);
     crate::traces::event(&trigger_cx, "Completed internal request");

@@ -103,7 +103,7 @@ impl WorkloadManager {
                 AgentMessage::Execs(execs) => {
                     for exec in execs {
                         if let Some(s) = &exec.span {
-                            let attrs = crate::triggers::call_attrs(&w, &exec.trigger_subject);
+                            let attrs = || crate::triggers::call_attrs(&w, &exec.trigger_subject);
                             crate::traces::agent_held_call(s, exec.error.as_deref(), attrs);
                         }
                         let outcome = match exec.error {
