@@ -38,11 +38,6 @@ impl TraceParent {
     pub fn to_header(&self) -> String {
         format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
     }
-
-    /// A context in the same trace whose parent is span `span_id`.
-    pub fn child(&self, span_id: u64) -> TraceParent {
-        TraceParent { span_id, ..*self }
-    }
 }
 
 /// A fresh non-zero span id.

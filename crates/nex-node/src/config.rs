@@ -507,13 +507,15 @@ impl NodeConfig {
     /// The isolation tier and what it needs.
     fn validate_telemetry(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.otel_metrics && !["prometheus", "file"].contains(&self.otel_metrics_exporter.as_str()) {
+        use crate::{telemetry::exporter as metrics, traces::exporter as traces};
+        if self.otel_metrics && ![metrics::PROMETHEUS, metrics::FILE].contains(&self.otel_metrics_exporter.as_str()) {
             return bad(format!(
                 "otel_metrics_exporter {:?} is not a metrics exporter: use \"prometheus\" or \"file\"",
                 self.otel_metrics_exporter
             ));
         }
-        if self.otel_traces && !["file", "grpc", "http"].contains(&self.otel_traces_exporter.as_str()) {
+        if self.otel_traces && ![traces::FILE, traces::GRPC, traces::HTTP].contains(&self.otel_traces_exporter.as_str())
+        {
             return bad(format!(
                 "otel_traces_exporter {:?} is not a trace exporter: use \"file\", \"grpc\" or \"http\"",
                 self.otel_traces_exporter
