@@ -19,11 +19,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The `--server` default.
+pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
+
 /// Connection and output options shared by every command.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
     /// NATS server URL(s), comma separated
-    #[arg(short = 's', long = "server", env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(short = 's', long = "server", env = "NATS_URL", default_value = DEFAULT_SERVER, global = true)]
     pub server: String,
     /// User credentials file (JWT auth)
     #[arg(long, env = "NATS_CREDS", global = true)]

@@ -153,7 +153,7 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     };
     // With its own server and no --server of the operator's, the node connects to that server.
     let mut g = g.clone();
-    if let Some(p) = public.as_ref().filter(|_| g.server == DEFAULT_SERVER) {
+    if let Some(p) = public.as_ref().filter(|_| g.server == crate::cli::DEFAULT_SERVER) {
         g.server = p.url.clone();
     }
     let served = async {
@@ -176,9 +176,6 @@ pub async fn up(g: &GlobalOpts, args: UpArgs) -> Result<()> {
     }
     served
 }
-
-/// The `--server` default: a node with its own public server connects to that one instead.
-const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
 
 async fn start_public_nats(cfg: &NodeConfig, opts: &serde_json::Value) -> Result<nex_node::public_nats::PublicNats> {
     let bin = nex_node::internal_nats::find_nats_server(&cfg.nats_server_path, &cfg.bin_path)
