@@ -82,11 +82,17 @@ async fn native_workload_logs_events_and_stop() {
         processes_with_cwd_under(&work_dir).iter().all(|(_, cmd)| cmd.contains("nex-agent"))
     })
     .await;
-    let texts: Vec<String> =
-        rec.logs(&subject).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect();
-    assert!(texts.iter().any(|t| t == "Workload stopped"), "{texts:?}");
-    // A last line without a newline is still shipped when the workload ends.
-    assert!(texts.iter().any(|t| t == "no newline"), "{texts:?}");
+    // A last line without a newline is still shipped when the workload ends. It comes from the
+    // agent's pipe reader at end of file, so it may arrive just after the node's own
+    // "Workload stopped" line.
+    let texts = |rec: &Recorder| -> Vec<String> {
+        rec.logs(&subject).iter().map(|(_, v)| v["text"].as_str().unwrap_or("").to_string()).collect()
+    };
+    rec.wait_until(Duration::from_secs(5), "the unterminated last line", |rec| {
+        texts(rec).iter().any(|t| t == "no newline")
+    })
+    .await;
+    assert!(texts(&rec).iter().any(|t| t == "Workload stopped"), "{:?}", texts(&rec));
 }
 
 fn cgroup_dirs_for(run_marker: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -19,8 +19,12 @@ use crate::internal_nats::{CACHE_BUCKET, CACHE_KEY};
 pub enum AgentMessage {
     /// A log line.
     Log(LogEntry),
-    /// An event (`workload_undeployed`, …) with its JSON data.
-    Event(String, serde_json::Value),
+    /// An event (`workload_undeployed`, …) with its JSON data. An exit carries a receiver that
+    /// fires once the data path has handled everything the agent sent before it (its last log
+    /// lines), so the teardown does not drop them.
+    Event(String, serde_json::Value, Option<tokio::sync::oneshot::Receiver<()>>),
+    /// Sent on the data path behind an agent's last messages; answered when reached.
+    Drained(tokio::sync::oneshot::Sender<()>),
     /// A host-service request to answer.
     HostService(async_nats::Message),
     /// Calls an agent holding its own triggers has answered.
@@ -114,7 +118,12 @@ impl AgentClient {
                     }
                 } else if let Some(t) = subject.strip_prefix(&events_prefix) {
                     let data = serde_json::from_slice(&msg.payload).unwrap_or(serde_json::Value::Null);
-                    let _ = tx.control.send((tid.clone(), AgentMessage::Event(t.to_string(), data))).await;
+                    let drained = (t == nex_api::events::event_type::WORKLOAD_UNDEPLOYED).then(|| {
+                        let (done, drained) = tokio::sync::oneshot::channel();
+                        let _ = tx.data.try_send((tid.clone(), AgentMessage::Drained(done)));
+                        drained
+                    });
+                    let _ = tx.control.send((tid.clone(), AgentMessage::Event(t.to_string(), data, drained))).await;
                 }
             }
         });

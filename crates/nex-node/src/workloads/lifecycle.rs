@@ -71,6 +71,10 @@ impl WorkloadManager {
     pub async fn run_agent_data(self: Arc<Self>, mut rx: AgentReceiver) {
         let calls = Arc::new(Semaphore::new(MAX_HOST_SERVICE_CALLS));
         while let Some((id, msg)) = rx.recv().await {
+            if let AgentMessage::Drained(done) = msg {
+                let _ = done.send(());
+                continue;
+            }
             let Some(w) = self.get(&id) else {
                 continue; // warm agents have nothing to say yet
             };
@@ -113,7 +117,8 @@ impl WorkloadManager {
                         crate::triggers::report(&self.events, &w, &exec.trigger_subject, outcome).await;
                     }
                 }
-                AgentMessage::Event(t, data) => self.agent_event(w, t, data).await,
+                AgentMessage::Event(t, data, drained) => self.agent_event(w, t, data, drained).await,
+                AgentMessage::Drained(_) => {}
             }
         }
     }
@@ -122,17 +127,30 @@ impl WorkloadManager {
     pub async fn run_agent_control(self: Arc<Self>, mut rx: AgentReceiver) {
         while let Some((id, msg)) = rx.recv().await {
             let Some(w) = self.get(&id) else { continue };
-            if let AgentMessage::Event(t, data) = msg {
-                self.agent_event(w, t, data).await;
+            if let AgentMessage::Event(t, data, drained) = msg {
+                self.agent_event(w, t, data, drained).await;
             }
         }
     }
 
-    async fn agent_event(self: &Arc<Self>, w: Arc<Workload>, t: String, data: serde_json::Value) {
+    async fn agent_event(
+        self: &Arc<Self>,
+        w: Arc<Workload>,
+        t: String,
+        data: serde_json::Value,
+        drained: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) {
         if t == event_type::WORKLOAD_UNDEPLOYED {
             let st: WorkloadStatusEvent = serde_json::from_value(data).unwrap_or_default();
             let me = self.clone();
-            tokio::spawn(async move { me.on_exit(w, st.code, st.message).await });
+            tokio::spawn(async move {
+                // The workload's last log lines are still on the data path: publish them before
+                // the teardown forgets the workload (bounded, so a flooded path cannot hold an exit).
+                if let Some(d) = drained {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), d).await;
+                }
+                me.on_exit(w, st.code, st.message).await
+            });
         } else if t != event_type::WORKLOAD_DEPLOYED {
             // The node emits workload_deployed itself, once.
             self.events.workload_event(&w.namespace, &w.id, &t, &data).await;
