@@ -40,6 +40,11 @@ pub fn boot() -> Result<()> {
     let md = ask_metadata()?;
     let ip: Ipv4Addr = md.ip.parse().with_context(|| format!("guest address {:?}", md.ip))?;
     set_interface("eth0", Some((ip, md.prefix_len)))?;
+    if !md.gateway.is_empty() {
+        let gw: Ipv4Addr = md.gateway.parse().with_context(|| format!("gateway {:?}", md.gateway))?;
+        add_default_route(gw)?;
+    }
+    write_resolv_conf(&md.nameservers)?;
     write_seed(md.nkey_seed.expose())?;
     std::env::set_var(env::SANDBOX, "true");
     std::env::set_var(env::WORKLOAD_ID, &md.id);
@@ -130,6 +135,50 @@ fn ask_metadata() -> Result<GuestMetadata> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).context("reading metadata from the console")?;
     serde_json::from_str(line.trim()).map_err(|e| anyhow!("metadata from the node is not valid: {e}"))
+}
+
+/// The guest's resolvers, as the node chose them.
+fn write_resolv_conf(nameservers: &[String]) -> Result<()> {
+    std::fs::create_dir_all("/etc")?;
+    let mut s = String::from("# written by nex for this guest\n");
+    for ns in nameservers {
+        s.push_str(&format!("nameserver {ns}\n"));
+    }
+    std::fs::write("/etc/resolv.conf", s).context("writing /etc/resolv.conf")
+}
+
+/// `ip route add default via gw`, through the routing ioctl (the guest has no `ip`).
+fn add_default_route(gw: Ipv4Addr) -> Result<()> {
+    let sin = |a: u32| {
+        let s = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: a.to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it as sockaddr_in.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(s) }
+    };
+    // SAFETY: rtentry is plain data; all-zero is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sin(0);
+    rt.rt_genmask = sin(0);
+    rt.rt_gateway = sin(u32::from(gw));
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: a datagram socket used only for this ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `rt` is a valid rtentry for SIOCADDRT.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut libc::rtentry) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("adding the default route via {gw}: {err}");
+    }
+    Ok(())
 }
 
 fn write_seed(seed: &str) -> Result<()> {

@@ -81,6 +81,12 @@ pub struct GuestMetadata {
     /// `NEX_AGENT_LOG` for the agent.
     #[serde(default)]
     pub log: String,
+    /// Default gateway, when the guest may reach beyond the node (egress mode).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
+    /// Resolvers for the guest's `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
 }
 
 /// `hostint.<id>.handshake` body.

@@ -104,6 +104,37 @@ pub struct DeployRequest {
     pub retried_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_services: Option<NatsConnectionConfig>,
+    /// Host ports forwarded to the workload, `HOST:WORKLOAD` (our addition; nodes that cannot
+    /// forward ignore it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+}
+
+/// One forwarded port: connections to `host` on the node reach `workload` in the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// The node's port.
+    pub host: u16,
+    /// The workload's port.
+    pub workload: u16,
+}
+
+impl PortMapping {
+    /// Parses `HOST:WORKLOAD` or a single port used for both.
+    pub fn parse(s: &str) -> Result<PortMapping, String> {
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{s:?} is not a port mapping: use HOST:WORKLOAD, e.g. 18080:8080")),
+            Ok(n) => Ok(n),
+        };
+        let (h, w) = s.split_once(':').unwrap_or((s, s));
+        Ok(PortMapping { host: port(h)?, workload: port(w)? })
+    }
+}
+
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.workload)
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -228,6 +259,9 @@ pub struct MachineSummary {
     #[serde(default)]
     pub namespace: String,
     pub workload: WorkloadSummary,
+    /// Host ports forwarded to it (`HOST:WORKLOAD`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
 }
 
 /// INFO reply data.
@@ -297,6 +331,8 @@ pub mod tags {
     pub const METRICS: &str = "nex.metrics";
     /// Where the node's traces go (`./traces.log` or the OTLP endpoint), when exported.
     pub const TRACES: &str = "nex.traces";
+    /// How sandboxed workloads reach the network: `egress`, `isolated`, or `host` (process tier).
+    pub const NETWORK: &str = "nex.network";
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ pub struct DeployBuilder {
     /// Namespace the request is for; signed into the JWT (`nex.namespace`) so that the request
     /// cannot be replayed into another namespace.
     pub namespace: Option<String>,
+    /// Host ports forwarded to the workload (`HOST:WORKLOAD`), where the node's tier can.
+    pub ports: Vec<String>,
 }
 
 impl DeployBuilder {
@@ -71,6 +73,7 @@ impl DeployBuilder {
             retry_count: None,
             retried_at: None,
             host_services,
+            ports: self.ports.clone(),
         })
     }
 }

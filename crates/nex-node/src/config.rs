@@ -117,6 +117,73 @@ impl Default for CniConfig {
     }
 }
 
+/// How sandboxed workloads reach the network (our addition).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct WorkloadNetwork {
+    /// `egress` (the default): each workload reaches the outside world through IP masquerade,
+    /// never the host, other workloads, link-local addresses or `deny`; `isolated`: only the
+    /// node's internal NATS and the relays to allowed NATS servers.
+    pub mode: String,
+    /// IPv4 networks workloads may not reach in egress mode, besides the built-in ones.
+    pub deny: Vec<String>,
+    /// IPv4 networks reachable even when a built-in or `deny` entry covers them.
+    pub allow: Vec<String>,
+    /// Resolvers written to workloads' `/etc/resolv.conf`; empty: `cni.nameservers`, else the
+    /// host's non-loopback resolvers.
+    pub nameservers: Vec<String>,
+    /// Host address forwarded ports (`--port`) listen on.
+    pub port_address: String,
+}
+
+/// The network modes of the sandboxed tiers.
+pub mod network_mode {
+    /// Masqueraded access to the outside world, with the host and neighbours fenced off.
+    pub const EGRESS: &str = "egress";
+    /// Only the node's NATS.
+    pub const ISOLATED: &str = "isolated";
+}
+
+impl Default for WorkloadNetwork {
+    fn default() -> Self {
+        WorkloadNetwork {
+            mode: network_mode::EGRESS.into(),
+            deny: vec![],
+            allow: vec![],
+            nameservers: vec![],
+            port_address: "0.0.0.0".into(),
+        }
+    }
+}
+
+/// One token bucket, as Firecracker defines it: `size` tokens (bytes or operations), refilled
+/// completely every `refill_time` milliseconds, plus an initial `one_time_burst`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl TokenBucket {
+    /// Sustained rate, tokens per second.
+    pub fn per_second(&self) -> u64 {
+        (self.size.saturating_mul(1000) / self.refill_time.max(1)).max(1)
+    }
+}
+
+/// Per-workload network limits (`rate_limiters`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RateLimiters {
+    /// Bytes, each direction.
+    pub bandwidth: Option<TokenBucket>,
+    /// Packets sent by the workload.
+    #[serde(alias = "iops")]
+    pub ops: Option<TokenBucket>,
+}
+
 /// Limits on what a node accepts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -236,7 +303,9 @@ pub struct NodeConfig {
     pub workload_types: Vec<String>,
     pub deny_trigger_subjects: Vec<String>,
     pub node_limits: NodeLimits,
-    pub rate_limiters: Option<serde_json::Value>,
+    pub rate_limiters: Option<RateLimiters>,
+    /// Network of the sandboxed tiers.
+    pub workload_network: WorkloadNetwork,
     pub host_services: HostServicesConfig,
     pub autostart: AutostartConfig,
     pub public_nats_server: Option<serde_json::Value>,
@@ -309,6 +378,7 @@ impl Default for NodeConfig {
             deny_trigger_subjects: vec![],
             node_limits: NodeLimits::default(),
             rate_limiters: None,
+            workload_network: WorkloadNetwork::default(),
             host_services: HostServicesConfig::default(),
             autostart: AutostartConfig::default(),
             public_nats_server: None,
@@ -401,6 +471,7 @@ impl NodeConfig {
         self.validate_trust()?;
         self.validate_host_services()?;
         self.validate_tier()?;
+        self.validate_network()?;
         self.validate_telemetry()?;
         self.validate_autostart()
     }
@@ -464,6 +535,51 @@ impl NodeConfig {
         for t in &self.allowed_nats_targets {
             if let Err(e) = crate::nats_targets::Allowed::parse(t) {
                 return bad(format!("allowed_nats_targets: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Network mode, CIDR lists, resolvers and rate limits.
+    fn validate_network(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let n = &self.workload_network;
+        if n.mode != network_mode::EGRESS && n.mode != network_mode::ISOLATED {
+            return bad(format!(
+                "workload_network.mode: {:?} is not a network mode (use \"{}\" or \"{}\")",
+                n.mode,
+                network_mode::EGRESS,
+                network_mode::ISOLATED
+            ));
+        }
+        for (key, list) in [("workload_network.deny", &n.deny), ("workload_network.allow", &n.allow)] {
+            for c in list {
+                if c.parse::<ipnet::Ipv4Net>().is_err() && c.parse::<std::net::Ipv4Addr>().is_err() {
+                    return bad(format!("{key}: {c:?} is not an IPv4 network (e.g. 10.0.0.0/8) or address"));
+                }
+            }
+        }
+        for (key, list) in
+            [("workload_network.nameservers", &n.nameservers), ("cni.nameservers", &self.cni.nameservers)]
+        {
+            for a in list {
+                if a.parse::<std::net::IpAddr>().is_err() {
+                    return bad(format!("{key}: {a:?} is not an IP address"));
+                }
+            }
+        }
+        if n.port_address.parse::<std::net::IpAddr>().is_err() {
+            return bad(format!("workload_network.port_address: {:?} is not an IP address", n.port_address));
+        }
+        if let Some(r) = &self.rate_limiters {
+            for (key, b) in [("bandwidth", &r.bandwidth), ("ops", &r.ops)] {
+                if let Some(b) = b {
+                    if b.size == 0 || b.refill_time == 0 {
+                        return bad(format!(
+                            "rate_limiters.{key}: size and refill_time (ms) must be > 0, e.g. {{\"size\": 1048576, \"refill_time\": 1000}} for 1 MiB/s"
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -621,7 +737,17 @@ impl NodeConfig {
             "sandboxed workloads reach the internal NATS at their bridge's gateway address",
         );
         ignored(self.preserve_network, "preserve_network", "there are no CNI address leases to preserve");
-        ignored(self.rate_limiters.is_some(), "rate_limiters", "network rate-limit buckets are not enforced yet");
+        let sandboxed = self.tier() != isolation::PROCESS;
+        ignored(
+            !sandboxed && self.rate_limiters.is_some(),
+            "rate_limiters",
+            "process-tier workloads share the host's network, which has no per-workload interface to limit",
+        );
+        ignored(
+            !sandboxed && self.workload_network != d.workload_network,
+            "workload_network",
+            "process-tier workloads share the host's network",
+        );
         ignored(
             !self.otel_traces && self.otlp_exporter_url != d.otlp_exporter_url,
             "otlp_exporter_url",

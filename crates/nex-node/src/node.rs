@@ -256,6 +256,7 @@ async fn start_tier(
                 &run.dir,
                 &sandbox,
                 cgroups,
+                crate::tiers::net::NetOptions::from_config(cfg),
             );
             Arc::new(t.await.context("preparing the container tier")?)
         }
@@ -264,8 +265,14 @@ async fn start_tier(
                 anyhow!("the microvm tier needs QEMU: install it with `apt-get install -y qemu-system-x86`, or run agents with \"isolation\": \"container\"")
             })?;
             let (kernel, image) = crate::tiers::microvm::image_paths(cfg);
-            let t =
-                crate::tiers::microvm::MicrovmTier::new(qemu, kernel, image, &cfg.microvm_accel, run.run_id.clone());
+            let t = crate::tiers::microvm::MicrovmTier::new(
+                qemu,
+                kernel,
+                image,
+                &cfg.microvm_accel,
+                run.run_id.clone(),
+                crate::tiers::net::NetOptions::from_config(cfg),
+            );
             Arc::new(t.await.context("preparing the microvm tier")?)
         }
         other => bail!("isolation tier {other:?} is not available in this build"),
@@ -309,6 +316,8 @@ fn node_tags(cfg: &NodeConfig, tier: &dyn IsolationTier) -> BTreeMap<String, Str
     if !tier.sandboxed() {
         all_tags.insert(tags::UNSAFE.into(), "true".into());
     }
+    let network = tier.bridge().map_or("host", |b| b.options().mode());
+    all_tags.insert(tags::NETWORK.into(), network.into());
     all_tags
 }
 

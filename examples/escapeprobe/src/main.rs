@@ -5,7 +5,10 @@
 //! modules, io_uring, signalling its agent, (with a port) a credential-less connection to NATS on
 //! that port of the host `NATS_URL` names, and a TCP connection to each `tcp=` address
 //! (`tcp: HOST:PORT: connected|refused (…)`); `escapeprobe oom` — allocates until stopped;
-//! `escapeprobe forkbomb` — forks until refused. Each mode then sleeps.
+//! `escapeprobe forkbomb` — forks until refused; `escapeprobe send HOST:PORT BYTES` — sends that
+//! many bytes, half-closes, waits for the peer's answer and reports the rate (`sent: N bytes in
+//! MS ms`); `escapeprobe http PORT` — answers HTTP on that port with its own address
+//! (`listening: IP:PORT`). Each mode then sleeps.
 //!
 //! Build it statically: `cargo build --release -p escapeprobe --target x86_64-unknown-linux-musl`
 
@@ -157,11 +160,68 @@ fn forkbomb() {
     }
 }
 
+fn send(addr: &str, bytes: usize) {
+    let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
+        return say(format!("send: {addr}: bad address"));
+    };
+    let started = std::time::Instant::now();
+    let outcome = (|| -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        // The peer answers once it has everything: the time covers delivery, not buffering.
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => say(format!("sent: {bytes} bytes in {} ms", started.elapsed().as_millis())),
+        Err(e) => say(format!("send: {addr}: {e}")),
+    }
+}
+
+fn http(port: u16) {
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => return say(format!("http: {port}: {e}")),
+    };
+    // Our own address: the source a route to the outside (or, isolated, to the node) would use.
+    let url = std::env::var("NATS_URL").unwrap_or_default();
+    let node = url.rsplit("://").next().unwrap_or("").rsplit('@').next().unwrap_or("").to_string();
+    let me = ["198.18.0.1:9", node.as_str()]
+        .iter()
+        .find_map(|to| {
+            let u = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            u.connect(to).ok()?;
+            u.local_addr().ok()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    say(format!("listening: {me}:{port}"));
+    for mut c in listener.incoming().flatten() {
+        let mut buf = [0u8; 1024];
+        let _ = c.read(&mut buf);
+        let body = format!("hello from {me}\n");
+        let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("oom") => oom(),
         Some("forkbomb") => forkbomb(),
+        Some("send") => send(
+            args.get(2).map(String::as_str).unwrap_or(""),
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1 << 20),
+        ),
+        Some("http") => http(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(8080)),
         _ => {
             let tcp: Vec<String> = args.iter().filter_map(|a| a.strip_prefix("tcp=").map(str::to_string)).collect();
             let port = args.get(2).filter(|a| !a.starts_with("tcp="));

@@ -221,6 +221,7 @@ pub async fn devrun(g: &GlobalOpts, client: &ControlClient, args: DevrunArgs) ->
         host_services: None,
         trigger_connection: None,
         namespace: Some(client.namespace().to_string()),
+        ports: args.workload.ports.clone(),
     };
     let req = b.build(&issuer, &sender, &node, &info.public_xkey)?;
     match client.deploy(&node, &req).await {

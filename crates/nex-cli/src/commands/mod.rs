@@ -30,6 +30,14 @@ pub struct WorkloadArgs {
     /// Trigger subject (functions; repeatable)
     #[arg(long = "trigger_subject")]
     pub trigger_subjects: Vec<String>,
+    /// Forward a host port to the workload, HOST:WORKLOAD or PORT (repeatable; e.g. --port 18080:8080)
+    #[arg(long = "port", value_name = "HOST:WORKLOAD", value_parser = parse_port)]
+    pub ports: Vec<String>,
+}
+
+/// Checks a `--port` value (`HOST:WORKLOAD` or one port for both) before it is sent.
+fn parse_port(s: &str) -> Result<String, String> {
+    nex_api::control::PortMapping::parse(s).map(|p| p.to_string())
 }
 
 impl WorkloadArgs {

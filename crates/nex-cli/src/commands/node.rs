@@ -241,14 +241,15 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
     println!("{}     {}", b("Xkey:"), info.public_xkey);
     println!("{}  {}", b("Version:"), if info.build.is_empty() { &info.version } else { &info.build });
     println!("{}   {}", b("Uptime:"), info.uptime);
-    use nex_api::control::tags::{METRICS, TRACES};
+    use nex_api::control::tags::{METRICS, NETWORK, TRACES};
     let off = "off";
+    println!("{}  {}", b("Network:"), info.tags.get(NETWORK).map_or("host", String::as_str));
     println!("{}  {}", b("Metrics:"), info.tags.get(METRICS).map_or(off, String::as_str));
     println!("{}   {}", b("Traces:"), info.tags.get(TRACES).map_or(off, String::as_str));
     let tags: Vec<String> = info
         .tags
         .iter()
-        .filter(|(k, _)| ![METRICS, TRACES].contains(&k.as_str()))
+        .filter(|(k, _)| ![METRICS, TRACES, NETWORK].contains(&k.as_str()))
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("{}     {}", b("Tags:"), tags.join(", "));
@@ -280,11 +281,14 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
             println!("{}        {}", b("Name:"), m.workload.name);
             println!("{} {}", b("Description:"), m.workload.description.clone().unwrap_or_default());
             println!("{}        {}", b("Hash:"), m.workload.hash);
+            if !m.ports.is_empty() {
+                println!("{}       {}", b("Ports:"), m.ports.join(", "));
+            }
             println!();
         }
         return Ok(());
     }
-    let mut t = Table::new("Workloads", &["", "ID", "Name", "Type", "Runtime"]);
+    let mut t = Table::new("Workloads", &["", "ID", "Name", "Type", "Runtime", "Ports"]);
     for m in &info.machines {
         t.row(vec![
             if m.healthy { "🟢".into() } else { "🔴".into() },
@@ -292,6 +296,7 @@ pub async fn info(client: &ControlClient, args: InfoArgs) -> Result<()> {
             m.workload.name.clone(),
             m.workload.workload_type.clone(),
             m.workload.runtime.clone(),
+            m.ports.join(", "),
         ]);
     }
     print!("{}", t.render());

@@ -103,6 +103,7 @@ pub async fn run(g: &GlobalOpts, client: &ControlClient, args: RunArgs) -> Resul
         host_services: hs,
         trigger_connection: None,
         namespace: Some(client.namespace().to_string()),
+        ports: args.workload.ports.clone(),
     };
     let req = b.build(&issuer, &sender, &args.id, &node_info.public_xkey)?;
     match client.deploy(&args.id, &req).await {

@@ -151,6 +151,7 @@ impl ContainerTier {
         run_dir: &Path,
         sandbox_dir: &Path,
         cgroups: Option<CgroupVersion>,
+        net_opts: super::net::NetOptions,
     ) -> Result<ContainerTier> {
         let dir = run_dir.join("container");
         std::fs::create_dir_all(dir.join("bundles"))?;
@@ -165,8 +166,8 @@ impl ContainerTier {
         std::fs::set_permissions(&agent_copy, std::fs::Permissions::from_mode(0o755))?;
         let binds = agent_files(&agent_path).await?;
         let rootfs = sandbox.join("rootfs");
-        build_rootfs(&rootfs, &binds)?;
-        let net = match BridgeNet::create(&run_id, &veth_prefix(&run_id)).await {
+        build_rootfs(&rootfs, &binds, &net_opts.resolv_conf())?;
+        let net = match BridgeNet::create(&run_id, &veth_prefix(&run_id), net_opts).await {
             Ok(n) => Arc::new(n),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&sandbox);
@@ -295,7 +296,10 @@ impl ContainerTier {
         );
         run_cmd("ip", &["-b", "-"], Some(&host_side)).await?;
         self.net.attach_port(&spec.id, &veth).await?;
-        let inside = format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n", self.net.ip(slot));
+        let mut inside = format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n", self.net.ip(slot));
+        if let Some(gw) = self.net.gateway() {
+            inside.push_str(&format!("route add default via {gw} dev eth0\n"));
+        }
         run_cmd("ip", &["-n", netns, "-b", "-"], Some(&inside)).await?;
 
         let bundle = self.dir.join("bundles").join(&spec.id);
@@ -543,10 +547,12 @@ async fn agent_files(agent: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// An empty root with the mount points of [`ContainerTier::config`]; shared read-only.
-fn build_rootfs(root: &Path, binds: &[PathBuf]) -> Result<()> {
-    for d in ["proc", "dev", "tmp", "work"] {
+fn build_rootfs(root: &Path, binds: &[PathBuf], resolv_conf: &str) -> Result<()> {
+    for d in ["proc", "dev", "tmp", "work", "etc"] {
         std::fs::create_dir_all(root.join(d))?;
     }
+    // The root is read-only and shared by the run's containers, which resolve names alike.
+    std::fs::write(root.join("etc/resolv.conf"), resolv_conf)?;
     std::fs::write(root.join("nex-agent"), b"")?;
     for b in binds {
         let rel = b.strip_prefix("/").unwrap_or(b);

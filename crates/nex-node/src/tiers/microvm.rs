@@ -114,6 +114,7 @@ impl MicrovmTier {
         initrd: PathBuf,
         accel: &str,
         run_id: String,
+        net_opts: super::net::NetOptions,
     ) -> Result<MicrovmTier> {
         for (what, p) in [("kernel (kernel_filepath)", &kernel), ("guest image (rootfs_filepath)", &initrd)] {
             if !p.is_file() {
@@ -139,7 +140,7 @@ impl MicrovmTier {
         if accel == Accel::Tcg {
             tracing::warn!("micro-VMs run under software emulation (TCG): fine for development, slow for production; use a host with working KVM");
         }
-        let net = Arc::new(BridgeNet::create(&run_id, &tap_prefix(&run_id)).await?);
+        let net = Arc::new(BridgeNet::create(&run_id, &tap_prefix(&run_id), net_opts).await?);
         Ok(MicrovmTier { qemu, kernel, initrd, accel, run_id, net })
     }
 
@@ -200,6 +201,8 @@ impl MicrovmTier {
             nkey_seed: spec.nkey_seed.clone(),
             stop_grace_ms: spec.stop_grace_ms,
             log: std::env::var("NEX_AGENT_LOG").unwrap_or_default(),
+            gateway: self.net.gateway().map(|g| g.to_string()).unwrap_or_default(),
+            nameservers: self.net.options().nameservers.iter().map(|n| n.to_string()).collect(),
         };
         let mut answer = serde_json::to_vec(&md)?;
         answer.push(b'\n');

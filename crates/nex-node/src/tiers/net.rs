@@ -2,16 +2,23 @@
 //! one address slot per agent, and nftables tables that fence the agents in:
 //!
 //! * `inet nex_<run>`: from the bridge, only the internal NATS port (any agent: the server
-//!   authenticates each) and an agent's own relay ports (matched on its address) reach the host;
-//!   nothing is forwarded.
+//!   authenticates each), an agent's own relay ports (matched on its address) and the replies of
+//!   connections the host opened (forwarded ports) reach the host. In `isolated` mode nothing is
+//!   forwarded; in `egress` mode an agent's packets are forwarded and masqueraded to anything but
+//!   the bridge itself (other agents), the built-in denied networks ([`BUILTIN_DENY`]:
+//!   link-local and metadata addresses among them) and the operator's `deny` list, with `allow`
+//!   taking precedence over both; nothing from outside reaches an agent unless it answers it.
 //! * `bridge nexb_<run>`: a frame entering from an agent's port must carry that agent's address
-//!   (IPv4 and ARP), so no agent can pose as another, and nothing but IPv4 and ARP passes.
+//!   (IPv4 and ARP), so no agent can pose as another, and nothing but IPv4 and ARP passes; an
+//!   `ops` rate limit drops the packets over an agent's bucket here.
 //!
-//! Bridge ports are isolated from each other, agents get no default route, and a relay exists per
-//! agent and target, serves only that agent's address, connects only to the address the node's
-//! target policy checked, and goes with the agent. Without nftables there is no sandboxed tier.
-//! Everything is named after the run id, so a node restarted after SIGKILL removes what the dead
-//! run left ([`remove`]).
+//! Bridge ports are isolated from each other. A relay exists per agent and target, serves only
+//! that agent's address, connects only to the address the node's target policy checked, and goes
+//! with the agent. Bandwidth limits are token-bucket shapers on the agent's port (traffic to the
+//! agent) and on an `ifb` device its incoming traffic is redirected through (traffic from it).
+//! Forwarded ports are listeners of the node that connect to the agent's address. Without
+//! nftables there is no sandboxed tier. Everything is named after the run id, so a node restarted
+//! after SIGKILL removes what the dead run left ([`remove`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,10 +29,135 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use crate::config::{network_mode, NodeConfig, RateLimiters};
 use crate::nats_targets::Target;
+use nex_api::control::PortMapping;
 
 const SUBNET_PREFIX: [u8; 2] = [10, 213];
 const NET_LOCK: &str = "/run/nex-net.lock";
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Networks no workload reaches in egress mode unless `allow` names them: "this network",
+/// loopback, link-local (cloud metadata services live at 169.254.169.254), multicast and
+/// reserved space, and every node's agent bridges.
+pub const BUILTIN_DENY: &[&str] =
+    &["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "10.213.0.0/16"];
+
+/// What the operator decided about the workloads' network.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// Egress through masquerade (else isolated).
+    pub egress: bool,
+    /// Networks workloads may not reach (built-in and the operator's).
+    pub deny: Vec<ipnet::Ipv4Net>,
+    /// Networks reachable despite `deny`.
+    pub allow: Vec<ipnet::Ipv4Net>,
+    /// Resolvers for the workloads' `resolv.conf`.
+    pub nameservers: Vec<IpAddr>,
+    /// `search` domains copied from the host.
+    pub search: Vec<String>,
+    /// Per-agent limits.
+    pub limits: RateLimiters,
+    /// Address forwarded ports listen on.
+    pub port_address: IpAddr,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions::from_config(&NodeConfig::default())
+    }
+}
+
+fn nets(list: &[String]) -> Vec<ipnet::Ipv4Net> {
+    list.iter()
+        .filter_map(|c| c.parse::<ipnet::Ipv4Net>().ok().or_else(|| c.parse::<Ipv4Addr>().ok().map(Into::into)))
+        .collect()
+}
+
+impl NetOptions {
+    /// The options of a (validated) configuration. Resolvers come from
+    /// `workload_network.nameservers`, then `cni.nameservers`, then the host's `/etc/resolv.conf`
+    /// without its loopback entries (a workload cannot reach the host's loopback), with a warning
+    /// for each skipped one.
+    pub fn from_config(cfg: &NodeConfig) -> NetOptions {
+        let n = &cfg.workload_network;
+        let mut deny = nets(&BUILTIN_DENY.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        deny.extend(nets(&n.deny));
+        let configured: Vec<IpAddr> = if !n.nameservers.is_empty() { &n.nameservers } else { &cfg.cni.nameservers }
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let (nameservers, search) =
+            if configured.is_empty() { host_resolvers(&host) } else { (configured, host_resolvers(&host).1) };
+        NetOptions {
+            egress: n.mode != network_mode::ISOLATED,
+            deny,
+            allow: nets(&n.allow),
+            nameservers,
+            search,
+            limits: cfg.rate_limiters.clone().unwrap_or_default(),
+            port_address: n.port_address.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        }
+    }
+
+    /// The workloads' `/etc/resolv.conf`.
+    pub fn resolv_conf(&self) -> String {
+        let mut s = String::from("# written by nex for this workload\n");
+        for ns in &self.nameservers {
+            s.push_str(&format!("nameserver {ns}\n"));
+        }
+        if !self.search.is_empty() {
+            s.push_str(&format!("search {}\n", self.search.join(" ")));
+        }
+        s
+    }
+
+    /// `egress` or `isolated`.
+    pub fn mode(&self) -> &'static str {
+        if self.egress {
+            network_mode::EGRESS
+        } else {
+            network_mode::ISOLATED
+        }
+    }
+}
+
+/// The usable resolvers and search domains of a `resolv.conf`: loopback resolvers (systemd's
+/// 127.0.0.53, a local dnsmasq) are skipped with a warning.
+fn host_resolvers(text: &str) -> (Vec<IpAddr>, Vec<String>) {
+    let (mut ns, mut search) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("nameserver") => match f.next().and_then(|a| a.parse::<IpAddr>().ok()) {
+                Some(a) if a.is_loopback() => tracing::warn!(
+                    resolver = %a,
+                    "the host's resolver {a} is on its loopback, which workloads cannot reach: it is left out of their resolv.conf (set workload_network.nameservers)"
+                ),
+                Some(a) => ns.push(a),
+                None => {}
+            },
+            Some("search") | Some("domain") => search = f.map(str::to_string).collect(),
+            _ => {}
+        }
+    }
+    (ns, search)
+}
+
+/// True when `host` (a name or address from a NATS URL) is on this host: `localhost`, a loopback
+/// address, or an address of one of its interfaces. A sandboxed workload cannot dial those
+/// itself, even in egress mode, so they need a relay (and the relay policy).
+pub fn is_host_local(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        // Binding succeeds only to the host's own addresses (and the unspecified one).
+        Ok(ip) => ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok(),
+        Err(_) => false,
+    }
+}
 
 /// What the network holds for one agent.
 #[derive(Debug, Default)]
@@ -33,8 +165,14 @@ struct AgentNet {
     slot: usize,
     /// The agent's bridge port (veth or tap), once attached.
     port: Option<String>,
+    /// The ifb device its outgoing traffic is shaped on, when a bandwidth limit is set.
+    ifb: Option<String>,
+    /// Handle of its `ops` limit rule in the bridge table.
+    ops_rule: Option<u64>,
     /// Relays by target `host:port`: listening port and the task serving it.
     relays: HashMap<String, (u16, tokio::task::JoinHandle<()>)>,
+    /// Forwarded ports and the tasks serving them.
+    ports: Vec<(PortMapping, tokio::task::JoinHandle<()>)>,
 }
 
 /// The bridge, addresses, firewall and relays of one node run.
@@ -43,6 +181,7 @@ pub struct BridgeNet {
     run_id: String,
     bridge: String,
     subnet: u8,
+    opts: NetOptions,
     slots: Mutex<Vec<bool>>,
     agents: Mutex<HashMap<String, AgentNet>>,
 }
@@ -56,12 +195,23 @@ fn table_name(run: &str) -> String {
 fn bridge_table_name(run: &str) -> String {
     format!("nexb_{run}")
 }
+fn ifb_prefix(run: &str) -> String {
+    format!("ni{run}")
+}
+
+fn set_elements(nets: &[ipnet::Ipv4Net]) -> String {
+    if nets.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+    format!(" elements = {{ {} }};", list.join(", "))
+}
 
 impl BridgeNet {
     /// Creates this run's bridge on a free `10.213.X.0/24` and its firewall; fails when the
     /// firewall cannot be made (a sandbox without it would expose every host service). Every
     /// agent port the tier attaches is named `<port_prefix>…`.
-    pub async fn create(run: &str, port_prefix: &str) -> Result<BridgeNet> {
+    pub async fn create(run: &str, port_prefix: &str, opts: NetOptions) -> Result<BridgeNet> {
         let lock = std::fs::File::create(NET_LOCK).with_context(|| format!("creating {NET_LOCK}"))?;
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
@@ -80,24 +230,52 @@ impl BridgeNet {
             run_id: run.to_string(),
             bridge: bridge.clone(),
             subnet,
+            opts,
             slots: Mutex::new(vec![false; 256]),
             agents: Mutex::new(HashMap::new()),
         };
         // The firewall comes first: the bridge must never be up without it.
+        let forward = if net.opts.egress {
+            format!(
+                " set deny {{ type ipv4_addr; flags interval;{deny} }}
+ set allow {{ type ipv4_addr; flags interval;{allow} }}
+ chain forward {{ type filter hook forward priority -10; policy accept;
+  iifname \"{bridge}\" oifname \"{bridge}\" drop
+  oifname \"{bridge}\" ct state established,related accept
+  oifname \"{bridge}\" drop
+  iifname \"{bridge}\" ip daddr @allow accept
+  iifname \"{bridge}\" ip daddr @deny drop
+  iifname \"{bridge}\" meta nfproto ipv4 accept
+  iifname \"{bridge}\" drop
+ }}
+ chain postrouting {{ type nat hook postrouting priority 100; policy accept;
+  ip saddr {subnet} oifname != \"{bridge}\" masquerade
+ }}
+",
+                deny = set_elements(&net.opts.deny),
+                allow = set_elements(&net.opts.allow),
+                subnet = format_args!("{}/24", net.ip(0)),
+            )
+        } else {
+            format!(
+                " chain forward {{ type filter hook forward priority -10; policy accept;
+  iifname \"{bridge}\" drop
+  oifname \"{bridge}\" drop
+ }}
+"
+            )
+        };
         let rules = format!(
             "table inet {table} {{
  set allowed {{ type inet_service; }}
  set relays {{ type ipv4_addr . inet_service; }}
  chain input {{ type filter hook input priority -10; policy accept;
+  iifname \"{bridge}\" ct state established,related accept
   iifname \"{bridge}\" tcp dport @allowed accept
   iifname \"{bridge}\" ip saddr . tcp dport @relays accept
   iifname \"{bridge}\" drop
  }}
- chain forward {{ type filter hook forward priority -10; policy accept;
-  iifname \"{bridge}\" drop
-  oifname \"{bridge}\" drop
- }}
-}}
+{forward}}}
 table bridge {btable} {{
  set ports {{ type ifname . ipv4_addr; }}
  chain prerouting {{ type filter hook prerouting priority -300; policy accept;
@@ -125,7 +303,20 @@ table bridge {btable} {{
             return Err(e.context("creating the agent bridge"));
         }
         drop(lock);
+        if net.opts.egress {
+            enable_forwarding();
+        }
         Ok(net)
+    }
+
+    /// The operator's network options.
+    pub fn options(&self) -> &NetOptions {
+        &self.opts
+    }
+
+    /// The default gateway agents get: the host's bridge address in egress mode, none otherwise.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.opts.egress.then(|| self.host_ip())
     }
 
     /// The bridge's name.
@@ -165,7 +356,109 @@ table bridge {btable} {{
             self.ip(a.slot)
         };
         let element = format!("{{ \"{port}\" . {ip} }}");
-        run_cmd("nft", &["add", "element", "bridge", &bridge_table_name(&self.run_id), "ports", &element], None).await
+        run_cmd("nft", &["add", "element", "bridge", &bridge_table_name(&self.run_id), "ports", &element], None)
+            .await?;
+        self.limit(id, port).await.context("applying rate_limiters to the workload's interface")
+    }
+
+    /// Applies `rate_limiters` to agent `id`'s port: a token-bucket shaper on the port for what
+    /// the agent receives and on an ifb device for what it sends (redirected from the port's
+    /// ingress), and an nftables packet-rate limit for `ops`. Everything goes with the port, the
+    /// ifb device and the rule ([`Self::release`]).
+    async fn limit(&self, id: &str, port: &str) -> Result<()> {
+        if let Some(b) = self.opts.limits.bandwidth {
+            let rate = format!("{}bps", b.per_second());
+            // The bucket holds `size` bytes; never less than two full frames, which tbf needs.
+            let burst = b.size.max(2 * 1514).to_string();
+            let slot = self.slot_of(id)?;
+            let ifb = format!("{}{slot:02x}", ifb_prefix(&self.run_id));
+            if let Some(a) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+                a.ifb = Some(ifb.clone());
+            }
+            let tbf = |dev: &str| format!("qdisc add dev {dev} root tbf rate {rate} burst {burst} latency 100ms\n");
+            run_cmd("ip", &["-b", "-"], Some(&format!("link add {ifb} type ifb\nlink set {ifb} up\n"))).await?;
+            let script = format!(
+                "{}{}qdisc add dev {port} handle ffff: ingress\nfilter add dev {port} parent ffff: protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb}\n",
+                tbf(port),
+                tbf(&ifb)
+            );
+            run_cmd("tc", &["-b", "-"], Some(&script)).await?;
+        }
+        if let Some(o) = self.opts.limits.ops {
+            let rule = format!(
+                "add rule bridge {} prerouting iifname \"{port}\" limit rate over {}/second burst {} packets drop",
+                bridge_table_name(&self.run_id),
+                o.per_second(),
+                o.size.max(1)
+            );
+            let out = Command::new("nft").args(["--echo", "--handle"]).arg(&rule).output().await?;
+            if !out.status.success() {
+                bail!("nft {rule}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let handle = String::from_utf8_lossy(&out.stdout)
+                .rsplit("# handle ")
+                .next()
+                .and_then(|h| h.trim().parse::<u64>().ok());
+            if let Some(a) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+                a.ops_rule = handle;
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_of(&self, id: &str) -> Result<usize> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents.get(id).map(|a| a.slot).ok_or_else(|| anyhow!("agent {id} has no address"))
+    }
+
+    /// The address of agent `id`.
+    pub fn agent_ip(&self, id: &str) -> Option<Ipv4Addr> {
+        self.slot_of(id).ok().map(|s| self.ip(s))
+    }
+
+    /// Forwards each host port of `ports` to agent `id`: a listener on `port_address` that
+    /// connects to the agent's address. A port already in use, or one below 1024, is refused.
+    pub async fn forward_ports(&self, id: &str, ports: &[PortMapping]) -> Result<(), String> {
+        let ip = self.agent_ip(id).ok_or_else(|| format!("agent {id} has no address"))?;
+        let mut opened = Vec::new();
+        for p in ports {
+            if p.host < 1024 {
+                return Err(format!(
+                    "port {} cannot be forwarded: ports below 1024 are the host's; pick one from 1024 up",
+                    p.host
+                ));
+            }
+            let listener = match tokio::net::TcpListener::bind((self.opts.port_address, p.host)).await {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    for (_, t) in &opened {
+                        let t: &tokio::task::JoinHandle<()> = t;
+                        t.abort();
+                    }
+                    return Err(format!("port {} is already in use on this node: pick another host port", p.host));
+                }
+                Err(e) => return Err(format!("port {}: {e}", p.host)),
+            };
+            let to = SocketAddr::from((ip, p.workload));
+            opened.push((*p, tokio::spawn(serve_forward(listener, to))));
+        }
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        match agents.get_mut(id) {
+            Some(a) => {
+                a.ports.extend(opened);
+                Ok(())
+            }
+            None => {
+                opened.iter().for_each(|(_, t)| t.abort());
+                Err(format!("agent {id} went away"))
+            }
+        }
+    }
+
+    /// The ports forwarded to agent `id`.
+    pub fn forwarded(&self, id: &str) -> Vec<PortMapping> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents.get(id).map(|a| a.ports.iter().map(|(p, _)| *p).collect()).unwrap_or_default()
     }
 
     /// Everything agent `id` had: its relays, firewall entries and address slot.
@@ -174,6 +467,20 @@ table bridge {btable} {{
             return;
         };
         let ip = self.ip(a.slot);
+        for (_, task) in &a.ports {
+            task.abort();
+        }
+        if let Some(ifb) = &a.ifb {
+            let _ = run_cmd("ip", &["link", "delete", ifb], None).await;
+        }
+        if let Some(h) = a.ops_rule {
+            let _ = run_cmd(
+                "nft",
+                &["delete", "rule", "bridge", &bridge_table_name(&self.run_id), "prerouting", "handle", &h.to_string()],
+                None,
+            )
+            .await;
+        }
         for (port, task) in a.relays.values() {
             task.abort();
             let element = format!("{{ {ip} . {port} }}");
@@ -275,11 +582,40 @@ async fn serve_relay(listener: tokio::net::TcpListener, peer: IpAddr, to: Socket
     }
 }
 
-/// Removes the bridge and firewall of run `run` (live or dead).
+/// Connects each connection to a forwarded port to the agent's `to`.
+async fn serve_forward(listener: tokio::net::TcpListener, to: SocketAddr) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                let _ = out.set_nodelay(true);
+                let _ = inbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
+    }
+}
+
+/// Turns on IPv4 forwarding, which egress needs (as every container engine does); says so.
+fn enable_forwarding() {
+    match std::fs::read_to_string(IP_FORWARD) {
+        Ok(v) if v.trim() == "1" => {}
+        _ => match std::fs::write(IP_FORWARD, "1") {
+            Ok(()) => tracing::info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1) for the workloads' egress"),
+            Err(e) => tracing::warn!(
+                "workloads cannot reach beyond the node: IPv4 forwarding is off and could not be enabled ({e}); run `sysctl -w net.ipv4.ip_forward=1`"
+            ),
+        },
+    }
+}
+
+/// Removes the bridge, firewall and shaping devices of run `run` (live or dead).
 pub async fn remove(run: &str) {
     let _ = run_cmd("nft", &["delete", "table", "inet", &table_name(run)], None).await;
     let _ = run_cmd("nft", &["delete", "table", "bridge", &bridge_table_name(run)], None).await;
     let _ = run_cmd("ip", &["link", "delete", &bridge_name(run)], None).await;
+    for ifb in links_with_prefix(&ifb_prefix(run)).await {
+        let _ = run_cmd("ip", &["link", "delete", &ifb], None).await;
+    }
 }
 
 /// Names of the network links whose names start with `prefix`.

@@ -45,10 +45,44 @@ impl WorkloadManager {
         if !tier.sandboxed() {
             return Ok(urls.to_string());
         }
-        let targets = self.targets.check(urls).await?;
+        // In egress mode a workload dials servers beyond the host itself; only the host's own
+        // (loopback, its addresses) need a relay, and the relay policy.
+        let egress = tier.bridge().is_some_and(|b| b.options().egress);
+        let relayed: Vec<String> = crate::tiers::net::nats_url_targets(urls)
+            .into_iter()
+            .filter(|hp| {
+                !egress
+                    || crate::nats_targets::split_host_port(hp)
+                        .is_none_or(|(h, _)| crate::tiers::net::is_host_local(&h))
+            })
+            .collect();
+        if relayed.is_empty() {
+            return Ok(urls.to_string());
+        }
+        let targets = self.targets.check(&relayed.join(",")).await?;
         tier.workload_nats_url(agent_id, urls, &targets)
             .await
             .map_err(|e| format!("cannot reach it from the sandbox: {e:#}"))
+    }
+
+    /// Forwards the request's `ports` to agent `agent_id` in a sandboxed tier (in the process
+    /// tier the workload binds its ports on the host itself).
+    pub(super) async fn forward_ports(&self, v: &Validated, agent_id: &str) -> Result<(), super::DeployError> {
+        let mut maps: Vec<nex_api::control::PortMapping> = Vec::new();
+        for p in &v.request.ports {
+            let m = nex_api::control::PortMapping::parse(p)
+                .map_err(|e| super::DeployError::Invalid(format!("ports: {e}")))?;
+            if maps.iter().any(|o| o.host == m.host) {
+                return Err(super::DeployError::Invalid(format!("ports: host port {} is named twice", m.host)));
+            }
+            maps.push(m);
+        }
+        match self.pool.tier().bridge() {
+            Some(b) if !maps.is_empty() => {
+                b.forward_ports(agent_id, &maps).await.map_err(|e| super::DeployError::Deploy(format!("ports: {e}")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// How a function's agent can hold its own trigger subscriptions, or `None` when the node

@@ -83,6 +83,7 @@ impl WorkloadManager {
         for (k, url) in environment.iter_mut().filter(|(k, _)| k.eq_ignore_ascii_case("NATS_URL")) {
             *url = self.sandbox_nats_url(&agent.id, url).await.map_err(|e| DeployError::Deploy(format!("{k}: {e}")))?;
         }
+        self.forward_ports(v, &agent.id).await?;
         crate::traces::current_event("Started workload download");
         let object = store.get(key).await.map_err(|e| DeployError::Cache(e.to_string()))?;
         let mut reader = HashingReader::new(object, size);

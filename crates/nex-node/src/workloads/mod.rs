@@ -240,6 +240,12 @@ impl WorkloadManager {
 
     /// INFO machines in namespace `ns`.
     pub fn machines(&self, ns: &str) -> Vec<MachineSummary> {
+        let tier = self.pool.tier();
+        // Forwarded by the sandbox, or (process tier) bound by the workload itself.
+        let ports = |w: &Workload| match tier.bridge() {
+            Some(b) => b.forwarded(&w.id).iter().map(|p| p.to_string()).collect(),
+            None => w.trigger_request().ports.clone(),
+        };
         self.all()
             .into_iter()
             .filter(|w| w.namespace.eq_ignore_ascii_case(ns))
@@ -262,6 +268,7 @@ impl WorkloadManager {
                         workload_type: w.workload_type.clone(),
                         hash: w.hash.clone(),
                     },
+                    ports: ports(&w),
                 }
             })
             .collect()
