@@ -393,7 +393,7 @@ async fn container_tier_refuses_to_start_without_a_firewall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn container_node_stopped_with_sigint_leaves_no_network_behind() {
+async fn container_node_stopped_with_sigint_leaves_no_bridge_behind() {
     if !available() {
         return;
     }

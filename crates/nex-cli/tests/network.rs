@@ -245,6 +245,15 @@ impl Tier {
     }
 }
 
+/// Names of the host's network links.
+fn links() -> Vec<String> {
+    sh("ip", &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .collect()
+}
+
 fn image_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/microvm")
 }
@@ -303,6 +312,14 @@ async fn echo_request(nc: &async_nats::Client, body: &str) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("svc.echo did not answer: {last}");
+}
+
+/// Waits until `f` holds or `within` passes (the caller asserts, with details).
+async fn settle(within: Duration, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -397,9 +414,14 @@ async fn egress_suite(tier: Tier, index: u8) {
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg2 = cfg;
     cfg2["state_dir"] = json!(state);
-    cfg2["rate_limiters"] = json!({"bandwidth": {"size": 131072, "refill_time": 125}});
+    // The packet bucket is generous: it must not be what limits the transfer.
+    cfg2["rate_limiters"] = json!({
+        "bandwidth": {"size": 131072, "refill_time": 125},
+        "ops": {"size": 20000, "refill_time": 1000},
+    });
     let node2 = Node::start_in(&nats, dir2, cfg2, &[]).await;
-    eventually(Duration::from_secs(10), "the dead run cleaned up", || tier.leftovers(&run).is_empty()).await;
+    settle(Duration::from_secs(10), || tier.leftovers(&run).is_empty()).await;
+    assert!(tier.leftovers(&run).is_empty(), "the dead run left {:?}", tier.leftovers(&run));
     let run2 = runs(&state).pop().unwrap();
     let (bulk, sent) = probe(&user, &rec, &node2, "limited", &send, &[], "sent: ").await;
     let limited = rate(&sent);
@@ -411,12 +433,36 @@ async fn egress_suite(tier: Tier, index: u8) {
         limited / MIB
     );
     // STOP removes the workload's devices (its ifb among them).
-    let ifbs =
-        |run: &str| sh("ip", &["-o", "link", "show"]).lines().filter(|l| l.contains(&format!("ni{run}"))).count();
-    let before = ifbs(&run2);
-    assert!(before >= 1, "no ifb device for the limited workload");
+    let ifbs = |run: &str| links().iter().filter(|n| n.starts_with(&format!("ni{run}"))).count();
+    let ops_rules = |run: &str| {
+        sh("nft", &["list", "table", "bridge", &format!("nexb_{run}")]).matches("limit rate over 20000/second").count()
+    };
+    // One ifb device and one packet-rate rule per agent (the warm ones included), so STOP's
+    // removal shows as the counts following the agents while the pool refills.
+    let agents = |run: &str| {
+        links()
+            .iter()
+            .filter(|n| {
+                (n.starts_with(&format!("nx{run}")) || n.starts_with(&format!("nv{run}"))) && !n.starts_with("nxb")
+            })
+            .count()
+    };
+    assert!(ifbs(&run2) >= 1 && ops_rules(&run2) >= 1, "no ifb device or packet-rate rule for the agents");
     user.stop(&node2.id, &bulk, "limited").await.expect("stop");
-    eventually(Duration::from_secs(10), "the workload's ifb device gone", || ifbs(&run2) < before).await;
+    wait_log(&rec, &bulk, "Workload stopped").await;
+    node2.wait_warm(&user.nc).await;
+    let counts = || (agents(&run2), ifbs(&run2), ops_rules(&run2));
+    settle(Duration::from_secs(10), || {
+        let (n, i, o) = counts();
+        n >= 1 && i == n && o == n
+    })
+    .await;
+    let (n, i, o) = counts();
+    assert!(
+        n >= 1 && i == n && o == n,
+        "{n} agents, {i} ifb devices, {o} packet-rate rules: {}",
+        sh("ip", &["-o", "link", "show"])
+    );
     drop(node2);
     assert!(tier.leftovers(&run2).is_empty(), "{:?}", tier.leftovers(&run2));
 }

@@ -301,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn the_allow_list_lets_hosts_and_networks_through() {
+    fn the_allow_list_lets_hosts_and_cidrs_through() {
         let a = AllowList::from_config(&json!(["127.0.0.1", "10.0.0.0/8", "*.internal.example", "db.local"])).unwrap();
         assert!(a.ip_allowed("127.0.0.1".parse().unwrap()));
         assert!(a.ip_allowed("::ffff:127.0.0.1".parse().unwrap()));

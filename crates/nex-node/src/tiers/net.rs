@@ -395,10 +395,15 @@ table bridge {btable} {{
             if !out.status.success() {
                 bail!("nft {rule}: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
+            // `… drop # handle 12` (then, on newer nft, a `# new generation …` line).
             let handle = String::from_utf8_lossy(&out.stdout)
-                .rsplit("# handle ")
-                .next()
-                .and_then(|h| h.trim().parse::<u64>().ok());
+                .split("# handle ")
+                .nth(1)
+                .and_then(|h| h.split_whitespace().next())
+                .and_then(|h| h.parse::<u64>().ok());
+            if handle.is_none() {
+                tracing::warn!(port, "nft did not report the handle of the packet-rate rule; it goes with the run");
+            }
             if let Some(a) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
                 a.ops_rule = handle;
             }
@@ -700,6 +705,26 @@ fn split_url(u: &str) -> Option<(String, String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_resolvers_are_left_out() {
+        let (ns, search) =
+            host_resolvers("# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch a.example b\noptions edns0\n");
+        assert_eq!(ns, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(search, vec!["a.example".to_string(), "b".to_string()]);
+        let opts = NetOptions { nameservers: ns, search, ..NetOptions::default() };
+        assert!(opts.resolv_conf().contains("nameserver 10.0.0.2\nsearch a.example b\n"));
+    }
+
+    #[test]
+    fn only_the_hosts_own_addresses_need_a_relay() {
+        for h in ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]", "0.0.0.0"] {
+            assert!(is_host_local(h), "{h}");
+        }
+        for h in ["lab", "nats.example.com", "198.18.0.2", "169.254.169.254"] {
+            assert!(!is_host_local(h), "{h}");
+        }
+    }
 
     #[test]
     fn urls_are_rewritten_to_relays() {
