@@ -29,12 +29,19 @@ pub fn is_init() -> bool {
 
 /// Prepares the guest and the environment the agent reads its metadata from.
 pub fn boot() -> Result<()> {
-    for (src, target, fstype) in
-        [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")]
-    {
-        mount(src, target, fstype).with_context(|| format!("mounting {target}"))?;
+    // Set when this init was started again from an ext4 root (see `switch_root`).
+    if std::env::var_os(SWITCHED).is_none() {
+        for (src, target, fstype) in
+            [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")]
+        {
+            mount(src, target, fstype).with_context(|| format!("mounting {target}"))?;
+        }
+        load_modules()?;
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Some(dev) = cmdline.split_whitespace().find_map(|a| a.strip_prefix("nex.root=")) {
+            switch_root(dev)?;
+        }
     }
-    load_modules()?;
     set_interface("lo", None)?;
     wait_for_interface("eth0", Duration::from_secs(10))?;
     let md = ask_metadata()?;
@@ -59,6 +66,54 @@ pub fn boot() -> Result<()> {
     std::env::set_var("NEX_AGENT_LOG", &md.log);
     std::env::set_var("TMPDIR", "/tmp");
     std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin");
+    Ok(())
+}
+
+/// Marks the init started from the ext4 root.
+const SWITCHED: &str = "NEX_GUEST_ROOT_SWITCHED";
+
+/// Makes the ext4 disk `dev` the root and starts its `/init` (the image's agent) in this
+/// process, as `switch_root` does: the kernel file systems move along, and the initramfs's files
+/// are deleted first, so they do not hold the guest's memory.
+fn switch_root(dev: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(dev).exists() {
+        if Instant::now() > deadline {
+            bail!("no root disk {dev}: does the image's loader hold the virtio_blk module?");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mount(dev, "/newroot", "ext4").with_context(|| format!("mounting {dev}"))?;
+    for m in ["/dev", "/proc", "/sys"] {
+        let target = format!("/newroot{m}");
+        std::fs::create_dir_all(&target)?;
+        move_mount(m, &target).with_context(|| format!("moving {m} to the new root"))?;
+    }
+    for e in std::fs::read_dir("/")?.flatten() {
+        let p = e.path();
+        if p != std::path::Path::new("/newroot") {
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+    std::env::set_current_dir("/newroot")?;
+    move_mount(".", "/").context("moving the new root to /")?;
+    // SAFETY: chroot to the current directory, a NUL-terminated constant.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("chroot to the new root");
+    }
+    std::env::set_current_dir("/")?;
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new("/init").env(SWITCHED, "1").exec();
+    Err(anyhow!("starting /init on the root disk: {e}"))
+}
+
+fn move_mount(from: &str, to: &str) -> Result<()> {
+    let (f, t) = (CString::new(from)?, CString::new(to)?);
+    // SAFETY: NUL-terminated strings that outlive the call; MS_MOVE takes no type or data.
+    let rc = unsafe { libc::mount(f.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     Ok(())
 }
 

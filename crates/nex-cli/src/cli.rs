@@ -192,9 +192,10 @@ pub enum Command {
         after_help = "Examples:\n  nex bench --json bench.json\n  nex bench --clients 8 --requests 500 --functions 10 --artifact-mib 5"
     )]
     Bench(crate::commands::bench::BenchArgs),
-    /// Build the micro-VM guest image: kernel + initramfs with nex-agent as init (no Docker, no root)
+    /// Build the micro-VM guest image: kernel + initramfs or ext4 image with nex-agent as init (no Docker, no root)
     #[command(
-        after_help = "Examples:\n  nex rootfs --out /var/lib/nex/microvm\n  nex rootfs --kernel-deb ./linux-image-6.1.0-56-cloud-amd64_6.1.192-2_amd64.deb --out ./guest\n  nex rootfs --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) --out ./guest"
+        visible_alias = "fs",
+        after_help = "Examples:\n  nex rootfs --out /var/lib/nex/microvm\n  nex rootfs -o rootfs.ext4 --size 150      # an ext4 root file system, vmlinuz beside it\n  nex rootfs --kernel-deb ./linux-image-6.1.0-56-cloud-amd64_6.1.192-2_amd64.deb --out ./guest\n  nex rootfs --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) --out ./guest"
     )]
     Rootfs(crate::commands::rootfs::RootfsArgs),
     /// Print shell completions

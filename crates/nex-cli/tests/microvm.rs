@@ -288,3 +288,79 @@ async fn microvm_guest_that_never_handshakes_is_replaced() {
     let _ = child.wait();
     assert!(leftovers(&run).is_empty(), "{:?}", leftovers(&run));
 }
+
+/// Nex's guide builds an ext4 root file system and points `kernel_path` / `rootfs_path` at it:
+/// `nex rootfs -o rootfs.ext4` writes one without root, and the tier boots it as a read-only
+/// disk with a copy-on-write overlay per guest, leaving the image unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_boots_an_ext4_root_file_system_from_nex_rootfs() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let deb = std::fs::read_dir(image_dir().join("cache"))
+        .expect("the kernel package cached by `make build`")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a kernel .deb in target/microvm/cache");
+    let image = dir.path().join("rootfs.ext4");
+    let out = std::process::Command::new(nex_bin())
+        .args(["fs", "-o"])
+        .arg(&image)
+        .args(["--size", "96", "--kernel-deb"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(nex_node::tiers::microvm::image_kind(&image).unwrap(), nex_node::tiers::microvm::ImageKind::Ext4);
+    let digest = |p: &std::path::Path| {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()))
+    };
+    let before = digest(&image);
+
+    let nats = NatsServer::start();
+    let mut cfg = node_config(
+        dir.path(),
+        json!({
+            "no_sandbox": false,
+            "isolation": "microvm",
+            "microvm_accel": "tcg",
+            "kernel_path": dir.path().join("vmlinuz"),
+            "rootfs_path": image,
+            "machine_pool_size": 1,
+            "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
+        }),
+    );
+    let node_dir = tempfile::tempdir().unwrap();
+    cfg["state_dir"] = json!(node_dir.path().join("state"));
+    let node = Node::start_in(&nats, node_dir, cfg, &[]).await;
+    let run = run_id(&node);
+    let user = User::new(&nats).await;
+    let mut b = user.native("echoservice", &musl_example("echoservice")).await;
+    b.environment = env(&[("NATS_URL", &nats.url())]);
+    let r = user.deploy(&node.id, &b).await.expect("deploy");
+    let guest = guests(&run, Some(&r.id));
+    assert!(guest[0].1.contains(&format!("file={},format=raw,if=none,id=root,snapshot=on", image.display())));
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(Ok(m)) =
+            tokio::time::timeout(Duration::from_millis(500), user.nc.request("svc.echo", "from ext4".into())).await
+        {
+            answer = Some(m.payload);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.as_deref(), Some(&b"from ext4"[..]), "no echo:\n{}", node.log());
+    user.stop(&node.id, &r.id, "echoservice").await.expect("stop");
+    drop(node);
+    assert!(leftovers(&run).is_empty(), "{:?}", leftovers(&run));
+    assert_eq!(digest(&image), before, "the guests wrote to the image");
+    // A compressed image (as Nex's releases ship) is refused with what to do.
+    let gz = dir.path().join("rootfs.ext4.gz");
+    std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0, 0, 0]).unwrap();
+    let e = nex_node::tiers::microvm::image_kind(&gz).unwrap_err().to_string();
+    assert!(e.contains("gunzip"), "{e}");
+}

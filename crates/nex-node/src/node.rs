@@ -271,6 +271,7 @@ async fn start_tier(
                 image,
                 &cfg.microvm_accel,
                 run.run_id.clone(),
+                &run.dir,
                 crate::tiers::net::NetOptions::from_config(cfg),
             );
             Arc::new(t.await.context("preparing the microvm tier")?)

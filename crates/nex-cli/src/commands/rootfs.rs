@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use nex_node::tiers::cpio::Cpio;
 
 /// `nex rootfs`
 #[derive(Debug, Args)]
@@ -16,6 +17,13 @@ pub struct RootfsArgs {
     /// Where to write vmlinuz and rootfs.cpio (and keep the downloaded package in cache/)
     #[arg(long, default_value = "/var/lib/nex/microvm")]
     pub out: PathBuf,
+    /// The image to write instead: FILE.ext4 for an ext4 root file system (as Nex's guide
+    /// builds), else an initramfs; vmlinuz goes beside it
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Size of an ext4 image in MiB
+    #[arg(long, default_value_t = 150)]
+    pub size: u64,
     /// The agent to boot as init (default: nex-agent next to this nex)
     #[arg(long)]
     pub agent: Option<PathBuf>,
@@ -39,8 +47,8 @@ pub struct RootfsArgs {
     pub json: bool,
 }
 
-/// Modules a guest needs for its network card; their dependencies are added.
-const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_net"];
+/// Modules a guest needs for its network card and (ext4 images) its root disk; their dependencies are added.
+const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_net", "virtio_blk"];
 
 /// Builds the image.
 pub fn rootfs(args: RootfsArgs) -> Result<()> {
@@ -77,40 +85,67 @@ pub fn rootfs(args: RootfsArgs) -> Result<()> {
     }
     say(format!("Kernel {version}, modules: {}", order.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")));
 
-    // The initramfs.
-    let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "etc", "run", "work", "lib", "lib/modules", "lib/modules/nex"] {
-        cpio.dir(d, 0o755);
+    // The guest's tree: the agent as /init, its libraries, the modules and their load order.
+    let tree = tempfile::Builder::new().prefix("nex-rootfs-tree-").tempdir()?;
+    let root = tree.path();
+    for d in ["dev", "proc", "sys", "etc", "run", "work", "lib/modules/nex"] {
+        std::fs::create_dir_all(root.join(d))?;
     }
-    cpio.dir("tmp", 0o1777);
-    cpio.device("dev/console", 0o600, 5, 1);
-    cpio.device("dev/null", 0o666, 1, 3);
-    cpio.file("init", 0o755, &stripped(&init)?);
+    let tmp = root.join("tmp");
+    std::fs::create_dir(&tmp)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
+    let put = |rel: &str, mode: u32, bytes: &[u8]| -> Result<()> {
+        let p = root.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    put("init", 0o755, &stripped(&init)?)?;
     for lib in shared_libraries(&init)? {
         let bytes = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
-        let rel = lib.strip_prefix("/").unwrap_or(&lib).to_string_lossy().to_string();
-        cpio.parents(&rel);
-        cpio.file(&rel, 0o755, &bytes);
+        put(&lib.strip_prefix("/").unwrap_or(&lib).to_string_lossy(), 0o755, &bytes)?;
     }
     let mut list = String::new();
     for (name, path) in &order {
         let file = format!("{name}.ko");
-        cpio.file(&format!("lib/modules/nex/{file}"), 0o644, &std::fs::read(path)?);
+        put(&format!("lib/modules/nex/{file}"), 0o644, &std::fs::read(path)?)?;
         list.push_str(&file);
         list.push('\n');
     }
-    cpio.file("lib/modules/nex/order", 0o644, list.as_bytes());
-    let image = cpio.finish();
+    put("lib/modules/nex/order", 0o644, list.as_bytes())?;
 
-    let kernel_out = args.out.join("vmlinuz");
-    let image_out = args.out.join("rootfs.cpio");
+    let (out_dir, image_out) = match &args.output {
+        Some(o) => {
+            (o.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(), o.clone())
+        }
+        None => (args.out.clone(), args.out.join("rootfs.cpio")),
+    };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let kernel_out = out_dir.join("vmlinuz");
     write_atomic(&kernel_out, &std::fs::read(&kernel).with_context(|| format!("reading {}", kernel.display()))?)?;
-    write_atomic(&image_out, &image)?;
+    let ext4 = image_out.extension().is_some_and(|e| e == "ext4");
+    let image_len = if ext4 {
+        write_ext4(root, &image_out, args.size)?
+    } else {
+        // An initramfs needs its console before devtmpfs is mounted.
+        let mut cpio = Cpio::default();
+        cpio.dir("dev", 0o755);
+        cpio.device("dev/console", 0o600, 5, 1);
+        cpio.device("dev/null", 0o666, 1, 3);
+        nex_node::tiers::cpio::pack_dir(&mut cpio, root)?;
+        let image = cpio.finish();
+        write_atomic(&image_out, &image)?;
+        image.len() as u64
+    };
     say(format!(
         "Wrote {} and {} ({:.1} MiB)",
         kernel_out.display(),
         image_out.display(),
-        image.len() as f64 / 1048576.0
+        image_len as f64 / 1048576.0
     ));
     let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     if args.json {
@@ -119,7 +154,7 @@ pub fn rootfs(args: RootfsArgs) -> Result<()> {
             serde_json::json!({
                 "kernel_filepath": abs(&kernel_out), "rootfs_filepath": abs(&image_out),
                 "kernel_version": version, "modules": order.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-                "rootfs_bytes": image.len(),
+                "rootfs_bytes": image_len,
             })
         );
     } else {
@@ -130,6 +165,37 @@ pub fn rootfs(args: RootfsArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes `tree` as an ext4 image of `size` (MiB; a value above 1 GiB of MiB is taken as bytes,
+/// as Nex's `--size` was) with `mkfs.ext4 -d`: no root, no mounting, no Docker.
+fn write_ext4(tree: &Path, out: &Path, size: u64) -> Result<u64> {
+    let bytes = if size > 1 << 20 { size } else { size * 1024 * 1024 };
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mkfs.ext4"));
+    let tmp = out.with_extension("ext4.partial");
+    // A sparse file of the image's size, which mkfs.ext4 fills.
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.set_len(bytes))
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let st = Command::new(&mkfs)
+        .args(["-q", "-F", "-L", "nexroot", "-E", "root_owner=0:0", "-d"])
+        .arg(tree)
+        .arg(&tmp)
+        .status()
+        .context("running mkfs.ext4: install e2fsprogs (apt-get install -y e2fsprogs)")?;
+    if !st.success() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "mkfs.ext4 could not write {} (is --size {size} large enough for the agent and its libraries?)",
+            out.display()
+        );
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(bytes)
 }
 
 /// Downloads the kernel package (resolving a metapackage) into `cache`, reusing a cached one.
@@ -323,123 +389,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// An uncompressed `newc` cpio archive, entries owned by root with mtime 0.
-#[derive(Default)]
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-    dirs: Vec<String>,
-}
-
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
-        self.ino += 1;
-        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
-        let fields =
-            [self.ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
-        self.out.extend_from_slice(b"070701");
-        for f in fields {
-            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.out.len().is_multiple_of(4) {
-            self.out.push(0);
-        }
-    }
-
-    fn dir(&mut self, name: &str, perm: u32) {
-        if !self.dirs.iter().any(|d| d == name) {
-            self.dirs.push(name.to_string());
-            self.entry(name, 0o040000 | perm, &[], (0, 0));
-        }
-    }
-
-    /// Adds the directories above `path`.
-    fn parents(&mut self, path: &str) {
-        let mut acc = String::new();
-        let parts: Vec<&str> = path.split('/').collect();
-        for p in &parts[..parts.len().saturating_sub(1)] {
-            if !acc.is_empty() {
-                acc.push('/');
-            }
-            acc.push_str(p);
-            self.dir(&acc.clone(), 0o755);
-        }
-    }
-
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
-        self.entry(name, 0o100000 | perm, data, (0, 0));
-    }
-
-    fn device(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
-        self.entry(name, 0o020000 | perm, &[], (major, minor));
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, &[], (0, 0));
-        self.out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// (name, mode, size, rdev major, rdev minor) of every entry, checking alignment.
-    fn parse(mut b: &[u8]) -> Vec<(String, u32, usize, u32, u32)> {
-        let total = b.len();
-        let mut out = Vec::new();
-        loop {
-            assert_eq!((total - b.len()) % 4, 0);
-            assert_eq!(&b[..6], b"070701");
-            let f =
-                |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
-            let (mode, size, maj, min, namesize) = (f(1), f(6) as usize, f(9), f(10), f(11) as usize);
-            let name = String::from_utf8(b[110..110 + namesize - 1].to_vec()).unwrap();
-            let data_at = (110 + namesize).div_ceil(4) * 4;
-            let next = (data_at + size).div_ceil(4) * 4;
-            out.push((name.clone(), mode, size, maj, min));
-            b = &b[next.min(b.len())..];
-            if name == "TRAILER!!!" {
-                assert!(b.is_empty());
-                return out;
-            }
-        }
-    }
-
-    #[test]
-    fn cpio_round_trips() {
-        let mut c = Cpio::default();
-        c.dir("dev", 0o755);
-        c.device("dev/console", 0o600, 5, 1);
-        c.parents("lib/x86_64-linux-gnu/libc.so.6");
-        c.file("lib/x86_64-linux-gnu/libc.so.6", 0o755, b"abcde");
-        c.file("init", 0o755, b"xyz");
-        let e = parse(&c.finish());
-        let names: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "dev",
-                "dev/console",
-                "lib",
-                "lib/x86_64-linux-gnu",
-                "lib/x86_64-linux-gnu/libc.so.6",
-                "init",
-                "TRAILER!!!"
-            ]
-        );
-        assert_eq!(e[1], ("dev/console".into(), 0o020600, 0, 5, 1));
-        assert_eq!(e[4].2, 5);
-        assert_eq!(e[5].1, 0o100755);
-    }
 
     #[test]
     fn depends_are_read_from_modinfo() {

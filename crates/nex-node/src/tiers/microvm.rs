@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -96,9 +96,81 @@ pub struct MicrovmTier {
     qemu: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
+    /// An ext4 root file system: attached read-only with a per-VM copy-on-write overlay.
+    root_disk: Option<PathBuf>,
     accel: Accel,
     run_id: String,
     net: Arc<BridgeNet>,
+}
+
+/// What a `rootfs_filepath` holds, told by its content rather than its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ImageKind {
+    /// A `newc` cpio archive: the initramfs `nex rootfs` writes.
+    Cpio,
+    /// An ext4 file system (`nex rootfs -o rootfs.ext4`, Nex's guide).
+    Ext4,
+}
+
+/// The kind of the guest image at `path`, or why it cannot boot.
+pub fn image_kind(path: &Path) -> Result<ImageKind> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = [0u8; 6];
+    f.read_exact(&mut head).with_context(|| format!("reading {}", path.display()))?;
+    if &head == b"070701" {
+        return Ok(ImageKind::Cpio);
+    }
+    if head[..2] == [0x1f, 0x8b] {
+        bail!("{} is gzip-compressed: decompress it first (gunzip)", path.display());
+    }
+    // The ext4 superblock starts at byte 1024; its magic 0xEF53 is at offset 56 in it.
+    let mut magic = [0u8; 2];
+    if f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok() && magic == [0x53, 0xef] {
+        return Ok(ImageKind::Ext4);
+    }
+    bail!(
+        "{} is neither an initramfs (cpio) nor an ext4 image: build one with `nex rootfs --out DIR` or `nex rootfs -o rootfs.ext4`",
+        path.display()
+    )
+}
+
+/// The initramfs that boots an ext4 image: the image's own tree (agent as `/init`, its
+/// libraries, the modules), copied out with `debugfs` (e2fsprogs; no mounting), so the agent can
+/// load the disk driver and switch to the disk as its root.
+fn ext4_loader(image: &Path, out: &Path) -> Result<()> {
+    let tree = out.with_extension("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree)?;
+    let res = unpack_and_pack(image, &tree, out);
+    let _ = std::fs::remove_dir_all(&tree);
+    res
+}
+
+fn unpack_and_pack(image: &Path, tree: &Path, out: &Path) -> Result<()> {
+    let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("debugfs"));
+    let status = std::process::Command::new(&debugfs)
+        .arg("-R")
+        .arg(format!("rdump / {}", tree.display()))
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running debugfs to read the ext4 image: install e2fsprogs (apt-get install -y e2fsprogs)")?;
+    if !status.success() || !tree.join("init").is_file() {
+        bail!("{} has no /init: build it with `nex rootfs -o {}`", image.display(), image.display());
+    }
+    let _ = std::fs::remove_dir_all(tree.join("lost+found"));
+    let mut cpio = super::cpio::Cpio::default();
+    cpio.dir("dev", 0o755);
+    cpio.device("dev/console", 0o600, 5, 1);
+    cpio.device("dev/null", 0o666, 1, 3);
+    super::cpio::pack_dir(&mut cpio, tree)?;
+    std::fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))
 }
 
 fn tap_prefix(run: &str) -> String {
@@ -114,6 +186,7 @@ impl MicrovmTier {
         initrd: PathBuf,
         accel: &str,
         run_id: String,
+        run_dir: &Path,
         net_opts: super::net::NetOptions,
     ) -> Result<MicrovmTier> {
         for (what, p) in [("kernel (kernel_filepath)", &kernel), ("guest image (rootfs_filepath)", &initrd)] {
@@ -125,6 +198,16 @@ impl MicrovmTier {
                 ));
             }
         }
+        let (initrd, root_disk) = match image_kind(&initrd)? {
+            ImageKind::Cpio => (initrd, None),
+            ImageKind::Ext4 => {
+                let dir = run_dir.join("microvm");
+                std::fs::create_dir_all(&dir)?;
+                let loader = dir.join("loader.cpio");
+                ext4_loader(&initrd, &loader)?;
+                (loader, Some(initrd))
+            }
+        };
         let accel = match accel {
             "kvm" => Accel::Kvm,
             "tcg" => Accel::Tcg,
@@ -141,7 +224,7 @@ impl MicrovmTier {
             tracing::warn!("micro-VMs run under software emulation (TCG): fine for development, slow for production; use a host with working KVM");
         }
         let net = Arc::new(BridgeNet::create(&run_id, &tap_prefix(&run_id), net_opts).await?);
-        Ok(MicrovmTier { qemu, kernel, initrd, accel, run_id, net })
+        Ok(MicrovmTier { qemu, kernel, initrd, root_disk, accel, run_id, net })
     }
 
     /// How guests are executed.
@@ -167,9 +250,17 @@ impl MicrovmTier {
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
-            .arg(&self.initrd)
-            .arg("-append")
-            .arg(kernel_cmdline(self.accel, ""))
+            .arg(&self.initrd);
+        if let Some(disk) = &self.root_disk {
+            // snapshot=on: the image stays read-only; the guest's writes go to a temporary overlay
+            // QEMU creates in TMPDIR (the agent's directory) and deletes, gone with the VM.
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=none,id=root,snapshot=on", disk.display()))
+                .args(["-device", "virtio-blk-device,drive=root"])
+                .env("TMPDIR", &spec.work_dir);
+        }
+        cmd.arg("-append")
+            .arg(kernel_cmdline(self.accel, if self.root_disk.is_some() { "nex.root=/dev/vda" } else { "" }))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

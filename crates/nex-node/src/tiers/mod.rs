@@ -6,6 +6,7 @@
 //! control API.
 
 pub mod container;
+pub mod cpio;
 pub mod microvm;
 pub mod net;
 pub mod process;
