@@ -14,6 +14,10 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 # and strips the agent with objcopy (binutils).
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v objcopy >/dev/null || need_apt+=(binutils)
+# ext4 guest images: mkfs.ext4 writes them, debugfs reads them (no mounting).
+[ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ] || need_apt+=(e2fsprogs)
+# The network tests' upstream namespace runs a small resolver and sink in Debian's python3.
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
 # The web console's test (`nex ui`) loads the page in a headless browser.
 command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
