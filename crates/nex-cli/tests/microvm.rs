@@ -104,6 +104,18 @@ fn taps(run: &str) -> Vec<String> {
         .collect()
 }
 
+/// The echo service's answer to `body`, retried while the guest's service comes up.
+async fn echo(user: &User, body: &str) -> Option<String> {
+    for _ in 0..100 {
+        let req = user.nc.request("svc.echo", body.to_string().into());
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), req).await {
+            return Some(String::from_utf8_lossy(&m.payload).to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_echoservice_answers_streams_logs_and_leaves_nothing() {
     if !available() {
@@ -142,17 +154,7 @@ async fn microvm_echoservice_answers_streams_logs_and_leaves_nothing() {
     let line = wait_log(&rec, &r.id, "EchoService 1.0.0 listening on svc.echo via nats://10.213.").await;
     assert!(!line.contains("127.0.0.1"), "the guest dials the node's relay, not the host's loopback: {line}");
 
-    let mut answer = None;
-    for _ in 0..100 {
-        if let Ok(Ok(m)) =
-            tokio::time::timeout(Duration::from_millis(500), user.nc.request("svc.echo", "from a guest".into())).await
-        {
-            answer = Some(m.payload);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answer.as_deref(), Some(&b"from a guest"[..]), "no echo:\n{}", node.log());
+    assert_eq!(echo(&user, "from a guest").await.as_deref(), Some("from a guest"), "no echo:\n{}", node.log());
 
     // A hostile workload in a guest is an unprivileged user there: not the agent's root.
     node.wait_warm(&user.nc).await;
@@ -343,17 +345,7 @@ async fn microvm_boots_an_ext4_root_file_system_from_nex_rootfs() {
     let r = user.deploy(&node.id, &b).await.expect("deploy");
     let guest = guests(&run, Some(&r.id));
     assert!(guest[0].1.contains(&format!("file={},format=raw,if=none,id=root,snapshot=on", image.display())));
-    let mut answer = None;
-    for _ in 0..100 {
-        if let Ok(Ok(m)) =
-            tokio::time::timeout(Duration::from_millis(500), user.nc.request("svc.echo", "from ext4".into())).await
-        {
-            answer = Some(m.payload);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answer.as_deref(), Some(&b"from ext4"[..]), "no echo:\n{}", node.log());
+    assert_eq!(echo(&user, "from ext4").await.as_deref(), Some("from ext4"), "no echo:\n{}", node.log());
     user.stop(&node.id, &r.id, "echoservice").await.expect("stop");
     drop(node);
     assert!(leftovers(&run).is_empty(), "{:?}", leftovers(&run));

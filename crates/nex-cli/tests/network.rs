@@ -325,15 +325,28 @@ async fn settle(within: Duration, f: impl Fn() -> bool) {
 const MIB: f64 = 1024.0 * 1024.0;
 const BULK: usize = 4 << 20;
 
+/// What each suite starts with: its turn, the upstream, a NATS server, the node's directory.
+struct Setup {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    up: Upstream,
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    state: PathBuf,
+}
+
+async fn setup(index: u8) -> Setup {
+    let turn = SERIAL.lock().await;
+    let up = Upstream::start(index);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    Setup { _turn: turn, up, nats: NatsServer::start(), dir, state }
+}
+
 async fn egress_suite(tier: Tier, index: u8) {
     if !tier.available() {
         return;
     }
-    let _one = SERIAL.lock().await;
-    let up = Upstream::start(index);
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let Setup { _turn, up, nats, dir, state } = setup(index).await;
     let network = json!({"mode": "egress", "nameservers": [up.addr], "deny": [up.denied_net]});
     let cfg = tier.config(dir.path(), json!({"workload_network": network}));
     let mut node = Node::start_in(&nats, dir, cfg.clone(), &[]).await;
@@ -471,11 +484,7 @@ async fn isolated_suite(tier: Tier, index: u8) {
     if !tier.available() {
         return;
     }
-    let _one = SERIAL.lock().await;
-    let up = Upstream::start(index);
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let Setup { _turn, up, nats, dir, state } = setup(index).await;
     let cfg = tier.config(dir.path(), json!({"workload_network": {"mode": "isolated", "nameservers": [up.addr]}}));
     let node = Node::start_in(&nats, dir, cfg, &[]).await;
     let run = runs(&state).pop().unwrap();
