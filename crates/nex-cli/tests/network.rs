@@ -382,9 +382,11 @@ async fn egress_suite(tier: Tier, index: u8) {
     let m = info.machines.iter().find(|m| m.id == web).unwrap();
     assert_eq!(m.ports, vec!["18080:8080".to_string()]);
     let mut again = user.native("web2", &musl_example("escapeprobe")).await;
-    again.ports = vec!["18080:8080".into()];
+    again.ports = vec!["18081:8080".into(), "18080:8080".into()];
     let err = user.deploy(&node.id, &again).await.unwrap_err();
     assert!(err.contains("port 18080 is already in use"), "{err}");
+    // What the refused request had opened is closed again.
+    assert!(!listening_tcp().iter().any(|(_, p)| *p == 18081), "port 18081 left open");
     again.ports = vec!["80:8080".into()];
     let err = user.deploy(&node.id, &again).await.unwrap_err();
     assert!(err.contains("below 1024"), "{err}");

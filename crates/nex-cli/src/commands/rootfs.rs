@@ -413,20 +413,24 @@ mod tests {
         m("failover", "");
         m("net_failover", "failover");
         m("virtio_net", "virtio_ring,virtio,net_failover");
+        m("virtio_blk", "virtio_ring,virtio");
         let names = |dir: &Path| -> Vec<String> { module_order(dir).unwrap().0.into_iter().map(|(n, _)| n).collect() };
         assert_eq!(
             names(dir.path()),
-            ["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net"]
+            ["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net", "virtio_blk"]
         );
         std::fs::remove_file(dir.path().join("failover.ko")).unwrap();
         assert!(module_order(dir.path()).unwrap_err().to_string().contains("failover"));
         // A missing module the kernel has built in is skipped (file names may spell it with '-').
         std::fs::write(dir.path().join("modules.builtin"), "kernel/drivers/net/failover.ko\n").unwrap();
-        assert_eq!(names(dir.path()), ["virtio_ring", "virtio", "virtio_mmio", "net_failover", "virtio_net"]);
+        assert_eq!(
+            names(dir.path()),
+            ["virtio_ring", "virtio", "virtio_mmio", "net_failover", "virtio_net", "virtio_blk"]
+        );
         assert_eq!(module_order(dir.path()).unwrap().1, ["failover"]);
         std::fs::remove_file(dir.path().join("virtio_ring.ko")).unwrap();
         std::fs::write(dir.path().join("modules.builtin"), "kernel/drivers/net/failover.ko\nkernel/virtio-ring.ko\n")
             .unwrap();
-        assert_eq!(names(dir.path()), ["virtio", "virtio_mmio", "net_failover", "virtio_net"]);
+        assert_eq!(names(dir.path()), ["virtio", "virtio_mmio", "net_failover", "virtio_net", "virtio_blk"]);
     }
 }

@@ -88,10 +88,17 @@ impl NetOptions {
             .filter_map(|a| a.parse().ok())
             .collect();
         let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let (nameservers, search) =
-            if configured.is_empty() { host_resolvers(&host) } else { (configured, host_resolvers(&host).1) };
+        let egress = n.mode != network_mode::ISOLATED;
+        let (nameservers, search) = if !egress {
+            // Nothing but NATS is reachable: a resolver there would only make lookups time out.
+            (Vec::new(), Vec::new())
+        } else if configured.is_empty() {
+            host_resolvers(&host)
+        } else {
+            (configured, host_resolvers(&host).1)
+        };
         NetOptions {
-            egress: n.mode != network_mode::ISOLATED,
+            egress,
             deny,
             allow: nets(&n.allow),
             nameservers,
@@ -271,8 +278,8 @@ impl BridgeNet {
  set relays {{ type ipv4_addr . inet_service; }}
  chain input {{ type filter hook input priority -10; policy accept;
   iifname \"{bridge}\" ct state established,related accept
-  iifname \"{bridge}\" tcp dport @allowed accept
-  iifname \"{bridge}\" ip saddr . tcp dport @relays accept
+  iifname \"{bridge}\" ip daddr {host} tcp dport @allowed accept
+  iifname \"{bridge}\" ip daddr {host} ip saddr . tcp dport @relays accept
   iifname \"{bridge}\" drop
  }}
 {forward}}}
@@ -287,6 +294,7 @@ table bridge {btable} {{
 ",
             table = table_name(run),
             btable = bridge_table_name(run),
+            host = net.host_ip(),
         );
         if let Err(e) = run_cmd("nft", &["-f", "-"], Some(&rules)).await {
             remove(run).await;
@@ -425,24 +433,24 @@ table bridge {btable} {{
     /// connects to the agent's address. A port already in use, or one below 1024, is refused.
     pub async fn forward_ports(&self, id: &str, ports: &[PortMapping]) -> Result<(), String> {
         let ip = self.agent_ip(id).ok_or_else(|| format!("agent {id} has no address"))?;
-        let mut opened = Vec::new();
+        if let Some(p) = ports.iter().find(|p| p.host < 1024) {
+            return Err(format!(
+                "port {} cannot be forwarded: ports below 1024 are the host's; pick one from 1024 up",
+                p.host
+            ));
+        }
+        let mut opened: Vec<(PortMapping, tokio::task::JoinHandle<()>)> = Vec::new();
         for p in ports {
-            if p.host < 1024 {
-                return Err(format!(
-                    "port {} cannot be forwarded: ports below 1024 are the host's; pick one from 1024 up",
-                    p.host
-                ));
-            }
             let listener = match tokio::net::TcpListener::bind((self.opts.port_address, p.host)).await {
                 Ok(l) => l,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    for (_, t) in &opened {
-                        let t: &tokio::task::JoinHandle<()> = t;
-                        t.abort();
-                    }
-                    return Err(format!("port {} is already in use on this node: pick another host port", p.host));
+                Err(e) => {
+                    opened.iter().for_each(|(_, t)| t.abort());
+                    return Err(if e.kind() == std::io::ErrorKind::AddrInUse {
+                        format!("port {} is already in use on this node: pick another host port", p.host)
+                    } else {
+                        format!("port {}: {e}", p.host)
+                    });
                 }
-                Err(e) => return Err(format!("port {}: {e}", p.host)),
             };
             let to = SocketAddr::from((ip, p.workload));
             opened.push((*p, tokio::spawn(serve_forward(listener, to))));
