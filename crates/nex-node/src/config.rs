@@ -554,7 +554,7 @@ impl NodeConfig {
         }
         for (key, list) in [("workload_network.deny", &n.deny), ("workload_network.allow", &n.allow)] {
             for c in list {
-                if c.parse::<ipnet::Ipv4Net>().is_err() && c.parse::<std::net::Ipv4Addr>().is_err() {
+                if crate::tiers::net::ipv4_net(c).is_none() {
                     return bad(format!("{key}: {c:?} is not an IPv4 network (e.g. 10.0.0.0/8) or address"));
                 }
             }

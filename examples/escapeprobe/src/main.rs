@@ -94,9 +94,8 @@ fn probe(nats: Option<&str>, tcp: &[String]) {
     }
     if let Some(port) = nats {
         // The node's internal NATS listens on the same host as the relay NATS_URL names.
-        let url = std::env::var("NATS_URL").unwrap_or_default();
-        let host =
-            url.rsplit("://").next().unwrap_or("").rsplit('@').next().unwrap_or("").split(':').next().unwrap_or("");
+        let server = nats_server();
+        let host = server.split(':').next().unwrap_or("");
         let addr = format!("{host}:{port}");
         say(format!("internal nats: {}", nats_without_credentials(&addr)));
     }
@@ -104,6 +103,12 @@ fn probe(nats: Option<&str>, tcp: &[String]) {
 }
 
 /// Connects without credentials, subscribes to everything, and reports the server's answer.
+/// `host:port` of the server `NATS_URL` names (the node's relay in a sandbox).
+fn nats_server() -> String {
+    let url = std::env::var("NATS_URL").unwrap_or_default();
+    url.rsplit("://").next().unwrap_or("").rsplit('@').next().unwrap_or("").to_string()
+}
+
 fn nats_without_credentials(addr: &str) -> String {
     let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
         return "bad address".into();
@@ -192,8 +197,7 @@ fn http(port: u16) {
         Err(e) => return say(format!("http: {port}: {e}")),
     };
     // Our own address: the source a route to the outside (or, isolated, to the node) would use.
-    let url = std::env::var("NATS_URL").unwrap_or_default();
-    let node = url.rsplit("://").next().unwrap_or("").rsplit('@').next().unwrap_or("").to_string();
+    let node = nats_server();
     let me = ["198.18.0.1:9", node.as_str()]
         .iter()
         .find_map(|to| {

@@ -68,10 +68,13 @@ impl Default for NetOptions {
     }
 }
 
+/// An IPv4 network, or one address as a /32: what `workload_network.deny` / `allow` accept.
+pub fn ipv4_net(s: &str) -> Option<ipnet::Ipv4Net> {
+    s.parse::<ipnet::Ipv4Net>().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(Into::into))
+}
+
 fn nets(list: &[String]) -> Vec<ipnet::Ipv4Net> {
-    list.iter()
-        .filter_map(|c| c.parse::<ipnet::Ipv4Net>().ok().or_else(|| c.parse::<Ipv4Addr>().ok().map(Into::into)))
-        .collect()
+    list.iter().filter_map(|c| ipv4_net(c)).collect()
 }
 
 impl NetOptions {
