@@ -63,6 +63,17 @@ impl LogLimit {
         });
         (ok, report)
     }
+
+    /// Drops still unreported once the stream has gone quiet for a second: a flood that ends
+    /// before the next line arrives is reported all the same.
+    pub fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let quiet = now.duration_since(self.last) >= Duration::from_secs(1);
+        (self.dropped > 0 && quiet).then(|| {
+            self.last_report = now;
+            std::mem::take(&mut self.dropped)
+        })
+    }
 }
 
 impl WorkloadManager {
@@ -70,7 +81,24 @@ impl WorkloadManager {
     /// reports, host-service calls.
     pub async fn run_agent_data(self: Arc<Self>, mut rx: AgentReceiver) {
         let calls = Arc::new(Semaphore::new(MAX_HOST_SERVICE_CALLS));
-        while let Some((id, msg)) = rx.recv().await {
+        let mut quiet = tokio::time::interval(Duration::from_secs(1));
+        quiet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (id, msg) = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = quiet.tick() => {
+                    for w in self.all() {
+                        let due = lock(&w.log_limit).due();
+                        if let Some(n) = due {
+                            self.report_dropped_logs(&w, n).await;
+                        }
+                    }
+                    continue;
+                }
+            };
             if let AgentMessage::Drained(done) = msg {
                 let _ = done.send(());
                 continue;
@@ -83,12 +111,7 @@ impl WorkloadManager {
                     let lost = w.agent.client.take_dropped();
                     let (ok, report) = lock(&w.log_limit).admit(lost);
                     if let Some(n) = report {
-                        crate::telemetry::logs_dropped(&w, n);
-                        let text = format!(
-                            "nex: dropped {n} log lines of {} (rate limit {LOG_LINES_PER_SEC} lines/s)",
-                            w.name
-                        );
-                        self.events.log(&w.namespace, &w.name, &w.id, "WARN", &text).await;
+                        self.report_dropped_logs(&w, n).await;
                     }
                     if ok {
                         let level = nex_api::agent::level::as_str(entry.level);
@@ -121,6 +144,12 @@ impl WorkloadManager {
                 AgentMessage::Drained(_) => {}
             }
         }
+    }
+
+    async fn report_dropped_logs(&self, w: &Workload, n: u64) {
+        crate::telemetry::logs_dropped(w, n);
+        let text = format!("nex: dropped {n} log lines of {} (rate limit {LOG_LINES_PER_SEC} lines/s)", w.name);
+        self.events.log(&w.namespace, &w.name, &w.id, "WARN", &text).await;
     }
 
     /// Handles agents' lifecycle events (a workload's exit above all), never behind log lines.
@@ -245,6 +274,10 @@ impl WorkloadManager {
             t.stop().await;
         }
         self.pool.release(w.agent.clone()).await;
+        let unreported = std::mem::take(&mut lock(&w.log_limit).dropped);
+        if unreported > 0 {
+            self.report_dropped_logs(w, unreported).await;
+        }
         self.events.log(&w.namespace, &w.name, &w.id, "DEBUG", "Workload stopped").await;
     }
 }
@@ -260,5 +293,14 @@ mod tests {
         l.last_report -= std::time::Duration::from_secs(2);
         let (_, report) = l.admit(5);
         assert!(report.unwrap() >= 1000 + 5);
+        // A flood that stops is reported once it has been quiet for a second, and only once.
+        let mut l = super::LogLimit::new();
+        (0..3000).for_each(|_| {
+            let _ = l.admit(0);
+        });
+        assert_eq!(l.due(), None);
+        l.last -= std::time::Duration::from_secs(1);
+        assert!(l.due().is_some_and(|n| n >= 900));
+        assert_eq!(l.due(), None);
     }
 }
