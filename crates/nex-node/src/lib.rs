@@ -13,6 +13,7 @@
 //!   may reach; [`files`] — the node's own files, safe from other local users.
 //! * [`telemetry`] — metrics; [`traces`] — spans and trace context in NATS headers.
 //! * [`public_nats`] — the `nats-server` a node starts for its users (`public_nats_server`).
+//! * [`claims`] — which node runs which replica of a deployment, decided without a leader.
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -20,6 +21,7 @@
 pub mod agent_client;
 pub mod artifact;
 pub mod cgroup;
+pub mod claims;
 pub mod config;
 pub mod control_api;
 pub mod events;
