@@ -2,6 +2,7 @@
 //!
 //! * [`control`] — the `$NEX.*` control API shapes.
 //! * [`agent`] — the node ↔ agent protocol on the internal NATS server.
+//! * [`deployment`] — deployment specs and the keys of the deployments bucket.
 //!
 //! `docs/protocol.md` describes all of it on the wire.
 //! * [`jwt`] — workload JWTs (NATS generic claims signed by an issuer nkey).
@@ -12,6 +13,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod deployment;
 pub mod env;
 pub mod events;
 pub mod id;
