@@ -10,6 +10,8 @@ command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
 command -v runc >/dev/null || need_apt+=(runc)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v ip >/dev/null || need_apt+=(iproute2)
+# CNI networking: the standard plugins (ptp, host-local, bridge, portmap, bandwidth) in /usr/lib/cni.
+[ -x /usr/lib/cni/ptp ] || need_apt+=(containernetworking-plugins)
 # The microvm tier: QEMU boots the guests; `nex rootfs` unpacks the kernel package with dpkg-deb
 # and strips the agent with objcopy (binutils).
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)

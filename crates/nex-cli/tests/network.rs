@@ -162,6 +162,66 @@ enum Tier {
     Microvm,
 }
 
+/// The workloads' network: nex's own bridge, or CNI plugins (ptp + host-local from Debian's
+/// containernetworking-plugins) on the conflist `nex node preflight` writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Net {
+    Builtin,
+    Cni,
+}
+
+/// Address prefix of the workloads in test `index` with `net`.
+fn workload_prefix(net: Net, index: u8) -> String {
+    match net {
+        Net::Builtin => "10.213.".into(),
+        Net::Cni => format!("10.99.{index}."),
+    }
+}
+
+/// Adds the CNI section (network `nexnet<index>` on `10.99.<index>.0/24`, its conflist in the
+/// test's directory) and has `nex node preflight` write the conflist.
+fn with_cni(cfg: &mut Value, dir: &std::path::Path, index: u8) {
+    assert!(
+        std::path::Path::new("/usr/lib/cni/ptp").is_file() || std::env::var("NEX_REQUIRE_TIERS").as_deref() != Ok("1"),
+        "the CNI tests need Debian's CNI plugins: apt-get install -y containernetworking-plugins"
+    );
+    cfg["cni"] = json!({
+        "network_name": format!("nexnet{index}"),
+        "interface_name": "veth0",
+        "subnet": format!("10.99.{index}.0/24"),
+        "conf_dir": dir.join("cni"),
+    });
+    cfg["internal_node_host"] = json!(format!("10.99.{index}.1"));
+    let path = dir.join("preflight.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = Command::new(nex_bin()).args(["node", "preflight", "--config"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Wrote the CNI network config"), "preflight: {text}");
+    assert!(text.contains("CNI plugin ptp") && text.contains("CNI plugin host-local"), "preflight: {text}");
+    let conf: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("cni/nexnet{index}.conflist"))).unwrap()).unwrap();
+    assert_eq!(conf["plugins"][0]["type"], "ptp");
+}
+
+/// Host-local address leases and cached CNI results that name node run `run`.
+fn cni_leftovers(run: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let needle = format!("nex-{run}-");
+    for e in std::fs::read_dir(nex_node::tiers::cni::CACHE_DIR).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&needle) {
+            out.push(format!("CNI cache {}", e.path().display()));
+        }
+    }
+    for net in std::fs::read_dir("/var/lib/cni/networks").into_iter().flatten().flatten() {
+        for lease in std::fs::read_dir(net.path()).into_iter().flatten().flatten() {
+            if std::fs::read_to_string(lease.path()).is_ok_and(|s| s.contains(&needle)) {
+                out.push(format!("CNI lease {}", lease.path().display()));
+            }
+        }
+    }
+    out
+}
+
 impl Tier {
     fn available(self) -> bool {
         let mut missing = Vec::new();
@@ -228,7 +288,7 @@ impl Tier {
             }
         }
         for l in sh("ip", &["netns", "list"]).lines() {
-            if l.starts_with(&format!("nex-{run}-")) {
+            if l.starts_with(&format!("nex-{run}-")) || l.starts_with(&format!("nxv{run}")) {
                 out.push(format!("netns {l}"));
             }
         }
@@ -241,8 +301,37 @@ impl Tier {
         if listening_tcp().iter().any(|(_, p)| *p == 18080) {
             out.push("a listener on port 18080".into());
         }
+        out.extend(cni_leftovers(run));
         out
     }
+}
+
+/// ptp's host-side links (random names) that route to an address starting with `prefix`: the
+/// links of one test's CNI network.
+fn cni_links(prefix: &str) -> std::collections::BTreeSet<String> {
+    sh("ip", &["-o", "-4", "route", "show"])
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_string))
+        .filter(|d| d.starts_with("veth"))
+        .collect()
+}
+
+/// What run `run` left (with CNI: also any link of the test's network `prefix` in `dead`, or
+/// every one when `dead` is `None`).
+fn net_leftovers(
+    tier: Tier,
+    net: Net,
+    prefix: &str,
+    run: &str,
+    dead: Option<&std::collections::BTreeSet<String>>,
+) -> Vec<String> {
+    let mut out = tier.leftovers(run);
+    if net == Net::Cni {
+        let now = cni_links(prefix);
+        out.extend(now.iter().filter(|l| dead.is_none_or(|d| d.contains(*l))).map(|l| format!("CNI link {l}")));
+    }
+    out
 }
 
 /// Names of the host's network links.
@@ -342,13 +431,16 @@ async fn setup(index: u8) -> Setup {
     Setup { _turn: turn, up, nats: NatsServer::start(), dir, state }
 }
 
-async fn egress_suite(tier: Tier, index: u8) {
+async fn egress_suite(tier: Tier, net: Net, index: u8) {
     if !tier.available() {
         return;
     }
     let Setup { _turn, up, nats, dir, state } = setup(index).await;
     let network = json!({"mode": "egress", "nameservers": [up.addr], "deny": [up.denied_net]});
-    let cfg = tier.config(dir.path(), json!({"workload_network": network}));
+    let mut cfg = tier.config(dir.path(), json!({"workload_network": network}));
+    if net == Net::Cni {
+        with_cni(&mut cfg, dir.path(), index);
+    }
     let mut node = Node::start_in(&nats, dir, cfg.clone(), &[]).await;
     let run = runs(&state).pop().unwrap();
     let user = User::new(&nats).await;
@@ -368,7 +460,7 @@ async fn egress_suite(tier: Tier, index: u8) {
     let (web, listening) =
         probe(&user, &rec, &node, "web", &["http".into(), "8080".into()], &["18080:8080"], "listening: ").await;
     let web_ip = listening.trim_start_matches("listening: ").split(':').next().unwrap().to_string();
-    assert!(web_ip.starts_with("10.213."), "{listening}");
+    assert!(web_ip.starts_with(&workload_prefix(net, index)), "{listening}");
     let mut body = Err(String::new());
     for _ in 0..50 {
         body = http_get(18080);
@@ -426,6 +518,10 @@ async fn egress_suite(tier: Tier, index: u8) {
     // is gone, and the limit holds.
     node.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
     assert!(!tier.leftovers(&run).is_empty(), "the run made nothing?");
+    let prefix = workload_prefix(net, index);
+    let dead = cni_links(&prefix);
+    assert!(net == Net::Builtin || !dead.is_empty(), "no CNI links for {prefix}*");
+    let left = || net_leftovers(tier, net, &prefix, &run, Some(&dead));
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg2 = cfg;
     cfg2["state_dir"] = json!(state);
@@ -435,8 +531,8 @@ async fn egress_suite(tier: Tier, index: u8) {
         "ops": {"size": 20000, "refill_time": 1000},
     });
     let node2 = Node::start_in(&nats, dir2, cfg2, &[]).await;
-    settle(Duration::from_secs(10), || tier.leftovers(&run).is_empty()).await;
-    assert!(tier.leftovers(&run).is_empty(), "the dead run left {:?}", tier.leftovers(&run));
+    settle(Duration::from_secs(10), || left().is_empty()).await;
+    assert!(left().is_empty(), "the dead run left {:?}", left());
     let run2 = runs(&state).pop().unwrap();
     let (bulk, sent) = probe(&user, &rec, &node2, "limited", &send, &[], "sent: ").await;
     let limited = rate(&sent);
@@ -450,17 +546,23 @@ async fn egress_suite(tier: Tier, index: u8) {
     // STOP removes the workload's devices (its ifb among them).
     let ifbs = |run: &str| links().iter().filter(|n| n.starts_with(&format!("ni{run}"))).count();
     let ops_rules = |run: &str| {
-        sh("nft", &["list", "table", "bridge", &format!("nexb_{run}")]).matches("limit rate over 20000/second").count()
+        let table = match net {
+            Net::Builtin => ["bridge".to_string(), format!("nexb_{run}")],
+            Net::Cni => ["inet".to_string(), format!("nex_{run}")],
+        };
+        sh("nft", &["list", "table", &table[0], &table[1]]).matches("limit rate over 20000/second").count()
     };
     // One ifb device and one packet-rate rule per agent (the warm ones included), so STOP's
     // removal shows as the counts following the agents while the pool refills.
-    let agents = |run: &str| {
-        links()
+    let agents = |run: &str| match net {
+        Net::Builtin => links()
             .iter()
             .filter(|n| {
                 (n.starts_with(&format!("nx{run}")) || n.starts_with(&format!("nv{run}"))) && !n.starts_with("nxb")
             })
-            .count()
+            .count(),
+        // One cached attachment per agent.
+        Net::Cni => cni_leftovers(run).iter().filter(|l| l.starts_with("CNI cache")).count(),
     };
     assert!(ifbs(&run2) >= 1 && ops_rules(&run2) >= 1, "no ifb device or packet-rate rule for the agents");
     user.stop(&node2.id, &bulk, "limited").await.expect("stop");
@@ -479,15 +581,19 @@ async fn egress_suite(tier: Tier, index: u8) {
         sh("ip", &["-o", "link", "show"])
     );
     drop(node2);
-    assert!(tier.leftovers(&run2).is_empty(), "{:?}", tier.leftovers(&run2));
+    let left = net_leftovers(tier, net, &prefix, &run2, None);
+    assert!(left.is_empty(), "{left:?}");
 }
 
-async fn isolated_suite(tier: Tier, index: u8) {
+async fn isolated_suite(tier: Tier, net: Net, index: u8) {
     if !tier.available() {
         return;
     }
     let Setup { _turn, up, nats, dir, state } = setup(index).await;
-    let cfg = tier.config(dir.path(), json!({"workload_network": {"mode": "isolated", "nameservers": [up.addr]}}));
+    let mut cfg = tier.config(dir.path(), json!({"workload_network": {"mode": "isolated", "nameservers": [up.addr]}}));
+    if net == Net::Cni {
+        with_cni(&mut cfg, dir.path(), index);
+    }
     let node = Node::start_in(&nats, dir, cfg, &[]).await;
     let run = runs(&state).pop().unwrap();
     let user = User::new(&nats).await;
@@ -515,25 +621,156 @@ async fn isolated_suite(tier: Tier, index: u8) {
         assert!(got.contains("refused"), "{t} must be unreachable in isolated mode: {texts:?}");
     }
     drop(node);
-    assert!(tier.leftovers(&run).is_empty(), "{:?}", tier.leftovers(&run));
+    let left = net_leftovers(tier, net, &workload_prefix(net, index), &run, None);
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_container_egress_dns_walls_limits_ports_and_cleanup() {
-    egress_suite(Tier::Container, 1).await;
+    egress_suite(Tier::Container, Net::Builtin, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_microvm_egress_dns_walls_limits_ports_and_cleanup() {
-    egress_suite(Tier::Microvm, 2).await;
+    egress_suite(Tier::Microvm, Net::Builtin, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_container_isolated_reaches_only_nats() {
-    isolated_suite(Tier::Container, 3).await;
+    isolated_suite(Tier::Container, Net::Builtin, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_microvm_isolated_reaches_only_nats() {
-    isolated_suite(Tier::Microvm, 4).await;
+    isolated_suite(Tier::Microvm, Net::Builtin, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cni_container_egress_dns_walls_limits_ports_and_cleanup() {
+    egress_suite(Tier::Container, Net::Cni, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cni_microvm_egress_dns_walls_limits_ports_and_cleanup() {
+    egress_suite(Tier::Microvm, Net::Cni, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cni_container_isolated_reaches_only_nats() {
+    isolated_suite(Tier::Container, Net::Cni, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cni_microvm_isolated_reaches_only_nats() {
+    isolated_suite(Tier::Microvm, Net::Cni, 8).await;
+}
+
+/// The Nex guide's micro-VM sandbox, followed literally: `nex rootfs -o rootfs.ext4`, its
+/// `simple.json` (kernel_path, rootfs_path, pool of 1, `cni: {network_name: fcnet,
+/// interface_name: veth0}`, 1 vCPU / 256 MiB), `nex node preflight` writing the missing
+/// `/etc/cni/conf.d/fcnet.conflist`, `nex node up`, `nex node ls`, then
+/// `nex devrun echoservice nats_url=nats://lab:4222` answering `svc.echo` on the upstream NATS.
+/// Two additions: the state directory is the test's, and guests run under TCG (this host's KVM
+/// boots no stock kernel); the upstream resolver is handed to preflight with `--cni_ns`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_guide_walkthrough_simple_json() {
+    if !Tier::Microvm.available() {
+        return;
+    }
+    let Setup { _turn, up, nats, dir, state } = setup(9).await;
+    let conflist = std::path::Path::new("/etc/cni/conf.d/fcnet.conflist");
+    let saved = std::fs::read(conflist).ok();
+    let _ = std::fs::remove_file(conflist);
+    struct Restore(Option<Vec<u8>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let p = std::path::Path::new("/etc/cni/conf.d/fcnet.conflist");
+            match &self.0 {
+                Some(b) => std::fs::write(p, b).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+    let _restore = Restore(saved);
+
+    let deb = std::fs::read_dir(image_dir().join("cache"))
+        .expect("the kernel package cached by `make build`")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a kernel .deb in target/microvm/cache");
+    let res = dir.path().join("nex_resources");
+    std::fs::create_dir_all(&res).unwrap();
+    let out = Command::new(nex_bin())
+        .args(["rootfs", "-o"])
+        .arg(res.join("rootfs.ext4"))
+        .args(["--size", "96", "--kernel-deb"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let simple = json!({
+        "default_resource_dir": res,
+        "kernel_path": res.join("vmlinuz"),
+        "rootfs_path": res.join("rootfs.ext4"),
+        "machine_pool_size": 1,
+        "cni": {"network_name": "fcnet", "interface_name": "veth0"},
+        "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
+        "tags": {"simple": "true"},
+        "state_dir": state,
+        "microvm_accel": "tcg",
+    });
+    let path = dir.path().join("simple.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&simple).unwrap()).unwrap();
+    let out = Command::new(nex_bin())
+        .args(["node", "preflight", "--config"])
+        .arg(&path)
+        .args(["--cni_ns", &up.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "preflight: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Wrote the CNI network config /etc/cni/conf.d/fcnet.conflist"), "{text}");
+    let conf: Value = serde_json::from_slice(&std::fs::read(conflist).unwrap()).unwrap();
+    assert_eq!(conf["plugins"][0]["ipam"]["subnet"], "192.168.127.0/24");
+    assert_eq!(conf["plugins"][0]["dns"]["nameservers"][0], up.addr.as_str());
+
+    let node = Node::start_in(&nats, dir, simple, &[]).await;
+    let run = runs(&state).pop().unwrap();
+    let ls = Command::new(nex_bin())
+        .args(["node", "ls", "--full", "-s", &nats.url()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.contains(&node.id) && ls.contains("microvm"), "nex node ls: {ls}");
+
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(nex_bin())
+        .arg("devrun")
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-musl/release/echoservice"),
+        )
+        .arg("nats_url=nats://lab:4222")
+        .args(["-s", &nats.url()])
+        .env("HOME", home.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "devrun: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upstream = async_nats::connect(up.nats_url()).await.unwrap();
+    assert_eq!(echo_request(&upstream, "the guide, literally").await, "the guide, literally");
+    let leases = cni_leftovers(&run).iter().filter(|l| l.contains("/var/lib/cni/networks/fcnet/192.168.127.")).count();
+    assert!(leases >= 2, "a lease per guest (the workload's and the warm one's): {:?}", cni_leftovers(&run));
+    drop(node);
+    let left = net_leftovers(Tier::Microvm, Net::Cni, "192.168.127.", &run, None);
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -94,7 +94,8 @@ impl Default for MachineTemplate {
     }
 }
 
-/// CNI settings of the micro-VM tier.
+/// CNI settings of the sandboxed tiers: when the section is present, workloads' networks come
+/// from the CNI plugins of network `network_name` (its conflist in `conf_dir`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct CniConfig {
@@ -103,6 +104,8 @@ pub struct CniConfig {
     pub subnet: String,
     pub bin_path: Vec<String>,
     pub nameservers: Vec<String>,
+    /// Where `<network_name>.conflist` lives (our addition).
+    pub conf_dir: String,
 }
 
 impl Default for CniConfig {
@@ -113,6 +116,7 @@ impl Default for CniConfig {
             subnet: "192.168.127.0/24".into(),
             bin_path: vec!["/opt/cni/bin".into()],
             nameservers: vec![],
+            conf_dir: "/etc/cni/conf.d".into(),
         }
     }
 }
@@ -275,7 +279,8 @@ pub struct NodeConfig {
     pub bin_path: Vec<String>,
     pub machine_pool_size: i64,
     pub machine_template: MachineTemplate,
-    pub cni: CniConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniConfig>,
     pub internal_node_host: String,
     pub internal_node_port: u16,
     pub no_sandbox: bool,
@@ -361,7 +366,7 @@ impl Default for NodeConfig {
                 .collect(),
             machine_pool_size: 1,
             machine_template: MachineTemplate::default(),
-            cni: CniConfig::default(),
+            cni: None,
             internal_node_host: "192.168.127.1".into(),
             internal_node_port: 0,
             no_sandbox: false,
@@ -559,9 +564,32 @@ impl NodeConfig {
                 }
             }
         }
-        for (key, list) in
-            [("workload_network.nameservers", &n.nameservers), ("cni.nameservers", &self.cni.nameservers)]
-        {
+        let cni_ns = self.cni.as_ref().map(|c| c.nameservers.clone()).unwrap_or_default();
+        if let Some(c) = &self.cni {
+            let subnet = c.subnet.parse::<ipnet::Ipv4Net>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "cni.subnet: {:?} is not an IPv4 network (e.g. 192.168.127.0/24)",
+                    c.subnet
+                ))
+            })?;
+            match self.internal_node_host.parse::<std::net::Ipv4Addr>() {
+                Ok(h) if subnet.contains(&h) && h != subnet.network() && h != subnet.broadcast() => {}
+                Ok(_) => {
+                    return bad(format!(
+                        "internal node host must be in the CNI subnet: internal_node_host {} is not a host address of cni.subnet {subnet} (use its gateway, e.g. {})",
+                        self.internal_node_host,
+                        subnet.hosts().next().map(|h| h.to_string()).unwrap_or_default()
+                    ))
+                }
+                Err(_) => {
+                    return bad(format!("internal_node_host: {:?} is not an IPv4 address", self.internal_node_host))
+                }
+            }
+            if c.network_name.is_empty() || c.network_name.contains('/') || c.interface_name.is_empty() {
+                return bad("cni.network_name and cni.interface_name must be set (e.g. \"fcnet\" and \"veth0\")".into());
+            }
+        }
+        for (key, list) in [("workload_network.nameservers", &n.nameservers), ("cni.nameservers", &cni_ns)] {
             for a in list {
                 if a.parse::<std::net::IpAddr>().is_err() {
                     return bad(format!("{key}: {a:?} is not an IP address"));
@@ -726,18 +754,22 @@ impl NodeConfig {
                 out.push((key, why));
             }
         };
-        ignored(
-            self.cni != d.cni,
-            "cni",
-            "CNI networking is not built yet: the sandboxed tiers use nex's own bridge network",
-        );
-        ignored(
-            self.internal_node_host != d.internal_node_host,
-            "internal_node_host",
-            "sandboxed workloads reach the internal NATS at their bridge's gateway address",
-        );
-        ignored(self.preserve_network, "preserve_network", "there are no CNI address leases to preserve");
         let sandboxed = self.tier() != isolation::PROCESS;
+        ignored(
+            !sandboxed && self.cni.is_some(),
+            "cni",
+            "process-tier workloads share the host's network; CNI attaches the sandboxed tiers",
+        );
+        ignored(
+            self.cni.is_none() && self.internal_node_host != d.internal_node_host,
+            "internal_node_host",
+            "without a cni section workloads reach the internal NATS at their bridge's gateway address",
+        );
+        ignored(
+            self.cni.is_none() && self.preserve_network,
+            "preserve_network",
+            "without a cni section there are no CNI address leases to preserve",
+        );
         ignored(
             !sandboxed && self.rate_limiters.is_some(),
             "rate_limiters",

@@ -78,6 +78,11 @@ pub async fn cleanup_stale_runs(state_dir: &Path, cgroups: Option<CgroupVersion>
         }
         let run = e.file_name().to_string_lossy().to_string();
         kill_recorded_agents(&dir);
+        if !cfg.preserve_network {
+            // Its CNI attachments (links and address leases, from the cached results), while
+            // the namespaces the plugins delete the links in still exist.
+            crate::tiers::cni::del_prefix(&format!("nex-{run}-")).await;
+        }
         let runtime = crate::tiers::container::find_runtime(&cfg.container_runtime, &cfg.bin_path);
         crate::tiers::container::cleanup_run(&dir, &run, runtime.as_deref(), &cfg.sandbox_dir()).await;
         crate::tiers::microvm::cleanup_run(&run).await;

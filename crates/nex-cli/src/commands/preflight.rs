@@ -26,6 +26,9 @@ pub struct PreflightArgs {
     /// Print every place searched
     #[arg(long)]
     pub verbose: bool,
+    /// Resolver for the CNI network config preflight writes (repeatable)
+    #[arg(long = "cni_ns", value_name = "IP")]
+    pub cni_ns: Vec<String>,
 }
 
 /// One requirement and how it fared.
@@ -64,6 +67,52 @@ fn io_message(e: &std::io::Error) -> String {
         std::io::ErrorKind::NotFound => "no such file or directory".into(),
         std::io::ErrorKind::PermissionDenied => "permission denied".into(),
         _ => e.to_string(),
+    }
+}
+
+/// The CNI network's config (written when missing, unless `--check`) and the plugins it names.
+fn cni_checks(cfg: &NodeConfig, cni: &nex_node::config::CniConfig, args: &PreflightArgs, checks: &mut Vec<Check>) {
+    use nex_node::tiers::cni;
+    let dir = Path::new(&cni.conf_dir);
+    let path = cni::conflist_path(dir, &cni.network_name);
+    if !path.exists() && !args.check {
+        let mut ns = cni.nameservers.clone();
+        ns.extend(args.cni_ns.iter().cloned());
+        let v = cni::default_conflist(&cni.network_name, &cni.subnet, &cfg.internal_node_host, &ns);
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()));
+        match written {
+            Ok(()) => println!("Wrote the CNI network config {} (ptp + host-local on {})", path.display(), cni.subnet),
+            Err(e) => eprintln!("⚠️  could not write {}: {e}", path.display()),
+        }
+    }
+    let conf: Option<serde_json::Value> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    checks.push(Check {
+        what: format!("CNI network config of {:?}", cni.network_name),
+        found: conf.as_ref().map(|_| path.display().to_string()),
+        fix: format!("run preflight without --check to write {}", path.display()),
+    });
+    // The plugins the config names (ptp + host-local when there is none yet); the node does
+    // tc-redirect-tap's work itself.
+    let mut types: Vec<String> = Vec::new();
+    let plugins = conf
+        .as_ref()
+        .map(|c| c.get("plugins").and_then(|p| p.as_array()).cloned().unwrap_or_else(|| vec![c.clone()]))
+        .unwrap_or_else(|| vec![serde_json::json!({"type": "ptp", "ipam": {"type": "host-local"}})]);
+    for p in &plugins {
+        for t in [p["type"].as_str(), p["ipam"]["type"].as_str()].into_iter().flatten() {
+            if t != "tc-redirect-tap" && !types.iter().any(|x| x == t) {
+                types.push(t.to_string());
+            }
+        }
+    }
+    let dirs: Vec<PathBuf> = cni.bin_path.iter().map(PathBuf::from).collect();
+    for t in types {
+        checks.push(Check {
+            what: format!("CNI plugin {t} (cni.bin_path, then {})", cni::DISTRO_BIN_DIRS.join(", ")),
+            found: cni::find_plugin(&t, &dirs).map(|p| p.display().to_string()),
+            fix: "apt-get install -y containernetworking-plugins".into(),
+        });
     }
 }
 
@@ -240,6 +289,11 @@ pub fn preflight(args: PreflightArgs) -> Result<()> {
                 found: None,
                 fix: "set \"isolation\" to \"process\", \"container\" or \"microvm\"".into(),
             });
+        }
+    }
+    if cfg.tier() != isolation::PROCESS {
+        if let Some(cni) = &cfg.cni {
+            cni_checks(&cfg, cni, &args, &mut checks);
         }
     }
     for (key, why) in cfg.ignored_keys() {

@@ -289,6 +289,18 @@ impl ContainerTier {
         chown(&seed)?;
 
         run_cmd("ip", &["netns", "add", netns], None).await?;
+        if self.net.cni().is_some() {
+            // The CNI plugins make the link, address and routes inside the namespace.
+            self.net.cni_attach(&spec.id, &format!("/run/netns/{netns}")).await?;
+            run_cmd("ip", &["-n", netns, "link", "set", "lo", "up"], None).await?;
+        } else {
+            self.bridge_link(spec, slot, netns).await?;
+        }
+        self.launch_rest(spec, netns, cid).await
+    }
+
+    /// A veth pair from the run's bridge into `netns`, with the slot's address.
+    async fn bridge_link(&self, spec: &AgentSpec, slot: usize, netns: &str) -> Result<()> {
         let veth = format!("{}{slot:02x}", veth_prefix(&self.run_id));
         let host_side = format!(
             "link add {veth} type veth peer name eth0 netns {netns}\nlink set {veth} master {br}\nlink set {veth} type bridge_slave isolated on\nlink set {veth} up\n",
@@ -300,8 +312,10 @@ impl ContainerTier {
         if let Some(gw) = self.net.gateway() {
             inside.push_str(&format!("route add default via {gw} dev eth0\n"));
         }
-        run_cmd("ip", &["-n", netns, "-b", "-"], Some(&inside)).await?;
+        run_cmd("ip", &["-n", netns, "-b", "-"], Some(&inside)).await
+    }
 
+    async fn launch_rest(&self, spec: &AgentSpec, netns: &str, cid: &str) -> Result<ContainerAgent> {
         let bundle = self.dir.join("bundles").join(&spec.id);
         std::fs::create_dir_all(&bundle)?;
         std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&self.config(spec, netns))?)?;
@@ -586,12 +600,12 @@ pub async fn cleanup_run(run_dir: &Path, run: &str, runtime: Option<&Path>, sand
             }
         }
     }
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output().await {
-        let prefix = netns_prefix(run);
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(&prefix)) {
-                let _ = run_cmd("ip", &["netns", "delete", name], None).await;
-            }
+    super::net::delete_netns_with_prefix(&netns_prefix(run)).await;
+    // A namespace some process still holds outlives its name, and its veth with it: delete the
+    // host sides too.
+    for veth in super::net::links_with_prefix(&veth_prefix(run)).await {
+        if veth != format!("nxb{run}") {
+            let _ = run_cmd("ip", &["link", "delete", &veth], None).await;
         }
     }
     super::net::remove(run).await;

@@ -177,6 +177,33 @@ fn tap_prefix(run: &str) -> String {
     format!("nv{run}")
 }
 
+/// Guests' network namespaces with CNI: `nxv<run><slot>`.
+fn netns_prefix(run: &str) -> String {
+    format!("nxv{run}")
+}
+
+/// The tap device of a guest inside its own namespace.
+const GUEST_TAP: &str = "tap0";
+
+/// Makes `cmd` start in network namespace `ns` (so QEMU opens the tap that lives there).
+fn enter_netns(cmd: &mut Command, ns: &str) -> Result<()> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let f: OwnedFd = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening the guest's network namespace {ns}"))?
+        .into();
+    // SAFETY: setns on a descriptor that stays open (moved into the closure) in the child between
+    // fork and exec; it only changes the child's network namespace.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 impl MicrovmTier {
     /// Checks the guest image and prepares the run's bridge. `accel` is `kvm`, `tcg` or `auto`
     /// (KVM when a probe guest boots on it within a few seconds).
@@ -273,26 +300,49 @@ impl MicrovmTier {
     async fn launch_inner(&self, spec: &AgentSpec, slot: usize, tap: &str) -> Result<MicrovmAgent> {
         std::fs::create_dir_all(&spec.work_dir)
             .with_context(|| format!("creating agent directory {}", spec.work_dir.display()))?;
-        let script = format!(
-            "tuntap add dev {tap} mode tap\nlink set {tap} master {br}\nlink set {tap} type bridge_slave isolated on\nlink set {tap} up\n",
-            br = self.net.bridge()
-        );
-        run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the guest's tap device")?;
-        self.net.attach_port(&spec.id, tap).await?;
-        let mac = format!("52:54:00:d5:{:02x}:{slot:02x}", (self.net.host_ip().octets()[2]));
-        let mut child =
-            self.qemu_cmd(spec, tap, &mac).spawn().with_context(|| format!("starting {}", self.qemu.display()))?;
+        let (mac, prefix_len, gateway, netns) = match self.net.cni() {
+            Some(cni) => {
+                // The CNI link lives in the guest's own namespace; the tap QEMU opens there is
+                // joined to it with tc (what tc-redirect-tap does), and the card takes over the
+                // link's MAC so the host's side sees one peer.
+                let ns = format!("{}{slot:02x}", netns_prefix(&self.run_id));
+                run_cmd("ip", &["netns", "add", &ns], None).await?;
+                let att = self.net.cni_attach(&spec.id, &format!("/run/netns/{ns}")).await?;
+                let ifname = cni.settings.interface_name.clone();
+                super::cni::redirect_tap(&ns, &ifname, GUEST_TAP).await?;
+                (att.mac, att.prefix, att.gateway.filter(|_| self.net.options().egress), Some(ns))
+            }
+            None => {
+                let script = format!(
+                    "tuntap add dev {tap} mode tap\nlink set {tap} master {br}\nlink set {tap} type bridge_slave isolated on\nlink set {tap} up\n",
+                    br = self.net.bridge()
+                );
+                run_cmd("ip", &["-b", "-"], Some(&script)).await.context("creating the guest's tap device")?;
+                self.net.attach_port(&spec.id, tap).await?;
+                let mac = format!("52:54:00:d5:{:02x}:{slot:02x}", (self.net.host_ip().octets()[2]));
+                (mac, 24, self.net.gateway(), None)
+            }
+        };
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = self.qemu_cmd(spec, GUEST_TAP, &mac);
+                enter_netns(&mut c, ns)?;
+                c
+            }
+            None => self.qemu_cmd(spec, tap, &mac),
+        };
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.qemu.display()))?;
         let pid = child.id().unwrap_or(0);
         let md = GuestMetadata {
             id: spec.id.clone(),
-            ip: self.net.ip(slot).to_string(),
-            prefix_len: 24,
+            ip: self.net.agent_ip(&spec.id).map(|ip| ip.to_string()).unwrap_or_default(),
+            prefix_len,
             node_nats_host: spec.nats_host.clone(),
             node_nats_port: spec.nats_port,
             nkey_seed: spec.nkey_seed.clone(),
             stop_grace_ms: spec.stop_grace_ms,
             log: std::env::var("NEX_AGENT_LOG").unwrap_or_default(),
-            gateway: self.net.gateway().map(|g| g.to_string()).unwrap_or_default(),
+            gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
             nameservers: self.net.options().nameservers.iter().map(|n| n.to_string()).collect(),
         };
         let mut answer = serde_json::to_vec(&md)?;
@@ -328,6 +378,7 @@ impl MicrovmTier {
             exited: rx,
             work_dir: spec.work_dir.clone(),
             net: self.net.clone(),
+            netns,
         })
     }
 }
@@ -394,6 +445,8 @@ impl IsolationTier for MicrovmTier {
                     let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
                     let _ = tokio::fs::remove_dir_all(&spec.work_dir).await;
                     self.net.release(&spec.id).await;
+                    let ns = format!("{}{slot:02x}", netns_prefix(&self.run_id));
+                    let _ = run_cmd("ip", &["netns", "delete", &ns], None).await;
                     Err(e)
                 }
             }
@@ -415,6 +468,8 @@ struct MicrovmAgent {
     exited: watch::Receiver<Option<AgentExit>>,
     work_dir: PathBuf,
     net: Arc<BridgeNet>,
+    /// The guest's network namespace (with CNI).
+    netns: Option<String>,
 }
 
 impl AgentHandle for MicrovmAgent {
@@ -434,6 +489,9 @@ impl AgentHandle for MicrovmAgent {
             let _ = run_cmd("ip", &["link", "delete", &self.tap], None).await;
             let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
             self.net.release(&self.id).await;
+            if let Some(ns) = &self.netns {
+                let _ = run_cmd("ip", &["netns", "delete", ns], None).await;
+            }
         })
     }
 
@@ -470,5 +528,6 @@ pub async fn cleanup_run(run: &str) {
     for tap in super::net::links_with_prefix(&tap_prefix(run)).await {
         let _ = run_cmd("ip", &["link", "delete", &tap], None).await;
     }
+    super::net::delete_netns_with_prefix(&netns_prefix(run)).await;
     super::net::remove(run).await;
 }

@@ -5,6 +5,7 @@
 //! so a container or micro-VM tier plugs in beside [`process::ProcessTier`] without touching the
 //! control API.
 
+pub mod cni;
 pub mod container;
 pub mod cpio;
 pub mod microvm;

@@ -60,6 +60,9 @@ pub struct NetOptions {
     pub limits: RateLimiters,
     /// Address forwarded ports listen on.
     pub port_address: IpAddr,
+    /// The CNI network workloads are attached to, when the configuration has a `cni` section;
+    /// else nex's own bridge.
+    pub cni: Option<super::cni::CniSettings>,
 }
 
 impl Default for NetOptions {
@@ -86,7 +89,12 @@ impl NetOptions {
         let n = &cfg.workload_network;
         let mut deny = nets(&BUILTIN_DENY.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         deny.extend(nets(&n.deny));
-        let configured: Vec<IpAddr> = if !n.nameservers.is_empty() { &n.nameservers } else { &cfg.cni.nameservers }
+        let mut cni_ns = cfg.cni.as_ref().map(|c| c.nameservers.clone()).unwrap_or_default();
+        if cni_ns.is_empty() {
+            // The resolvers the CNI network's config hands out (`dns.nameservers`).
+            cni_ns = cfg.cni.as_ref().map(super::cni::conflist_nameservers).unwrap_or_default();
+        }
+        let configured: Vec<IpAddr> = if !n.nameservers.is_empty() { &n.nameservers } else { &cni_ns }
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect();
@@ -108,6 +116,18 @@ impl NetOptions {
             search,
             limits: cfg.rate_limiters.clone().unwrap_or_default(),
             port_address: n.port_address.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            cni: cfg.cni.as_ref().map(|c| super::cni::CniSettings {
+                network_name: c.network_name.clone(),
+                interface_name: c.interface_name.clone(),
+                subnet: c
+                    .subnet
+                    .parse()
+                    .unwrap_or_else(|_| ipnet::Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 127, 0), 24)),
+                gateway: cfg.internal_node_host.parse().unwrap_or(Ipv4Addr::new(192, 168, 127, 1)),
+                bin_dirs: c.bin_path.iter().map(std::path::PathBuf::from).collect(),
+                conf_dir: std::path::PathBuf::from(&c.conf_dir),
+                preserve: cfg.preserve_network,
+            }),
         }
     }
 
@@ -170,9 +190,13 @@ pub fn is_host_local(host: &str) -> bool {
 }
 
 /// What the network holds for one agent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AgentNet {
     slot: usize,
+    /// Its address: the slot's on the built-in bridge, the CNI result's otherwise.
+    ip: Ipv4Addr,
+    /// The CNI container id it was attached under.
+    cni_id: Option<String>,
     /// The agent's bridge port (veth or tap), once attached.
     port: Option<String>,
     /// The ifb device its outgoing traffic is shaped on, when a bandwidth limit is set.
@@ -192,6 +216,7 @@ pub struct BridgeNet {
     bridge: String,
     subnet: u8,
     opts: NetOptions,
+    cni: Option<super::cni::Cni>,
     slots: Mutex<Vec<bool>>,
     agents: Mutex<HashMap<String, AgentNet>>,
 }
@@ -222,6 +247,10 @@ impl BridgeNet {
     /// firewall cannot be made (a sandbox without it would expose every host service). Every
     /// agent port the tier attaches is named `<port_prefix>…`.
     pub async fn create(run: &str, port_prefix: &str, opts: NetOptions) -> Result<BridgeNet> {
+        let cni = match &opts.cni {
+            Some(s) => Some(super::cni::Cni::load(s.clone())?),
+            None => None,
+        };
         let lock = std::fs::File::create(NET_LOCK).with_context(|| format!("creating {NET_LOCK}"))?;
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
@@ -241,8 +270,25 @@ impl BridgeNet {
             bridge: bridge.clone(),
             subnet,
             opts,
+            cni,
             slots: Mutex::new(vec![false; 256]),
             agents: Mutex::new(HashMap::new()),
+        };
+        // Workload traffic is what comes from (goes to) the bridge, or with CNI any interface in
+        // the `wports` set: the host sides of the workloads' links.
+        let (wi, wo, not_wo, wsubnet) = match &net.cni {
+            Some(c) => (
+                "iifname @wports".to_string(),
+                "oifname @wports".to_string(),
+                "oifname != @wports".to_string(),
+                c.settings.subnet.to_string(),
+            ),
+            None => (
+                format!("iifname \"{bridge}\""),
+                format!("oifname \"{bridge}\""),
+                format!("oifname != \"{bridge}\""),
+                format!("{}/24", net.ip(0)),
+            ),
         };
         // The firewall comes first: the bridge must never be up without it.
         let forward = if net.opts.egress {
@@ -250,43 +296,47 @@ impl BridgeNet {
                 " set deny {{ type ipv4_addr; flags interval;{deny} }}
  set allow {{ type ipv4_addr; flags interval;{allow} }}
  chain forward {{ type filter hook forward priority -10; policy accept;
-  iifname \"{bridge}\" oifname \"{bridge}\" drop
-  oifname \"{bridge}\" ct state established,related accept
-  oifname \"{bridge}\" drop
-  iifname \"{bridge}\" ip daddr @allow accept
-  iifname \"{bridge}\" ip daddr @deny drop
-  iifname \"{bridge}\" meta nfproto ipv4 accept
-  iifname \"{bridge}\" drop
+  {wi} {wo} drop
+  {wo} ct state established,related accept
+  {wo} drop
+  {wi} ip daddr @allow accept
+  {wi} ip daddr @deny drop
+  {wi} meta nfproto ipv4 accept
+  {wi} drop
  }}
  chain postrouting {{ type nat hook postrouting priority 100; policy accept;
-  ip saddr {subnet} oifname != \"{bridge}\" masquerade
+  ip saddr {wsubnet} {not_wo} masquerade
  }}
 ",
                 deny = set_elements(&net.opts.deny),
                 allow = set_elements(&net.opts.allow),
-                subnet = format_args!("{}/24", net.ip(0)),
             )
         } else {
             format!(
                 " chain forward {{ type filter hook forward priority -10; policy accept;
-  iifname \"{bridge}\" drop
-  oifname \"{bridge}\" drop
+  {wi} drop
+  {wo} drop
  }}
 "
             )
         };
-        let rules = format!(
-            "table inet {table} {{
- set allowed {{ type inet_service; }}
- set relays {{ type ipv4_addr . inet_service; }}
- chain input {{ type filter hook input priority -10; policy accept;
-  iifname \"{bridge}\" ct state established,related accept
-  iifname \"{bridge}\" ip daddr {host} tcp dport @allowed accept
-  iifname \"{bridge}\" ip daddr {host} ip saddr . tcp dport @relays accept
-  iifname \"{bridge}\" drop
- }}
-{forward}}}
-table bridge {btable} {{
+        // Anti-spoofing: on the bridge, a frame from an agent's port must carry its address; with
+        // CNI (routed links, no bridge) the same check runs on IP packets as they enter.
+        let spoof = if net.cni.is_some() {
+            " chain prerouting { type filter hook prerouting priority -300; policy accept;
+  iifname @wports iifname . ip saddr != @ports drop
+  iifname @wports meta nfproto != ipv4 drop
+ }
+"
+            .to_string()
+        } else {
+            String::new()
+        };
+        let bridge_table = if net.cni.is_some() {
+            String::new()
+        } else {
+            format!(
+                "table bridge {btable} {{
  set ports {{ type ifname . ipv4_addr; }}
  chain prerouting {{ type filter hook prerouting priority -300; policy accept;
   iifname \"{port_prefix}*\" ether type ip iifname . ip saddr != @ports drop
@@ -295,8 +345,24 @@ table bridge {btable} {{
  }}
 }}
 ",
+                btable = bridge_table_name(run),
+            )
+        };
+        let rules = format!(
+            "table inet {table} {{
+ set allowed {{ type inet_service; }}
+ set relays {{ type ipv4_addr . inet_service; }}
+ set wports {{ type ifname; }}
+ set ports {{ type ifname . ipv4_addr; }}
+{spoof} chain input {{ type filter hook input priority -10; policy accept;
+  {wi} ct state established,related accept
+  {wi} ip daddr {host} tcp dport @allowed accept
+  {wi} ip daddr {host} ip saddr . tcp dport @relays accept
+  {wi} drop
+ }}
+{forward}}}
+{bridge_table}",
             table = table_name(run),
-            btable = bridge_table_name(run),
             host = net.host_ip(),
         );
         if let Err(e) = run_cmd("nft", &["-f", "-"], Some(&rules)).await {
@@ -305,10 +371,14 @@ table bridge {btable} {{
                 "the sandboxed tiers need an nftables firewall to fence workloads in, and it could not be set up ({e:#}): install nftables (apt-get install -y nftables) and run the node as root"
             );
         }
-        let script = format!(
-            "link add {bridge} type bridge\naddr add {}/24 dev {bridge}\nlink set {bridge} up\n",
-            net.host_ip()
-        );
+        // With CNI the node's side is a port-less bridge holding the gateway address (a dummy link
+        // would do, but not every kernel has the module), so the internal
+        // NATS and the relays can listen on it before any workload's link exists.
+        let script = if net.cni.is_some() {
+            format!("link add {bridge} type bridge\naddr add {}/32 dev {bridge}\nlink set {bridge} up\n", net.host_ip())
+        } else {
+            format!("link add {bridge} type bridge\naddr add {}/24 dev {bridge}\nlink set {bridge} up\n", net.host_ip())
+        };
         if let Err(e) = run_cmd("ip", &["-b", "-"], Some(&script)).await {
             remove(run).await;
             return Err(e.context("creating the agent bridge"));
@@ -335,9 +405,35 @@ table bridge {btable} {{
         &self.bridge
     }
 
-    /// The host's address on the bridge.
+    /// The host's address on the bridge, or with CNI the network's gateway
+    /// (`internal_node_host`).
     pub fn host_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, 1)
+        match &self.cni {
+            Some(c) => c.settings.gateway,
+            None => Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.subnet, 1),
+        }
+    }
+
+    /// The CNI network, when workloads are attached through CNI.
+    pub fn cni(&self) -> Option<&super::cni::Cni> {
+        self.cni.as_ref()
+    }
+
+    /// Attaches agent `id` to the CNI network inside namespace `netns` (a path) and records its
+    /// address. The host side of the link joins the firewall's sets ([`Self::attach_port`]).
+    pub async fn cni_attach(&self, id: &str, netns: &str) -> Result<super::cni::Attachment> {
+        let cni = self.cni.as_ref().ok_or_else(|| anyhow!("this node has no CNI network"))?;
+        let cid = format!("nex-{}-{id}", self.run_id);
+        let att = cni.add(&cid, netns).await?;
+        match self.agents.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            Some(a) => {
+                a.ip = att.ip;
+                a.cni_id = Some(cid);
+            }
+            None => bail!("agent {id} has no address slot"),
+        }
+        self.attach_port(id, &att.host_if).await?;
+        Ok(att)
     }
 
     /// The address of slot `slot`.
@@ -350,10 +446,19 @@ table bridge {btable} {{
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let i = (2..255).find(|&i| !s[i]).ok_or_else(|| anyhow!("no free agent address: 253 agents run"))?;
         s[i] = true;
-        self.agents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), AgentNet { slot: i, ..Default::default() });
+        self.agents.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id.to_string(),
+            AgentNet {
+                slot: i,
+                ip: self.ip(i),
+                cni_id: None,
+                port: None,
+                ifb: None,
+                ops_rule: None,
+                relays: HashMap::new(),
+                ports: Vec::new(),
+            },
+        );
         Ok(i)
     }
 
@@ -364,11 +469,15 @@ table bridge {btable} {{
             let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
             let a = agents.get_mut(id).ok_or_else(|| anyhow!("agent {id} has no address"))?;
             a.port = Some(port.to_string());
-            self.ip(a.slot)
+            a.ip
         };
         let element = format!("{{ \"{port}\" . {ip} }}");
-        run_cmd("nft", &["add", "element", "bridge", &bridge_table_name(&self.run_id), "ports", &element], None)
-            .await?;
+        let (family, table) = self.port_table();
+        run_cmd("nft", &["add", "element", family, &table, "ports", &element], None).await?;
+        if self.cni.is_some() {
+            let element = format!("{{ \"{port}\" }}");
+            run_cmd("nft", &["add", "element", "inet", &table, "wports", &element], None).await?;
+        }
         self.limit(id, port).await.context("applying rate_limiters to the workload's interface")
     }
 
@@ -396,9 +505,9 @@ table bridge {btable} {{
             run_cmd("tc", &["-b", "-"], Some(&script)).await?;
         }
         if let Some(o) = self.opts.limits.ops {
+            let (family, table) = self.port_table();
             let rule = format!(
-                "add rule bridge {} prerouting iifname \"{port}\" limit rate over {}/second burst {} packets drop",
-                bridge_table_name(&self.run_id),
+                "add rule {family} {table} prerouting iifname \"{port}\" limit rate over {}/second burst {} packets drop",
                 o.per_second(),
                 o.size.max(1)
             );
@@ -422,6 +531,16 @@ table bridge {btable} {{
         Ok(())
     }
 
+    /// The table holding the per-port sets and rules: the bridge table, or with CNI (no bridge)
+    /// the inet one.
+    fn port_table(&self) -> (&'static str, String) {
+        if self.cni.is_some() {
+            ("inet", table_name(&self.run_id))
+        } else {
+            ("bridge", bridge_table_name(&self.run_id))
+        }
+    }
+
     fn slot_of(&self, id: &str) -> Result<usize> {
         let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
         agents.get(id).map(|a| a.slot).ok_or_else(|| anyhow!("agent {id} has no address"))
@@ -429,7 +548,8 @@ table bridge {btable} {{
 
     /// The address of agent `id`.
     pub fn agent_ip(&self, id: &str) -> Option<Ipv4Addr> {
-        self.slot_of(id).ok().map(|s| self.ip(s))
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents.get(id).map(|a| a.ip)
     }
 
     /// Forwards each host port of `ports` to agent `id`: a listener on `port_address` that
@@ -482,7 +602,12 @@ table bridge {btable} {{
         let Some(a) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).remove(id) else {
             return;
         };
-        let ip = self.ip(a.slot);
+        let ip = a.ip;
+        let (family, ptable) = self.port_table();
+        if let (Some(cni), Some(cid)) = (&self.cni, &a.cni_id) {
+            // The plugins remove the link and release the address lease.
+            cni.del(cid).await;
+        }
         for (_, task) in &a.ports {
             task.abort();
         }
@@ -490,12 +615,8 @@ table bridge {btable} {{
             let _ = run_cmd("ip", &["link", "delete", ifb], None).await;
         }
         if let Some(h) = a.ops_rule {
-            let _ = run_cmd(
-                "nft",
-                &["delete", "rule", "bridge", &bridge_table_name(&self.run_id), "prerouting", "handle", &h.to_string()],
-                None,
-            )
-            .await;
+            let _ = run_cmd("nft", &["delete", "rule", family, &ptable, "prerouting", "handle", &h.to_string()], None)
+                .await;
         }
         for (port, task) in a.relays.values() {
             task.abort();
@@ -508,12 +629,11 @@ table bridge {btable} {{
             // namespace or last socket does.
             let _ = run_cmd("ip", &["link", "delete", p], None).await;
             let element = format!("{{ \"{p}\" . {ip} }}");
-            let _ = run_cmd(
-                "nft",
-                &["delete", "element", "bridge", &bridge_table_name(&self.run_id), "ports", &element],
-                None,
-            )
-            .await;
+            let _ = run_cmd("nft", &["delete", "element", family, &ptable, "ports", &element], None).await;
+            if self.cni.is_some() {
+                let element = format!("{{ \"{p}\" }}");
+                let _ = run_cmd("nft", &["delete", "element", family, &ptable, "wports", &element], None).await;
+            }
         }
         self.slots.lock().unwrap_or_else(|e| e.into_inner())[a.slot] = false;
     }
@@ -537,7 +657,7 @@ table bridge {btable} {{
             if let Some((p, _)) = a.relays.get(&target.host_port) {
                 return Ok(*p);
             }
-            self.ip(a.slot)
+            a.ip
         };
         let listener = tokio::net::TcpListener::bind((self.host_ip(), 0)).await?;
         let port = listener.local_addr()?.port();
@@ -571,8 +691,11 @@ table bridge {btable} {{
         Ok(rewrite_nats_urls(urls, |t| ports.get(t).map(|p| format!("{host}:{p}"))))
     }
 
-    /// Removes the bridge and the firewall tables.
+    /// Removes the bridge and the firewall tables (and any CNI attachment of the run still cached).
     pub async fn remove(&self) {
+        if self.cni.is_some() {
+            super::cni::del_prefix(&format!("nex-{}-", self.run_id)).await;
+        }
         remove(&self.run_id).await;
     }
 }
@@ -631,6 +754,17 @@ pub async fn remove(run: &str) {
     let _ = run_cmd("ip", &["link", "delete", &bridge_name(run)], None).await;
     for ifb in links_with_prefix(&ifb_prefix(run)).await {
         let _ = run_cmd("ip", &["link", "delete", &ifb], None).await;
+    }
+}
+
+/// Deletes every named network namespace whose name starts with `prefix`.
+pub async fn delete_netns_with_prefix(prefix: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output().await {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(prefix)) {
+                let _ = run_cmd("ip", &["netns", "delete", name], None).await;
+            }
+        }
     }
 }
 
