@@ -103,7 +103,7 @@ fn one() -> u32 {
 }
 
 /// Why a spec was refused; each says what to change.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SpecError {
     #[error("not a deployment spec: {0}")]
     Parse(String),
@@ -194,6 +194,240 @@ pub fn node_key(node: &str) -> String {
     format!("node.{node}")
 }
 
+/// What a signed revision does.
+pub const OP_APPLY: &str = "apply";
+/// A signed removal: the nodes stop every replica and the name is free again.
+pub const OP_REMOVE: &str = "remove";
+
+/// One revision as the bucket stores it under the spec key: the issuer's token and, unless the
+/// revision removes the deployment, the spec whose digest the token pins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Spec>,
+}
+
+/// A record whose token checked out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signed {
+    /// The issuer's public account key.
+    pub issuer: String,
+    /// When it was signed (unix seconds).
+    pub issued_at: i64,
+    /// The bucket revision it replaces.
+    pub replaces: u64,
+    /// The spec, `None` for a removal.
+    pub spec: Option<Spec>,
+}
+
+/// Why a revision in the bucket does not count; nodes and `nex` skip it and keep the last one
+/// that does.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RevisionError {
+    #[error("not a deployment record: {0}")]
+    NotARecord(String),
+    #[error("deleted without a signed removal (use `nex deployments rm`)")]
+    Unsigned,
+    #[error("its token is not valid: {0}")]
+    Token(crate::jwt::JwtError),
+    #[error("its token is for {token:?}, not for {key:?}")]
+    WrongKey { token: String, key: String },
+    #[error("its token is for operation {0:?}, not apply or remove")]
+    WrongOp(String),
+    #[error("its spec does not match the digest its token pins")]
+    Digest,
+    #[error("its spec is not valid: {0}")]
+    Spec(SpecError),
+    #[error("signed by {issuer}, but the deployment belongs to {owner}")]
+    NotOwner { owner: String, issuer: String },
+    #[error("a replay: its token replaces revision {replaces}, but it follows revision {previous}")]
+    Replayed { replaces: u64, previous: u64 },
+}
+
+impl Record {
+    /// A revision that sets the deployment to `spec`, replacing bucket revision `replaces` (0
+    /// when the key has none).
+    pub fn apply(spec: &Spec, replaces: u64, issuer: &nkeys::KeyPair) -> Result<Record, crate::jwt::JwtError> {
+        let token =
+            revision_claims(&spec.namespace, &spec.name, OP_APPLY, Some(spec.digest()), replaces).encode(issuer)?;
+        Ok(Record { token, spec: Some(spec.clone()) })
+    }
+
+    /// A revision that removes `namespace`/`name`.
+    pub fn remove(
+        namespace: &str,
+        name: &str,
+        replaces: u64,
+        issuer: &nkeys::KeyPair,
+    ) -> Result<Record, crate::jwt::JwtError> {
+        let token = revision_claims(namespace, name, OP_REMOVE, None, replaces).encode(issuer)?;
+        Ok(Record { token, spec: None })
+    }
+
+    /// The record as bucket bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Checks the record on its own, as found under `key`: the signature, that the token was
+    /// made for this key and operation, and that the spec is the one it pins.
+    pub fn check(&self, key: &str) -> Result<Signed, RevisionError> {
+        let c = crate::jwt::WorkloadClaims::decode(&self.token).map_err(RevisionError::Token)?;
+        let token_key = spec_key(c.nex.namespace.as_deref().unwrap_or(""), &c.sub);
+        if token_key != key {
+            return Err(RevisionError::WrongKey { token: token_key, key: key.to_string() });
+        }
+        let op = c.nex.op.clone().unwrap_or_default();
+        let spec = match (op.as_str(), &self.spec) {
+            (OP_APPLY, Some(spec)) => {
+                if c.nex.spec_digest.as_deref() != Some(spec.digest().as_str()) || spec.key() != key {
+                    return Err(RevisionError::Digest);
+                }
+                spec.validate().map_err(RevisionError::Spec)?;
+                Some(spec.clone())
+            }
+            (OP_REMOVE, None) => None,
+            (OP_APPLY, None) | (OP_REMOVE, Some(_)) => return Err(RevisionError::Digest),
+            _ => return Err(RevisionError::WrongOp(op)),
+        };
+        Ok(Signed { issuer: c.iss, issued_at: c.iat, replaces: c.nex.replaces.unwrap_or(0), spec })
+    }
+}
+
+fn revision_claims(
+    namespace: &str,
+    name: &str,
+    op: &str,
+    digest: Option<String>,
+    replaces: u64,
+) -> crate::jwt::WorkloadClaims {
+    let mut c = crate::jwt::WorkloadClaims::new(name, None);
+    c.nex.namespace = Some(namespace.to_string());
+    c.nex.op = Some(op.to_string());
+    c.nex.spec_digest = digest;
+    c.nex.replaces = Some(replaces);
+    c
+}
+
+/// One entry of a spec key's history, oldest first: its bucket revision and value (`None` for a
+/// delete or purge marker).
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub revision: u64,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The deployment a spec key's history amounts to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Current {
+    /// The bucket revision of the revision in force.
+    pub revision: u64,
+    pub owner: String,
+    pub issued_at: i64,
+    pub spec: Spec,
+}
+
+/// A history read: what is in force, and each entry's verdict.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The deployment in force, `None` when never applied or removed.
+    pub current: Option<Current>,
+    /// The owner: the issuer of the revision in force.
+    pub owner: Option<String>,
+    /// The newest bucket revision, valid or not: the one the next write replaces.
+    pub latest: u64,
+    /// Each entry, oldest first, with its verdict.
+    pub entries: Vec<(u64, Result<Signed, RevisionError>)>,
+}
+
+/// Replays a spec key's history (oldest first). An entry counts when it checks out on its own
+/// ([`Record::check`]), names the entry before it as the one it replaces (so a copy of an old
+/// revision put back is a replay), and is signed by the owner: the issuer of the revision in
+/// force, anyone while there is none. The oldest entry kept may follow entries the bucket no
+/// longer holds, so its `replaces` is not checked.
+pub fn resolve(key: &str, history: &[HistoryEntry]) -> Resolved {
+    let mut current: Option<Current> = None;
+    let mut owner: Option<String> = None;
+    let mut previous: Option<u64> = None;
+    let mut entries = Vec::with_capacity(history.len());
+    for e in history {
+        let verdict = (|| {
+            let bytes = e.value.as_ref().ok_or(RevisionError::Unsigned)?;
+            let record: Record =
+                serde_json::from_slice(bytes).map_err(|err| RevisionError::NotARecord(err.to_string()))?;
+            let s = record.check(key)?;
+            if let Some(p) = previous {
+                if s.replaces != p {
+                    return Err(RevisionError::Replayed { replaces: s.replaces, previous: p });
+                }
+            }
+            if let Some(o) = &owner {
+                if *o != s.issuer {
+                    return Err(RevisionError::NotOwner { owner: o.clone(), issuer: s.issuer.clone() });
+                }
+            }
+            Ok(s)
+        })();
+        if let Ok(s) = &verdict {
+            match &s.spec {
+                Some(spec) => {
+                    owner = Some(s.issuer.clone());
+                    current = Some(Current {
+                        revision: e.revision,
+                        owner: s.issuer.clone(),
+                        issued_at: s.issued_at,
+                        spec: spec.clone(),
+                    });
+                }
+                None => {
+                    owner = None;
+                    current = None;
+                }
+            }
+        }
+        previous = Some(e.revision);
+        entries.push((e.revision, verdict));
+    }
+    Resolved { current, owner, latest: previous.unwrap_or(0), entries }
+}
+
+/// What changes between two specs, as `(path, old, new)` of their JSON leaves (`None` where a
+/// side has no value), in path order.
+pub fn diff(old: &Spec, new: &Spec) -> Vec<(String, Option<serde_json::Value>, Option<serde_json::Value>)> {
+    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    leaves(&p, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    leaves("", &serde_json::to_value(old).unwrap_or_default(), &mut a);
+    leaves("", &serde_json::to_value(new).unwrap_or_default(), &mut b);
+    let paths: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    paths
+        .into_iter()
+        .filter(|p| a.get(*p) != b.get(*p))
+        .map(|p| (p.clone(), a.get(p).cloned(), b.get(p).cloned()))
+        .collect()
+}
+
+/// Whether going from `old` to `new` replaces the running replicas (a roll-out), rather than
+/// only adding or removing some.
+pub fn needs_rollout(old: &Spec, new: &Spec) -> bool {
+    let strip =
+        |s: &Spec| Spec { replicas: 0, rollout: Rollout::default(), placement: Placement::default(), ..s.clone() };
+    strip(old) != strip(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +493,72 @@ mod tests {
         let mut v = spec();
         v["replica"] = 3.into();
         assert!(matches!(parse(v), Err(SpecError::Parse(e)) if e.contains("replica")));
+    }
+
+    fn entry(revision: u64, r: &Record) -> HistoryEntry {
+        HistoryEntry { revision, value: Some(r.to_bytes()) }
+    }
+
+    #[test]
+    fn deployment_history_keeps_the_owners_revisions_and_refuses_forgeries_and_replays() {
+        let (a, b) = (nkeys::KeyPair::new_account(), nkeys::KeyPair::new_account());
+        let v1 = parse(spec()).unwrap();
+        let key = v1.key();
+        let mut v2 = v1.clone();
+        v2.replicas = 5;
+        let r1 = Record::apply(&v1, 0, &a).unwrap();
+        let r2 = Record::apply(&v2, 1, &a).unwrap();
+        // Another issuer writing past the CLI, on the right revision.
+        let forged = Record::apply(&v1, 2, &b).unwrap();
+        // The owner's first revision put back as it was.
+        let replay = r1.clone();
+        // A valid token with another spec than the one it pins.
+        let mut tampered = Record::apply(&v2, 4, &a).unwrap();
+        tampered.spec.as_mut().unwrap().replicas = 7;
+        let history = vec![
+            entry(1, &r1),
+            entry(2, &r2),
+            entry(3, &forged),
+            entry(4, &replay),
+            entry(5, &tampered),
+            HistoryEntry { revision: 6, value: None },
+            HistoryEntry { revision: 7, value: Some(b"{}".to_vec()) },
+        ];
+        let res = resolve(&key, &history);
+        let cur = res.current.clone().unwrap();
+        assert_eq!((cur.revision, cur.spec.replicas, cur.owner.as_str()), (2, 5, a.public_key().as_str()));
+        assert_eq!(res.latest, 7);
+        let verdicts: Vec<_> = res.entries.iter().map(|(_, v)| v.clone().err()).collect();
+        assert_eq!(verdicts[0], None);
+        assert_eq!(verdicts[1], None);
+        assert_eq!(verdicts[2], Some(RevisionError::NotOwner { owner: a.public_key(), issuer: b.public_key() }));
+        assert_eq!(verdicts[3], Some(RevisionError::Replayed { replaces: 0, previous: 3 }));
+        assert_eq!(verdicts[4], Some(RevisionError::Digest));
+        assert_eq!(verdicts[5], Some(RevisionError::Unsigned));
+        assert!(matches!(verdicts[6], Some(RevisionError::NotARecord(_))));
+        // A token for another deployment's key is refused too.
+        let mut other = v1.clone();
+        other.name = "other".into();
+        let r = Record::apply(&other, 7, &a).unwrap();
+        assert!(matches!(r.check(&key), Err(RevisionError::WrongKey { .. })));
+
+        // The owner removes it; then the name is free for anyone.
+        let mut history = history;
+        history.push(entry(8, &Record::remove("default", "echo", 7, &a).unwrap()));
+        history.push(entry(9, &Record::apply(&v1, 8, &b).unwrap()));
+        let res = resolve(&key, &history);
+        assert_eq!(res.current.unwrap().owner, b.public_key());
+    }
+
+    #[test]
+    fn deployment_plans_name_each_change_and_whether_it_rolls_out() {
+        let v1 = parse(spec()).unwrap();
+        let mut v2 = v1.clone();
+        v2.replicas = 5;
+        assert_eq!(diff(&v1, &v2), vec![("replicas".to_string(), Some(3.into()), Some(5.into()))]);
+        assert!(!needs_rollout(&v1, &v2));
+        v2.environment.insert("MODE".into(), "fast".into());
+        assert_eq!(diff(&v1, &v2)[0], ("environment.MODE".to_string(), None, Some("fast".into())));
+        assert!(needs_rollout(&v1, &v2));
     }
 }

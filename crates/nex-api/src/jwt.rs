@@ -69,6 +69,13 @@ pub struct NexClaims {
     /// LAMEDUCK: drain and exit after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// A deployment revision: the SHA-256 of the spec it pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_digest: Option<String>,
+    /// A deployment revision: the bucket revision it replaces (0 for the first), so an old
+    /// revision put back into the bucket is told apart from a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 impl NexClaims {

@@ -198,6 +198,19 @@ pub enum Command {
         after_help = "Examples:\n  nex rootfs --out /var/lib/nex/microvm\n  nex rootfs -o rootfs.ext4 --size 150      # an ext4 root file system, vmlinuz beside it\n  nex rootfs --kernel-deb ./linux-image-6.1.0-56-cloud-amd64_6.1.192-2_amd64.deb --out ./guest\n  nex rootfs --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) --out ./guest"
     )]
     Rootfs(crate::commands::rootfs::RootfsArgs),
+    /// Show what `nex apply` would change in a deployment, without changing it
+    #[command(
+        after_help = "Example:\n  nex plan -f echo.json                    # + create, ~ update (field: old → new) or = unchanged"
+    )]
+    Plan(crate::commands::deployments::PlanArgs),
+    /// Create or update a deployment: N replicas the nodes keep running (signed by its issuer)
+    #[command(
+        after_help = "Examples:\n  nex apply -f echo.json --issuer ~/.nex/issuer.nk\n  nex apply -f echo.json --expect-revision 4   # only if nobody changed it since `nex plan`\n\nA spec (JSON):\n  {\"name\": \"echo\", \"workload_type\": \"native\", \"replicas\": 3,\n   \"artifact\": {\"url\": \"nats://NEXCLIFILES/echoservice\", \"sha256\": \"<sha256sum of the file>\"},\n   \"placement\": {\"spread\": \"zone\"}, \"rollout\": {\"max_surge\": 1, \"max_unavailable\": 0}}"
+    )]
+    Apply(crate::commands::deployments::ApplyArgs),
+    /// List, show, remove and roll back deployments
+    #[command(subcommand, alias = "deployment")]
+    Deployments(crate::commands::deployments::DeploymentsCommand),
     /// Print shell completions
     #[command(after_help = "Example:\n  nex completions bash > /etc/bash_completion.d/nex")]
     Completions(crate::commands::completions::CompletionsArgs),

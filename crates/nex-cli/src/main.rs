@@ -96,6 +96,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             unreachable!("handled above")
         }
         Command::Run(a) => commands::run::run(&g, &client, a).await,
+        Command::Plan(a) => commands::deployments::plan(&g, &nc, a).await,
+        Command::Apply(a) => commands::deployments::apply(&g, &nc, a).await,
+        Command::Deployments(c) => commands::deployments::deployments(&g, &nc, c).await,
         Command::Devrun(a) => commands::devrun::devrun(&g, &client, a).await,
         Command::Stop(a) => commands::run::stop(&client, a).await,
     };

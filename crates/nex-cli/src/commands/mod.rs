@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod call;
 pub mod completions;
+pub mod deployments;
 pub mod devrun;
 pub mod lameduck;
 pub mod monitor;

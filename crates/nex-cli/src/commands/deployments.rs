@@ -1,0 +1,574 @@
+//! `nex plan`, `nex apply` and `nex deployments …`: the desired state of self-healing
+//! deployments in the deployments bucket, every write signed by its issuer and conditional on
+//! the revision it was planned against.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::kv;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use serde_json::json;
+
+use nex_api::deployment::{self as dep, HistoryEntry, Record, Resolved, Spec};
+
+use crate::cli::GlobalOpts;
+use crate::output::{print_json, Table};
+
+/// `nex plan`
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The deployment spec (JSON)
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Issuer account seed file (SA…); default ~/.nex/issuer.nk
+    #[arg(long)]
+    pub issuer: Option<PathBuf>,
+    /// Print the plan as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nex apply`
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Write only if the deployment is still at this revision (the one `nex plan` showed); 0: only
+    /// if it does not exist
+    #[arg(long = "expect-revision")]
+    pub expect_revision: Option<u64>,
+}
+
+/// `nex deployments …`
+#[derive(Debug, Subcommand)]
+pub enum DeploymentsCommand {
+    /// List the deployments in --namespace
+    #[command(
+        alias = "list",
+        after_help = "Examples:\n  nex deployments ls\n  nex deployments ls --json | jq '.[].name'"
+    )]
+    Ls(LsArgs),
+    /// Show a deployment: its spec, owner and replica slots
+    #[command(after_help = "Example:\n  nex deployments get echo")]
+    Get(NameArgs),
+    /// Show every revision of a deployment the bucket still holds, and why any does not count
+    #[command(after_help = "Example:\n  nex deployments history echo")]
+    History(NameArgs),
+    /// Remove a deployment: the nodes stop every replica (signed by its issuer)
+    #[command(alias = "delete", after_help = "Example:\n  nex deployments rm echo --issuer ~/.nex/issuer.nk")]
+    Rm(SignedNameArgs),
+    /// Apply an earlier revision's spec again, as a new revision
+    #[command(
+        after_help = "Examples:\n  nex deployments rollback echo            # to the revision before the current one\n  nex deployments rollback echo --to 3"
+    )]
+    Rollback(RollbackArgs),
+}
+
+/// `nex deployments ls`
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A deployment name.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Deployment name
+    pub name: String,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A deployment name and the issuer that signs the change.
+#[derive(Debug, Args)]
+pub struct SignedNameArgs {
+    /// Deployment name
+    pub name: String,
+    /// Issuer account seed file (SA…): the deployment's owner; default ~/.nex/issuer.nk
+    #[arg(long)]
+    pub issuer: Option<PathBuf>,
+}
+
+/// `nex deployments rollback`
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub target: SignedNameArgs,
+    /// The revision whose spec to apply again (see `nex deployments history`); default: the
+    /// valid revision before the current one
+    #[arg(long)]
+    pub to: Option<u64>,
+}
+
+fn issuer(path: &Option<PathBuf>) -> Result<nkeys::KeyPair> {
+    match path {
+        Some(p) => nkeys::KeyPair::from_seed(&super::read_seed(p)?)
+            .with_context(|| format!("{} does not hold an account seed", p.display())),
+        None => Ok(super::devrun::dev_keys()?.0),
+    }
+}
+
+fn read_spec(path: &std::path::Path) -> Result<Spec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Spec::parse(&text).with_context(|| format!("{} is not a valid deployment spec", path.display()))
+}
+
+/// The deployments bucket; created (with history, and per-key TTLs for node heartbeats) when
+/// `create` is set.
+async fn bucket(g: &GlobalOpts, nc: &async_nats::Client, create: bool) -> Result<Option<kv::Store>> {
+    let js = match g.jsdomain.as_deref() {
+        Some(d) => async_nats::jetstream::with_domain(nc.clone(), d),
+        None => async_nats::jetstream::new(nc.clone()),
+    };
+    match js.get_key_value(dep::BUCKET).await {
+        Ok(kv) => Ok(Some(kv)),
+        Err(e) if !create => {
+            if matches!(e.kind(), async_nats::jetstream::context::KeyValueErrorKind::GetBucket) {
+                Ok(None)
+            } else {
+                Err(anyhow::Error::new(e).context(format!("opening the {} bucket", dep::BUCKET)))
+            }
+        }
+        Err(_) => {
+            let kv = js
+                .create_key_value(kv::Config {
+                    bucket: dep::BUCKET.into(),
+                    description: "nex deployments: signed specs, replica slots, node heartbeats".into(),
+                    history: 64,
+                    limit_markers: Some(std::time::Duration::from_secs(5)),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| {
+                    format!(
+                        "creating the {} bucket (the account needs JetStream, nats-server 2.11 or later)",
+                        dep::BUCKET
+                    )
+                })?;
+            Ok(Some(kv))
+        }
+    }
+}
+
+/// Reads a key's history and what it amounts to.
+async fn read(kv: &kv::Store, key: &str) -> Result<Resolved> {
+    let mut history = Vec::new();
+    match kv.history(key).await {
+        Ok(mut h) => {
+            while let Some(e) = h.next().await {
+                let e = e.with_context(|| format!("reading the history of {key}"))?;
+                let value = matches!(e.operation, kv::Operation::Put).then(|| e.value.to_vec());
+                history.push(HistoryEntry { revision: e.revision, value });
+            }
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the history of {key}"))),
+    }
+    Ok(dep::resolve(key, &history))
+}
+
+/// Writes `record` on revision `latest` (create-only when 0); a lost race is a conflict that
+/// says what to do.
+async fn write(kv: &kv::Store, key: &str, latest: u64, record: &Record) -> Result<u64> {
+    let value = bytes::Bytes::from(record.to_bytes());
+    let res = if latest == 0 {
+        kv.create(key, value).await.map_err(|e| match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => conflict(key, None),
+            _ => anyhow::Error::new(e),
+        })
+    } else {
+        kv.update(key, value, latest).await.map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => conflict(key, Some(latest)),
+            _ => anyhow::Error::new(e),
+        })
+    };
+    res.with_context(|| format!("writing {key}"))
+}
+
+fn conflict(key: &str, read: Option<u64>) -> anyhow::Error {
+    let was = read.map(|r| format!("revision {r}")).unwrap_or_else(|| "absent".into());
+    anyhow::anyhow!(
+        "conflict: {key} changed since it was read ({was}); another apply won: run `nex plan` to see the new state, then apply again"
+    )
+}
+
+/// Refuses early, with what to do, what the nodes would ignore.
+fn check_owner(res: &Resolved, issuer: &nkeys::KeyPair, what: &str) -> Result<()> {
+    if let Some(owner) = &res.owner {
+        if *owner != issuer.public_key() {
+            bail!(
+                "{what} belongs to issuer {owner}, and only it may change or remove it (you signed with {}): use that issuer's key with --issuer",
+                issuer.public_key()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn show(v: &Option<serde_json::Value>) -> String {
+    v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "(none)".into())
+}
+
+fn age(unix: i64) -> String {
+    let secs = (chrono::Utc::now().timestamp() - unix).max(0) as u64;
+    nex_api::uptime::format(std::time::Duration::from_secs(secs))
+}
+
+fn short(key: &str) -> String {
+    if key.len() > 12 {
+        format!("{}…", &key[..12])
+    } else {
+        key.to_string()
+    }
+}
+
+/// `nex plan` (and the first half of `nex apply`): what writing the spec would change.
+async fn plan_of(
+    kv: Option<&kv::Store>,
+    spec: &Spec,
+    issuer: &nkeys::KeyPair,
+) -> Result<(Resolved, serde_json::Value, Vec<String>)> {
+    let key = spec.key();
+    let res = match kv {
+        Some(kv) => read(kv, &key).await?,
+        None => dep::resolve(&key, &[]),
+    };
+    let what = format!("deployment {}/{}", spec.namespace, spec.name);
+    check_owner(&res, issuer, &what)?;
+    let mut lines = Vec::new();
+    let (action, changes) = match &res.current {
+        None => {
+            lines.push(format!(
+                "+ create {what}: {} × {} from {}",
+                spec.replicas, spec.workload_type, spec.artifact.url
+            ));
+            ("create", Vec::new())
+        }
+        Some(cur) if cur.spec == *spec => {
+            lines.push(format!("= {what} is unchanged (revision {})", cur.revision));
+            ("none", Vec::new())
+        }
+        Some(cur) => {
+            let changes = dep::diff(&cur.spec, spec);
+            lines.push(format!("~ update {what} (revision {} → a new revision):", cur.revision));
+            for (path, old, new) in &changes {
+                lines.push(format!("    {path}: {} → {}", show(old), show(new)));
+            }
+            if dep::needs_rollout(&cur.spec, spec) {
+                lines.push(format!(
+                    "  replaces the running replicas one at a time (max_surge {}, max_unavailable {})",
+                    spec.rollout.max_surge, spec.rollout.max_unavailable
+                ));
+            } else if cur.spec.replicas != spec.replicas {
+                lines.push(format!("  scales from {} to {} replicas", cur.spec.replicas, spec.replicas));
+            }
+            ("update", changes)
+        }
+    };
+    if !spec.environment.is_empty() {
+        lines.push(
+            "  note: the environment is stored in the deployments bucket as given; keep secrets out of it".into(),
+        );
+    }
+    let doc = json!({
+        "namespace": spec.namespace,
+        "name": spec.name,
+        "action": action,
+        "revision": res.current.as_ref().map(|c| c.revision),
+        "latest_revision": res.latest,
+        "changes": changes.iter().map(|(p, o, n)| json!({"path": p, "old": o, "new": n})).collect::<Vec<_>>(),
+        "digest": spec.digest(),
+    });
+    Ok((res, doc, lines))
+}
+
+/// `nex plan -f FILE`
+pub async fn plan(g: &GlobalOpts, nc: &async_nats::Client, args: PlanArgs) -> Result<()> {
+    let spec = read_spec(&args.file)?;
+    let issuer = issuer(&args.issuer)?;
+    let kv = bucket(g, nc, false).await?;
+    let (_, doc, lines) = plan_of(kv.as_ref(), &spec, &issuer).await?;
+    if args.json {
+        print_json(&doc);
+    } else {
+        println!("{}", lines.join("\n"));
+    }
+    Ok(())
+}
+
+/// `nex apply -f FILE`
+pub async fn apply(g: &GlobalOpts, nc: &async_nats::Client, args: ApplyArgs) -> Result<()> {
+    let spec = read_spec(&args.plan.file)?;
+    let issuer = issuer(&args.plan.issuer)?;
+    let kv = bucket(g, nc, true).await?.context("the deployments bucket")?;
+    let (res, mut doc, lines) = plan_of(Some(&kv), &spec, &issuer).await?;
+    if let Some(want) = args.expect_revision {
+        if res.latest != want {
+            return Err(
+                conflict(&spec.key(), Some(want)).context(format!("the deployment is at revision {}", res.latest))
+            );
+        }
+    }
+    let unchanged = res.current.as_ref().is_some_and(|c| c.spec == spec);
+    let revision = if unchanged {
+        res.current.as_ref().map(|c| c.revision).unwrap_or(0)
+    } else {
+        let record = Record::apply(&spec, res.latest, &issuer)?;
+        write(&kv, &spec.key(), res.latest, &record).await?
+    };
+    doc["applied_revision"] = json!(revision);
+    if args.plan.json {
+        print_json(&doc);
+    } else {
+        println!("{}", lines.join("\n"));
+        if unchanged {
+            println!("Nothing to apply.");
+        } else {
+            println!("Applied {}/{} as revision {revision}.", spec.namespace, spec.name);
+        }
+    }
+    Ok(())
+}
+
+/// `nex deployments …`
+pub async fn deployments(g: &GlobalOpts, nc: &async_nats::Client, cmd: DeploymentsCommand) -> Result<()> {
+    let ns = g.namespace.as_str();
+    match cmd {
+        DeploymentsCommand::Ls(a) => ls(g, nc, ns, a).await,
+        DeploymentsCommand::Get(a) => get(g, nc, ns, a).await,
+        DeploymentsCommand::History(a) => history(g, nc, ns, a).await,
+        DeploymentsCommand::Rm(a) => rm(g, nc, ns, a).await,
+        DeploymentsCommand::Rollback(a) => rollback(g, nc, ns, a).await,
+    }
+}
+
+async fn keys_with_prefix(kv: &kv::Store, prefix: &str) -> Result<Vec<String>> {
+    let mut keys: Vec<String> = match kv.keys().await {
+        Ok(k) => {
+            k.filter_map(|k| async move { k.ok() })
+                .filter(|k| std::future::ready(k.starts_with(prefix)))
+                .collect()
+                .await
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("listing the deployments bucket")),
+    };
+    keys.sort();
+    Ok(keys)
+}
+
+async fn ls(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: LsArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    if let Some(kv) = bucket(g, nc, false).await? {
+        for key in keys_with_prefix(&kv, &format!("spec.{ns}.")).await? {
+            let res = read(&kv, &key).await?;
+            let Some(cur) = res.current else { continue };
+            let ignored = res.entries.iter().filter(|(r, v)| *r > cur.revision && v.is_err()).count();
+            rows.push(json!({
+                "namespace": cur.spec.namespace,
+                "name": cur.spec.name,
+                "revision": cur.revision,
+                "replicas": cur.spec.replicas,
+                "workload_type": cur.spec.workload_type,
+                "artifact": cur.spec.artifact.url,
+                "owner": cur.owner,
+                "applied_at": cur.issued_at,
+                "ignored_revisions": ignored,
+            }));
+        }
+    }
+    if a.json {
+        print_json(&rows);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No deployments in namespace {ns}. Create one with: nex apply -f echo.json");
+        return Ok(());
+    }
+    let mut t = Table::new(
+        &format!("Deployments in {ns}"),
+        &["NAME", "REVISION", "REPLICAS", "TYPE", "ARTIFACT", "OWNER", "APPLIED", "NOTE"],
+    );
+    for r in &rows {
+        let ignored = r["ignored_revisions"].as_u64().unwrap_or(0);
+        t.row(vec![
+            r["name"].as_str().unwrap_or("").into(),
+            r["revision"].to_string(),
+            r["replicas"].to_string(),
+            r["workload_type"].as_str().unwrap_or("").into(),
+            r["artifact"].as_str().unwrap_or("").into(),
+            short(r["owner"].as_str().unwrap_or("")),
+            format!("{} ago", age(r["applied_at"].as_i64().unwrap_or(0))),
+            if ignored > 0 { format!("{ignored} newer revision(s) ignored: see history") } else { String::new() },
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn current(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, name: &str) -> Result<(kv::Store, Resolved)> {
+    let missing = || anyhow::anyhow!("no deployment {ns}/{name}: see `nex deployments ls` (and --namespace)");
+    let kv = bucket(g, nc, false).await?.ok_or_else(missing)?;
+    let res = read(&kv, &dep::spec_key(ns, name)).await?;
+    if res.entries.is_empty() {
+        return Err(missing());
+    }
+    Ok((kv, res))
+}
+
+async fn get(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: NameArgs) -> Result<()> {
+    let (kv, res) = current(g, nc, ns, &a.name).await?;
+    let cur = res.current.clone().with_context(|| format!("deployment {ns}/{} was removed", a.name))?;
+    let mut slots = Vec::new();
+    for i in 0..cur.spec.replicas {
+        let key = dep::slot_key(ns, &a.name, i);
+        let entry = kv.entry(key.clone()).await.with_context(|| format!("reading {key}"))?;
+        let owner = entry
+            .as_ref()
+            .filter(|e| matches!(e.operation, kv::Operation::Put))
+            .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok());
+        slots.push(json!({
+            "slot": i,
+            "node": owner.as_ref().and_then(|o| o["node"].as_str().map(str::to_string)),
+            "handoff": owner.as_ref().and_then(|o| o["handoff"].as_str().map(str::to_string)),
+            "revision": entry.as_ref().map(|e| e.revision),
+            "since": entry.as_ref().map(|e| e.created.unix_timestamp()),
+        }));
+    }
+    let ignored: Vec<_> = res
+        .entries
+        .iter()
+        .filter(|(r, _)| *r > cur.revision)
+        .filter_map(|(r, v)| v.as_ref().err().map(|e| json!({"revision": r, "reason": e.to_string()})))
+        .collect();
+    if a.json {
+        print_json(&json!({
+            "spec": cur.spec, "revision": cur.revision, "owner": cur.owner,
+            "applied_at": cur.issued_at, "slots": slots, "ignored_revisions": ignored,
+        }));
+        return Ok(());
+    }
+    let s = &cur.spec;
+    println!(
+        "Deployment {ns}/{} — revision {}, applied {} ago by {}",
+        s.name,
+        cur.revision,
+        age(cur.issued_at),
+        cur.owner
+    );
+    println!("  {} × {} from {} (sha256 {})", s.replicas, s.workload_type, s.artifact.url, short(&s.artifact.sha256));
+    if !s.triggers.is_empty() {
+        println!("  triggers: {}", s.triggers.join(", "));
+    }
+    if let Some(spread) = &s.placement.spread {
+        println!("  spread across: {spread}");
+    }
+    for i in &ignored {
+        println!("  ignored revision {}: {}", i["revision"], i["reason"].as_str().unwrap_or(""));
+    }
+    let mut t = Table::new("Replicas", &["SLOT", "NODE", "HANDOFF", "SINCE"]);
+    for sl in &slots {
+        let node = sl["node"].as_str().map(str::to_string).unwrap_or_else(|| "unclaimed".into());
+        t.row(vec![
+            sl["slot"].to_string(),
+            node,
+            sl["handoff"].as_str().unwrap_or("").into(),
+            sl["since"].as_i64().map(|t| format!("{} ago", age(t))).unwrap_or_default(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn history(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: NameArgs) -> Result<()> {
+    let (_, res) = current(g, nc, ns, &a.name).await?;
+    let in_force = res.current.as_ref().map(|c| c.revision);
+    let rows: Vec<_> = res
+        .entries
+        .iter()
+        .map(|(rev, v)| match v {
+            Ok(s) => json!({
+                "revision": rev,
+                "op": if s.spec.is_some() { dep::OP_APPLY } else { dep::OP_REMOVE },
+                "issuer": s.issuer,
+                "issued_at": s.issued_at,
+                "replicas": s.spec.as_ref().map(|s| s.replicas),
+                "digest": s.spec.as_ref().map(|s| s.digest()),
+                "in_force": Some(*rev) == in_force,
+            }),
+            Err(e) => json!({"revision": rev, "op": "ignored", "reason": e.to_string(), "in_force": false}),
+        })
+        .collect();
+    if a.json {
+        print_json(&rows);
+        return Ok(());
+    }
+    let mut t = Table::new(
+        &format!("History of {ns}/{}", a.name),
+        &["REVISION", "OP", "ISSUER", "SIGNED", "REPLICAS", "SPEC DIGEST", "NOTE"],
+    );
+    for r in &rows {
+        let note = if r["in_force"] == json!(true) {
+            "in force".to_string()
+        } else {
+            r["reason"].as_str().unwrap_or("").to_string()
+        };
+        t.row(vec![
+            r["revision"].to_string(),
+            r["op"].as_str().unwrap_or("").into(),
+            short(r["issuer"].as_str().unwrap_or("")),
+            r["issued_at"].as_i64().map(|t| format!("{} ago", age(t))).unwrap_or_default(),
+            r["replicas"].as_u64().map(|n| n.to_string()).unwrap_or_default(),
+            short(r["digest"].as_str().unwrap_or("")),
+            note,
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn rm(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: SignedNameArgs) -> Result<()> {
+    let issuer = issuer(&a.issuer)?;
+    let (kv, res) = current(g, nc, ns, &a.name).await?;
+    if res.current.is_none() {
+        bail!("deployment {ns}/{} is already removed", a.name);
+    }
+    check_owner(&res, &issuer, &format!("deployment {ns}/{}", a.name))?;
+    let record = Record::remove(ns, &a.name, res.latest, &issuer)?;
+    let rev = write(&kv, &dep::spec_key(ns, &a.name), res.latest, &record).await?;
+    println!("Removed {ns}/{} (revision {rev}): its replicas stop on every node.", a.name);
+    Ok(())
+}
+
+async fn rollback(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: RollbackArgs) -> Result<()> {
+    let issuer = issuer(&a.target.issuer)?;
+    let name = &a.target.name;
+    let (kv, res) = current(g, nc, ns, name).await?;
+    check_owner(&res, &issuer, &format!("deployment {ns}/{name}"))?;
+    let in_force = res.current.as_ref().map(|c| c.revision);
+    let applied: Vec<(u64, &Spec)> = res
+        .entries
+        .iter()
+        .filter_map(|(r, v)| v.as_ref().ok().and_then(|s| s.spec.as_ref()).map(|s| (*r, s)))
+        .collect();
+    let (rev, spec) = match a.to {
+        Some(to) => *applied.iter().find(|(r, _)| *r == to).with_context(|| {
+            format!("revision {to} of {ns}/{name} is not a valid applied revision the bucket still holds: see `nex deployments history {name}`")
+        })?,
+        None => *applied
+            .iter()
+            .rev()
+            .find(|(r, s)| Some(*r) != in_force && Some(*s) != res.current.as_ref().map(|c| &c.spec))
+            .with_context(|| format!("{ns}/{name} has no earlier revision to roll back to"))?,
+    };
+    if res.current.as_ref().is_some_and(|c| c.spec == *spec) {
+        println!("{ns}/{name} already runs the spec of revision {rev}.");
+        return Ok(());
+    }
+    let record = Record::apply(spec, res.latest, &issuer)?;
+    let new = write(&kv, &dep::spec_key(ns, name), res.latest, &record).await?;
+    println!("Rolled {ns}/{name} back to the spec of revision {rev}, as revision {new}.");
+    Ok(())
+}
