@@ -423,9 +423,87 @@ pub fn diff(old: &Spec, new: &Spec) -> Vec<(String, Option<serde_json::Value>, O
 /// Whether going from `old` to `new` replaces the running replicas (a roll-out), rather than
 /// only adding or removing some.
 pub fn needs_rollout(old: &Spec, new: &Spec) -> bool {
-    let strip =
-        |s: &Spec| Spec { replicas: 0, rollout: Rollout::default(), placement: Placement::default(), ..s.clone() };
-    strip(old) != strip(new)
+    old.replica_digest() != new.replica_digest()
+}
+
+impl Spec {
+    /// Digest of what a replica runs (the spec without replicas, placement and roll-out
+    /// settings): replicas whose digest differs from the spec's are replaced by a roll-out.
+    pub fn replica_digest(&self) -> String {
+        Spec { replicas: 0, rollout: Rollout::default(), placement: Placement::default(), ..self.clone() }.digest()
+    }
+}
+
+/// Key of the roll-out status of `namespace`/`name` (a revision that failed to start).
+pub fn status_key(namespace: &str, name: &str) -> String {
+    format!("status.{namespace}.{name}")
+}
+
+/// A node's heartbeat: what placement needs to know of it. The key expires unless renewed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Beat {
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Canonical workload types it runs.
+    #[serde(default)]
+    pub workload_types: Vec<String>,
+    #[serde(default)]
+    pub sandboxed: bool,
+    /// In lame duck: hands its replicas to others and takes none.
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub arch: String,
+    /// Issuers whose workloads it accepts (`valid_issuers`); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<String>,
+}
+
+impl Beat {
+    /// Whether this node may run replicas of `spec`, signed by `issuer`.
+    pub fn admits(&self, spec: &Spec, issuer: &str) -> bool {
+        let p = &spec.placement;
+        let wt = crate::workload_type::canonical(&spec.workload_type);
+        self.workload_types.contains(&wt)
+            && (self.issuers.is_empty() || self.issuers.iter().any(|i| i == issuer))
+            && p.tags.iter().all(|(k, v)| self.tags.get(k) == Some(v))
+            && p.sandboxed.is_none_or(|s| !s || self.sandboxed)
+            && p.os.as_ref().is_none_or(|o| *o == self.os)
+            && p.arch.as_ref().is_none_or(|a| *a == self.arch)
+    }
+}
+
+/// What a replica slot key holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlotRecord {
+    /// The owner: the one node that runs this replica.
+    pub node: String,
+    /// The node the owner offers the slot to; it starts its replica, then takes the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
+    /// The workload the owner runs for it, once started.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_id: String,
+    /// [`Spec::replica_digest`] of what it runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    /// The spec revision it runs.
+    #[serde(default)]
+    pub revision: u64,
+    /// Set while the owner replaces its replica with this digest's (a roll-out step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// What a status key holds: a revision whose replicas would not start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub failed_digest: String,
+    pub revision: u64,
+    pub node: String,
+    pub error: String,
 }
 
 #[cfg(test)]

@@ -20,6 +20,18 @@ pub mod event_type {
     pub const FUNCTION_EXEC_SUCCEEDED: &str = "function_exec_succeeded";
     /// A function call failed.
     pub const FUNCTION_EXEC_FAILED: &str = "function_exec_failed";
+    /// A deployment revision was written (published by `nex apply`).
+    pub const DEPLOYMENT_APPLIED: &str = "deployment_applied";
+    /// A node took a replica slot that had no live owner.
+    pub const REPLICA_CLAIMED: &str = "replica_claimed";
+    /// A replica moved from one live node to another (start new, then stop old).
+    pub const REPLICA_MOVED: &str = "replica_moved";
+    /// A deployment has fewer eligible nodes than it wants (spread relaxed or slots unowned).
+    pub const DEPLOYMENT_DEGRADED: &str = "deployment_degraded";
+    /// Every replica runs the new revision.
+    pub const ROLLOUT_COMPLETED: &str = "rollout_completed";
+    /// A replica of the new revision would not start: the roll-out stopped.
+    pub const ROLLOUT_FAILED: &str = "rollout_failed";
 }
 
 /// A CloudEvent as nex publishes it.

@@ -327,6 +327,11 @@ pub struct NodeConfig {
     /// it can reach the user's NATS without the node's credentials (false: the node relays
     /// every call, as Nex does).
     pub agent_triggers: bool,
+    /// Take part in deployments: claim replica slots in the deployments bucket and run them.
+    pub deployments: bool,
+    /// How long the node's deployments heartbeat lives unless renewed; when it lapses, other
+    /// nodes take its replicas. Renewed every third of it.
+    pub deployment_ttl_ms: u64,
     /// Largest JavaScript source accepted.
     pub max_js_source_bytes: u64,
     /// Where the node keeps its run state (agent work dirs, internal NATS store).
@@ -394,6 +399,8 @@ impl Default for NodeConfig {
             function_timeout_ms: 5000,
             function_memory_mib: 64,
             agent_triggers: true,
+            deployments: true,
+            deployment_ttl_ms: 10_000,
             max_js_source_bytes: 1024 * 1024,
             state_dir: String::new(),
             sandbox_dir: String::new(),
@@ -533,6 +540,12 @@ impl NodeConfig {
                     return bad(format!("{key}: {i:?} is not an account public key (A…)"));
                 }
             }
+        }
+        if self.deployment_ttl_ms < 3000 {
+            return bad(format!(
+                "deployment_ttl_ms: {} is too short: the heartbeat's TTL is whole seconds and is renewed every third of it; use 3000 or more",
+                self.deployment_ttl_ms
+            ));
         }
         if self.deploy_max_age == 0 {
             return bad("deploy_max_age must be > 0 (seconds, or a duration like \"10m\")".into());

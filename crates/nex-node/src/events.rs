@@ -32,6 +32,13 @@ impl EventPublisher {
         self.send(ns, ev).await;
     }
 
+    /// Publishes a deployment event in namespace `ns` (with the `namespace` extension).
+    pub async fn deployment_event<T: Serialize>(&self, ns: &str, event_type: &str, data: &T) {
+        let mut ev = CloudEvent::new(self.node_id.clone(), event_type, to_value(data));
+        ev.namespace = Some(ns.to_string());
+        self.send(ns, ev).await;
+    }
+
     async fn send(&self, ns: &str, ev: CloudEvent) {
         let subject = control::events(ns, &ev.event_type);
         match serde_json::to_vec(&ev) {

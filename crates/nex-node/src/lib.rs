@@ -13,7 +13,8 @@
 //!   may reach; [`files`] — the node's own files, safe from other local users.
 //! * [`telemetry`] — metrics; [`traces`] — spans and trace context in NATS headers.
 //! * [`public_nats`] — the `nats-server` a node starts for its users (`public_nats_server`).
-//! * [`claims`] — which node runs which replica of a deployment, decided without a leader.
+//! * [`claims`] — which node runs which replica of a deployment, decided without a leader;
+//!   [`deployments`] — the node's reconciler: heartbeats, claims, replicas started and stopped.
 //! * [`events`], [`artifact`], [`cgroup`], [`state`], [`config`].
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -24,6 +25,7 @@ pub mod cgroup;
 pub mod claims;
 pub mod config;
 pub mod control_api;
+pub mod deployments;
 pub mod events;
 pub mod files;
 pub mod host_services;

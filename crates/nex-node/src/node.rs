@@ -175,6 +175,9 @@ async fn run_inner(
     served
 }
 
+/// How long a draining node waits for its deployment replicas to move.
+const HANDOFF_WITHIN: Duration = Duration::from_secs(30);
+
 /// Answers the control API, publishes heartbeats and starts the autostart workloads, until a
 /// signal or a lame-duck drain says stop.
 async fn serve(
@@ -198,6 +201,7 @@ async fn serve(
         let mgr = mgr.clone();
         tokio::spawn(async move { mgr.autostart().await });
     }
+    let reconciler = mgr.config().deployments.then(|| crate::deployments::Reconciler::start(mgr.clone()));
     let signals = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::quit()));
     let (mut sigint, mut sigterm, mut sigquit) = match signals {
         (Ok(a), Ok(b), Ok(c)) => (a, b, c),
@@ -213,7 +217,16 @@ async fn serve(
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigquit.recv() => { tracing::info!("SIGQUIT: shutting down"); break; }
-            _ = shutdown_rx.recv() => { tracing::info!("lame duck drain complete: shutting down"); break; }
+            _ = shutdown_rx.recv() => {
+                // Deployment replicas move to other nodes before this one stops them.
+                if let Some(r) = &reconciler {
+                    if !r.handed_off(HANDOFF_WITHIN).await {
+                        tracing::warn!("some deployment replicas found no other node within {HANDOFF_WITHIN:?}; stopping them");
+                    }
+                }
+                tracing::info!("lame duck drain complete: shutting down");
+                break;
+            }
             _ = heartbeat.tick() => {
                 events.node_event(event_type::HEARTBEAT, &json!({
                     "version": nex_api::VERSION,
@@ -228,6 +241,9 @@ async fn serve(
     }
     for t in api {
         t.abort();
+    }
+    if let Some(r) = reconciler {
+        r.stop().await;
     }
     Ok(())
 }

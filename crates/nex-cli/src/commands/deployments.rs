@@ -317,7 +317,19 @@ pub async fn apply(g: &GlobalOpts, nc: &async_nats::Client, args: ApplyArgs) -> 
         res.current.as_ref().map(|c| c.revision).unwrap_or(0)
     } else {
         let record = Record::apply(&spec, res.latest, &issuer)?;
-        write(&kv, &spec.key(), res.latest, &record).await?
+        let revision = write(&kv, &spec.key(), res.latest, &record).await?;
+        // Watchers see the new revision (the nodes read the bucket itself).
+        let ev = nex_api::events::CloudEvent::new(
+            issuer.public_key(),
+            nex_api::events::event_type::DEPLOYMENT_APPLIED,
+            json!({"deployment": spec.name, "revision": revision, "replicas": spec.replicas, "digest": spec.digest()}),
+        );
+        let subject = nex_api::subjects::control::events(&spec.namespace, &ev.event_type);
+        if let Ok(body) = serde_json::to_vec(&ev) {
+            let _ = nc.publish(subject, body.into()).await;
+            let _ = nc.flush().await;
+        }
+        revision
     };
     doc["applied_revision"] = json!(revision);
     if args.plan.json {
@@ -418,24 +430,46 @@ async fn current(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, name: &str) 
     Ok((kv, res))
 }
 
+/// One replica slot as `nex deployments get` shows it.
+#[derive(serde::Serialize)]
+struct ReplicaRow {
+    slot: u32,
+    node: Option<String>,
+    handoff: Option<String>,
+    workload_id: Option<String>,
+    /// The spec revision its replica runs.
+    revision: Option<u64>,
+    state: &'static str,
+    since: Option<i64>,
+}
+
 async fn get(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: NameArgs) -> Result<()> {
     let (kv, res) = current(g, nc, ns, &a.name).await?;
     let cur = res.current.clone().with_context(|| format!("deployment {ns}/{} was removed", a.name))?;
+    let digest = cur.spec.replica_digest();
     let mut slots = Vec::new();
     for i in 0..cur.spec.replicas {
         let key = dep::slot_key(ns, &a.name, i);
         let entry = kv.entry(key.clone()).await.with_context(|| format!("reading {key}"))?;
-        let owner = entry
-            .as_ref()
-            .filter(|e| matches!(e.operation, kv::Operation::Put))
-            .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok());
-        slots.push(json!({
-            "slot": i,
-            "node": owner.as_ref().and_then(|o| o["node"].as_str().map(str::to_string)),
-            "handoff": owner.as_ref().and_then(|o| o["handoff"].as_str().map(str::to_string)),
-            "revision": entry.as_ref().map(|e| e.revision),
-            "since": entry.as_ref().map(|e| e.created.unix_timestamp()),
-        }));
+        let entry = entry.filter(|e| matches!(e.operation, kv::Operation::Put));
+        let rec = entry.as_ref().and_then(|e| serde_json::from_slice::<dep::SlotRecord>(&e.value).ok());
+        let state = match &rec {
+            None => "unclaimed",
+            Some(r) if r.handoff.is_some() => "moving",
+            Some(r) if r.next.is_some() => "updating",
+            Some(r) if r.workload_id.is_empty() => "starting",
+            Some(r) if r.digest != digest => "old revision",
+            Some(_) => "running",
+        };
+        slots.push(ReplicaRow {
+            slot: i,
+            node: rec.as_ref().map(|r| r.node.clone()),
+            handoff: rec.as_ref().and_then(|r| r.handoff.clone()),
+            workload_id: rec.as_ref().map(|r| r.workload_id.clone()).filter(|w| !w.is_empty()),
+            revision: rec.as_ref().map(|r| r.revision).filter(|r| *r > 0),
+            state,
+            since: entry.as_ref().map(|e| e.created.unix_timestamp()),
+        });
     }
     let ignored: Vec<_> = res
         .entries
@@ -468,14 +502,19 @@ async fn get(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: NameArgs) -> 
     for i in &ignored {
         println!("  ignored revision {}: {}", i["revision"], i["reason"].as_str().unwrap_or(""));
     }
-    let mut t = Table::new("Replicas", &["SLOT", "NODE", "HANDOFF", "SINCE"]);
+    let mut t = Table::new("Replicas", &["SLOT", "NODE", "WORKLOAD", "REVISION", "STATE", "AGE"]);
     for sl in &slots {
-        let node = sl["node"].as_str().map(str::to_string).unwrap_or_else(|| "unclaimed".into());
+        let state = match &sl.handoff {
+            Some(h) => format!("{} to {}", sl.state, short(h)),
+            None => sl.state.to_string(),
+        };
         t.row(vec![
-            sl["slot"].to_string(),
-            node,
-            sl["handoff"].as_str().unwrap_or("").into(),
-            sl["since"].as_i64().map(|t| format!("{} ago", age(t))).unwrap_or_default(),
+            sl.slot.to_string(),
+            sl.node.clone().unwrap_or_else(|| "-".into()),
+            sl.workload_id.clone().unwrap_or_else(|| "-".into()),
+            sl.revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            state,
+            sl.since.map(age).unwrap_or_default(),
         ]);
     }
     print!("{}", t.render());

@@ -616,3 +616,44 @@ pub fn internal_nats_pid(state: &std::path::Path) -> Option<i32> {
     let state = std::fs::canonicalize(state).ok()?.display().to_string();
     processes_matching("internal-nats.conf").into_iter().find(|(_, cmd)| cmd.contains(&state)).map(|(p, _)| p)
 }
+
+/// `n` `nats-server`s routed into one JetStream cluster on loopback; each can be stopped and
+/// started again (`servers[i].kill()`, `.restart()`).
+pub struct Cluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl Cluster {
+    /// Starts the servers and waits until JetStream has a leader.
+    pub async fn start(n: usize) -> Cluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let all: Vec<String> = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let all = all.join(",");
+        let servers: Vec<NatsServer> = (0..n)
+            .map(|i| {
+                let (name, cluster) = (format!("s{i}"), format!("nats://127.0.0.1:{}", routes[i]));
+                // Not advertised: a client stays on its own server, so stopping one cuts its
+                // clients off instead of moving them to another.
+                NatsServer::start_with(&[
+                    "-n",
+                    &name,
+                    "--cluster_name",
+                    "nexc",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &all,
+                    "--no_advertise",
+                ])
+            })
+            .collect();
+        let nc = servers[0].connect().await;
+        let js = async_nats::jetstream::new(nc);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while js.query_account().await.is_err() {
+            assert!(Instant::now() < deadline, "the JetStream cluster has no leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Cluster { servers }
+    }
+}

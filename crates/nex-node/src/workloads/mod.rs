@@ -317,6 +317,57 @@ impl WorkloadManager {
         res
     }
 
+    /// Deploys one replica of a deployment this node owns a slot of: the same checks as DEPLOY
+    /// where they apply (capacity, lame duck, type, triggers, `valid_issuers` against the
+    /// revision's issuer, the artifact's digest), the same launch, events and logs. `issuer`
+    /// signed the revision in force; the replica's tenant is (namespace, name, issuer), so the
+    /// replicas of one deployment share their trigger queue group across nodes.
+    pub async fn deploy_replica(
+        self: &Arc<Self>,
+        spec: &nex_api::deployment::Spec,
+        issuer: &str,
+        revision: u64,
+    ) -> Result<RunResponse, DeployError> {
+        let ns = validate::namespace(Some(&spec.namespace))?;
+        let reservation = self.state.reserve(self.cfg.node_limits.max_workloads, false)?;
+        if !self.cfg.valid_issuers.is_empty() && !self.cfg.valid_issuers.iter().any(|i| i == issuer) {
+            return Err(DeployError::Issuer(issuer.to_string()));
+        }
+        let wt = workload_type::canonical(&spec.workload_type);
+        let request = DeployRequest {
+            argv: spec.argv.clone(),
+            description: Some(format!("deployment {}/{} revision {revision}", spec.namespace, spec.name)),
+            workload_type: wt.clone(),
+            location: spec.artifact.url.clone(),
+            target_node: self.ident.node_id.clone(),
+            trigger_subjects: spec.triggers.clone(),
+            ..Default::default()
+        };
+        let checks = validate::Checks {
+            cfg: &self.cfg,
+            node_id: &self.ident.node_id,
+            xkey: &self.ident.xkey,
+            replay: &self.replay,
+            default_url: &self.control_url,
+        };
+        checks.check_type_and_triggers(&request)?;
+        let hash = spec.artifact.sha256.to_ascii_lowercase();
+        let mut claims = WorkloadClaims::new(&spec.name, Some(&hash));
+        claims.iss = issuer.to_string();
+        claims.jti = format!("{:032x}", rand::random::<u128>());
+        let v = Validated {
+            namespace: ns,
+            request,
+            claims,
+            environment: spec.environment.clone(),
+            workload_type: wt,
+            expected_hash: Some(hash),
+            retry_count: 0,
+            chain: None,
+        };
+        self.launch(v, reservation).await
+    }
+
     /// Deploys the config's autostart workloads, signed by the node's own issuer.
     pub async fn autostart(self: &Arc<Self>) {
         for a in self.cfg.autostart.workloads.clone() {

@@ -108,7 +108,7 @@ impl Checks<'_> {
     }
 
     /// Type, trigger subjects and the function/essential rules; the canonical type.
-    fn check_type_and_triggers(&self, req: &DeployRequest) -> Result<String, DeployError> {
+    pub(super) fn check_type_and_triggers(&self, req: &DeployRequest) -> Result<String, DeployError> {
         let wt = workload_type::canonical(&req.workload_type);
         if !self.cfg.workload_types.contains(&wt) {
             return Err(DeployError::UnsupportedType(req.workload_type.clone()));

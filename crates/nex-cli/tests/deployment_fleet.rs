@@ -1,0 +1,333 @@
+//! Deployments kept running by the nodes themselves, on a 3-server NATS cluster with 3 nodes
+//! (each node on its own server): placement, a node killed, a rolling update, a node cut off
+//! from NATS and back, removal, a function's replicas answering once, a draining node.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use nex_api::deployment::{SlotRecord, BUCKET};
+use serde_json::{json, Value};
+
+/// The nodes' heartbeat TTL here: a dead node's replicas move within about this long.
+const TTL_MS: u64 = 4000;
+
+struct Fleet {
+    cluster: Cluster,
+    nodes: Vec<Node>,
+    nc: async_nats::Client,
+    home: tempfile::TempDir,
+    seed: String,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let cluster = Cluster::start(3).await;
+        let nc = cluster.servers[0].connect().await;
+        let js = async_nats::jetstream::new(nc.clone());
+        // Replicated, as an operator creates them for a cluster (the CLI makes R1 ones when
+        // missing): a stopped server loses neither.
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: BUCKET.into(),
+            history: 64,
+            num_replicas: 3,
+            limit_markers: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "NEXCLIFILES".into(),
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut nodes = Vec::new();
+        for s in &cluster.servers {
+            nodes.push(Node::start(s, json!({"deployment_ttl_ms": TTL_MS})).await);
+        }
+        let home = tempfile::tempdir().unwrap();
+        let kp = nkeys::KeyPair::new_account();
+        let seed = home.path().join("issuer.nk");
+        std::fs::write(&seed, kp.seed().unwrap()).unwrap();
+        Fleet { cluster, nodes, nc, seed: seed.to_str().unwrap().to_string(), home }
+    }
+
+    fn nex(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(nex_bin())
+            .args(args)
+            .env("NATS_URL", self.cluster.servers[0].url())
+            .env("HOME", self.home.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    /// Applies `spec`; the bucket revision it was written as.
+    fn apply(&self, spec: &Value) -> u64 {
+        let p = self.home.path().join(format!("{}.json", rand_name()));
+        std::fs::write(&p, spec.to_string()).unwrap();
+        let out = self.nex(&["apply", "-f", p.to_str().unwrap(), "--issuer", &self.seed]);
+        assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = String::from_utf8_lossy(&out.stdout);
+        let rev = out
+            .split("as revision ")
+            .nth(1)
+            .or_else(|| out.split("unchanged (revision ").nth(1))
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+        rev.unwrap_or_else(|| panic!("apply printed no revision: {out}"))
+    }
+
+    /// Workloads each node runs in `default`, by node index (a node that does not answer: none).
+    async fn per_node(&self) -> Vec<Vec<nex_api::control::MachineSummary>> {
+        let c = nex_client::ControlClient::new(self.nc.clone(), Duration::from_secs(2), "default");
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            out.push(c.node_info(&n.id).await.map(|i| i.machines).unwrap_or_default());
+        }
+        out
+    }
+
+    /// The slot records in the bucket, by key (none while JetStream elects a leader).
+    async fn slots(&self) -> BTreeMap<String, SlotRecord> {
+        let mut out = BTreeMap::new();
+        let Ok(kv) = async_nats::jetstream::new(self.nc.clone()).get_key_value(BUCKET).await else { return out };
+        let Ok(mut keys) = kv.keys().await else { return out };
+        while let Some(Ok(k)) = keys.next().await {
+            if k.starts_with("slot.") {
+                if let Ok(Some(v)) = kv.get(k.as_str()).await {
+                    out.insert(k, serde_json::from_slice(&v).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    fn logs(&self) -> String {
+        self.nodes.iter().map(|n| format!("--- node {}\n{}", n.id, n.log())).collect()
+    }
+}
+
+fn rand_name() -> String {
+    format!("{:x}", rand::random::<u64>())
+}
+
+/// The instances of the NATS micro service `name` that answer a `$SRV.PING` within 300 ms.
+async fn answering(nc: &async_nats::Client, name: &str) -> Vec<String> {
+    let inbox = nc.new_inbox();
+    let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
+    nex_node::nats_ext::round_trip(nc).await.unwrap();
+    nc.publish_with_reply(format!("$SRV.PING.{name}"), inbox, "".into()).await.unwrap();
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        ids.push(v["id"].as_str().unwrap_or_default().to_string());
+    }
+    ids
+}
+
+async fn echo_spec(fleet: &Fleet, replicas: u32, version: &str) -> Value {
+    let user = User::new(&fleet.cluster.servers[0]).await;
+    let (url, sha) = user.upload("echoservice", &musl_example("echoservice")).await;
+    json!({
+        "name": "echo",
+        "workload_type": "native",
+        "artifact": {"url": url, "sha256": sha},
+        "environment": {"NATS_URL": fleet.cluster.servers[0].url(), "VERSION": version},
+        "replicas": replicas,
+    })
+}
+
+async fn until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    fleet: &Fleet,
+    mut f: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Counts per node, sorted by node index.
+fn counts(per_node: &[Vec<nex_api::control::MachineSummary>]) -> Vec<usize> {
+    per_node.iter().map(Vec::len).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_removed() {
+    let mut fleet = Fleet::start().await;
+    let v1 = echo_spec(&fleet, 3, "v1").await;
+    fleet.apply(&v1);
+
+    // Three replicas, one per node, each answering.
+    until(Duration::from_secs(30), "3 replicas, one per node", &fleet, || async {
+        counts(&fleet.per_node().await) == [1, 1, 1] && answering(&fleet.nc, "EchoService").await.len() == 3
+    })
+    .await;
+    let get = fleet.nex(&["deployments", "get", "echo"]);
+    let get = String::from_utf8_lossy(&get.stdout);
+    for n in &fleet.nodes {
+        assert!(get.contains(&n.id), "get shows each replica's node:\n{get}");
+    }
+
+    // SIGKILL one node: its replica runs elsewhere, and once settled there are exactly 3.
+    let killed = Instant::now();
+    let mut dead = fleet.nodes.remove(2);
+    dead.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    until(Duration::from_secs(15), "the killed node's replica rescheduled", &fleet, || async {
+        let c = counts(&fleet.per_node().await);
+        c.iter().sum::<usize>() == 3 && answering(&fleet.nc, "EchoService").await.len() == 3
+    })
+    .await;
+    let moved_in = killed.elapsed();
+    assert!(moved_in < Duration::from_secs(15), "rescheduled in {moved_in:?}");
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(answering(&fleet.nc, "EchoService").await.len(), 3, "never more than 3 once settled");
+    }
+    drop(dead);
+    // A fresh node joins the two survivors.
+    fleet.nodes.push(Node::start(&fleet.cluster.servers[2], json!({"deployment_ttl_ms": TTL_MS})).await);
+
+    // Rolling update v1 → v2: at least 2 of 3 answer at every moment; only v2 remains.
+    let v2 = echo_spec(&fleet, 3, "v2").await;
+    let rev2 = fleet.apply(&v2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = answering(&fleet.nc, "EchoService").await.len();
+        assert!(n >= 2, "only {n} replicas answered during the roll-out\n{}", fleet.logs());
+        let slots = fleet.slots().await;
+        let done = slots.len() == 3 && slots.values().all(|s| s.revision == rev2 && s.next.is_none());
+        let running: Vec<_> = fleet.per_node().await.into_iter().flatten().collect();
+        if done
+            && running.len() == 3
+            && running
+                .iter()
+                .all(|m| m.workload.description.as_deref().unwrap_or("").ends_with(&format!("revision {rev2}")))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "roll-out did not finish: {slots:?}\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Node 1's server stops for 30 s: it keeps its replica running but its slot moves; no slot
+    // ever has two owners in the bucket (a key holds one value) and once it is back the
+    // duplicate is gone within a TTL.
+    let cut = fleet.nodes[1].id.clone();
+    fleet.cluster.servers[1].kill();
+    until(Duration::from_secs(20), "the cut-off node's slot taken by another", &fleet, || async {
+        let s = fleet.slots().await;
+        s.len() == 3 && s.values().all(|r| r.node != cut && !r.workload_id.is_empty())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    fleet.cluster.servers[1].restart();
+    let back = Instant::now();
+    until(Duration::from_secs(30), "the duplicate stopped after the rejoin", &fleet, || async {
+        let c = counts(&fleet.per_node().await);
+        // Node 1 answers again and runs nothing; the slots still name three distinct replicas.
+        c[1] == 0 && c.iter().sum::<usize>() == 3 && fleet.nodes[1].log().contains("no longer owns")
+    })
+    .await;
+    assert!(back.elapsed() < Duration::from_millis(TTL_MS * 3 + 10_000), "duplicate gone in {:?}", back.elapsed());
+
+    // rm: every replica stops on every node.
+    let out = fleet.nex(&["deployments", "rm", "echo", "--issuer", &fleet.seed]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(Duration::from_secs(20), "every replica stopped", &fleet, || async {
+        counts(&fleet.per_node().await) == [0, 0, 0] && fleet.slots().await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
+    let fleet = Fleet::start().await;
+    let user = User::new(&fleet.cluster.servers[0]).await;
+    let js_src =
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/js/echofunction.js"))
+            .unwrap();
+    let (url, sha) = user.upload("echofunction.js", &js_src).await;
+    let spec = |replicas: u32, triggers: &str| {
+        json!({
+            "name": "echofn",
+            "workload_type": "v8",
+            "artifact": {"url": url, "sha256": sha},
+            "triggers": [triggers],
+            "replicas": replicas,
+        })
+    };
+
+    // Two concurrent applies of different specs: one wins, the other reports the conflict.
+    let (a, b) = (fleet.home.path().join("a.json"), fleet.home.path().join("b.json"));
+    std::fs::write(&a, spec(2, "fn.echo").to_string()).unwrap();
+    std::fs::write(&b, spec(3, "fn.echo").to_string()).unwrap();
+    let racers: Vec<_> = [&a, &b]
+        .iter()
+        .map(|f| {
+            std::process::Command::new(nex_bin())
+                .args(["apply", "-f", f.to_str().unwrap(), "--expect-revision", "0", "--issuer", &fleet.seed])
+                .env("NATS_URL", fleet.cluster.servers[0].url())
+                .env("HOME", fleet.home.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = racers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    assert_eq!(outs.iter().filter(|o| o.status.success()).count(), 1, "exactly one apply wins");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(String::from_utf8_lossy(&lost.stderr).contains("conflict:"), "{}", String::from_utf8_lossy(&lost.stderr));
+    // Settle on 2 replicas whichever won.
+    fleet.apply(&spec(2, "fn.echo"));
+    until(Duration::from_secs(30), "2 function replicas on 2 nodes", &fleet, || async {
+        let mut c = counts(&fleet.per_node().await);
+        c.sort();
+        c == [0, 1, 1]
+    })
+    .await;
+
+    // Each request is answered exactly once, by the pair.
+    let inbox = fleet.nc.new_inbox();
+    let mut replies = fleet.nc.subscribe(inbox.clone()).await.unwrap();
+    nex_node::nats_ext::round_trip(&fleet.nc).await.unwrap();
+    for i in 0..40 {
+        fleet.nc.publish_with_reply("fn.echo", inbox.clone(), format!("m{i}").into()).await.unwrap();
+    }
+    let mut got = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), replies.next()).await {
+        got += 1;
+    }
+    assert_eq!(got, 40, "every request answered exactly once");
+
+    // Lame duck of a node that runs a replica: the replica starts elsewhere before this node
+    // stops its own, so the function answers throughout.
+    let per_node = fleet.per_node().await;
+    let draining = per_node.iter().position(|m| !m.is_empty()).unwrap();
+    let free = per_node.iter().position(|m| m.is_empty()).unwrap();
+    let c = nex_client::ControlClient::new(fleet.nc.clone(), Duration::from_secs(5), "default");
+    c.lameduck(&fleet.nodes[draining].id, Some(Duration::from_secs(1)), None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = fleet.nc.request("fn.echo", "ping".into()).await;
+        assert!(m.is_ok(), "the function stopped answering during the drain: {m:?}\n{}", fleet.logs());
+        let c = counts(&fleet.per_node().await);
+        if c[free] == 1 && c[draining] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica did not move: {c:?}\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let moved = fleet.nodes[free].log();
+    assert!(moved.contains("replica started"), "{moved}");
+}
