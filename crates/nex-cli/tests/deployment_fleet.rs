@@ -267,6 +267,21 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
         })
     };
 
+    // Specs written straight into the bucket that do not check out: one edited under a valid
+    // token (2 replicas signed, 3 written) and one with no token. No node runs either.
+    let kv = async_nats::jetstream::new(fleet.nc.clone()).get_key_value(BUCKET).await.unwrap();
+    let rogue = nex_api::deployment::Spec::parse(
+        &json!({"name": "rogue", "workload_type": "v8", "artifact": {"url": url, "sha256": sha},
+                "triggers": ["fn.rogue"], "replicas": 2})
+        .to_string(),
+    )
+    .unwrap();
+    let mut tampered = nex_api::deployment::Record::apply(&rogue, 0, &nkeys::KeyPair::new_account()).unwrap();
+    tampered.spec.as_mut().unwrap().replicas = 3;
+    kv.put("spec.default.rogue", tampered.to_bytes().into()).await.unwrap();
+    let unsigned = json!({"token": "", "spec": rogue}).to_string();
+    kv.put("spec.default.unsigned", unsigned.into()).await.unwrap();
+
     // Two concurrent applies of different specs: one wins, the other reports the conflict.
     let (a, b) = (fleet.home.path().join("a.json"), fleet.home.path().join("b.json"));
     std::fs::write(&a, spec(2, "fn.echo").to_string()).unwrap();
@@ -296,6 +311,8 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
         c == [0, 1, 1]
     })
     .await;
+    let names: Vec<String> = fleet.per_node().await.into_iter().flatten().map(|m| m.workload.name).collect();
+    assert_eq!(names, ["echofn", "echofn"], "only the signed deployment runs");
 
     // Each request is answered exactly once, by the pair.
     let inbox = fleet.nc.new_inbox();
