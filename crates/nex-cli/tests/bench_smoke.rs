@@ -13,7 +13,8 @@ fn bench_runs_and_writes_every_key() {
     let out_json = dir.path().join("bench.json");
     let out = Command::new(common::nex_bin())
         .args(["bench", "--clients", "2", "--requests", "20", "--throughput-requests", "40", "--deploys", "2"])
-        .args(["--functions", "2", "--artifact-mib", "1", "--wasm"])
+        .args(["--functions", "2", "--artifact-mib", "1", "--reschedule-rounds", "1", "--deployment-ttl-ms", "3000"])
+        .arg("--wasm")
         .arg(&wasm)
         .arg("--json")
         .arg(&out_json)
@@ -43,6 +44,7 @@ fn bench_runs_and_writes_every_key() {
         "js_rtt_p50_us_telemetry_off",
         "js_rtt_p50_us_telemetry_on",
         "telemetry_rtt_cost_ratio",
+        "reschedule_p50_s",
     ] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} missing or zero in {v}");
     }

@@ -55,6 +55,13 @@ pub struct BenchArgs {
     /// target/microvm beside this build, else /var/lib/nex/microvm
     #[arg(long)]
     pub microvm_image: Option<PathBuf>,
+    /// Nodes to SIGKILL for the reschedule figure: a one-replica deployment on three nodes,
+    /// timed from the kill of its node to its replica running on another (0 skips it)
+    #[arg(long, default_value_t = 3)]
+    pub reschedule_rounds: usize,
+    /// Heartbeat TTL of the reschedule figure's nodes, ms (the node's default)
+    #[arg(long, default_value_t = 10_000)]
+    pub deployment_ttl_ms: u64,
 }
 
 const JS_ECHO: &str = "(function (subject, payload) { return String.fromCharCode(...payload); })";
@@ -157,7 +164,10 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     let pool = args.clients.clamp(2, 8);
     std::fs::write(
         &cfg,
-        serde_json::to_vec(&json!({"no_sandbox": true, "state_dir": state, "machine_pool_size": pool}))?,
+        // It takes no deployment slots: the reschedule figure's nodes are its own.
+        serde_json::to_vec(&json!({
+            "no_sandbox": true, "state_dir": state, "machine_pool_size": pool, "deployments": false,
+        }))?,
     )?;
     let mut started = nc.subscribe("$NEX.events.system.node_started").await?;
     nex_node::nats_ext::round_trip(&nc).await?;
@@ -313,6 +323,14 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
             .await
     };
 
+    let reschedule = if args.reschedule_rounds == 0 {
+        None
+    } else {
+        eprintln!("bench: reschedule, {} SIGKILLed nodes", args.reschedule_rounds);
+        let r = reschedule(&exe, &url, &nc, dir.path(), &native_loc, args.reschedule_rounds, args.deployment_ttl_ms);
+        Some(r.await.context("the reschedule figure")?)
+    };
+
     let mut out = json!({
         "baseline_rtt_p50_us": base.p50_us, "baseline_rtt_p99_us": base.p99_us, "baseline_rps": base_rps,
         "wasm_rtt_p50_us": wasm.p50_us, "wasm_rtt_p99_us": wasm.p99_us, "wasm_rps": wasm_rps,
@@ -336,6 +354,11 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         out["microvm_deploy_p99_ms"] = json!(st.p99_us / 1e3);
         out["microvm_guest_idle_rss_mib"] = json!(rss);
         out["microvm_accel"] = json!("tcg");
+    }
+    if let Some(r) = &reschedule {
+        out["reschedule_p50_s"] = json!(r.p50_us / 1e6);
+        out["reschedule_max_s"] = json!(r.p99_us / 1e6);
+        out["deployment_ttl_ms"] = json!(args.deployment_ttl_ms);
     }
     let mut t = Table::new(
         "nex bench (ratios against plain NATS request/reply in this run)",
@@ -401,6 +424,14 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
         ]);
         t.row(vec!["idle micro-VM (QEMU) RSS".into(), format!("{rss:.1} MiB"), "".into(), "".into()]);
     }
+    if let Some(r) = &reschedule {
+        t.row(vec![
+            format!("reschedule after SIGKILL p50 / max (TTL {:.0} s)", args.deployment_ttl_ms as f64 / 1e3),
+            format!("{:.1} / {:.1} s", r.p50_us / 1e6, r.p99_us / 1e6),
+            "".into(),
+            "≤ 15 s".into(),
+        ]);
+    }
     print!("{}", t.render());
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_vec_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
@@ -419,6 +450,118 @@ pub async fn bench(g: &GlobalOpts, args: BenchArgs) -> Result<()> {
     }
     drop(children);
     Ok(())
+}
+
+/// Three process-tier nodes and a one-replica deployment of `artifact` (applied with `nex apply`):
+/// `rounds` times, SIGKILL the node that runs the replica, time until another node runs it, and
+/// start a fresh node in the dead one's place.
+async fn reschedule(
+    exe: &Path,
+    url: &str,
+    nc: &async_nats::Client,
+    dir: &Path,
+    artifact: &(String, String),
+    rounds: usize,
+    ttl_ms: u64,
+) -> Result<Stats> {
+    let dir = dir.join("reschedule");
+    std::fs::create_dir_all(&dir)?;
+    let mut seq = 0;
+    let mut start = || {
+        seq += 1;
+        let cwd = dir.join(format!("node{seq}"));
+        let cfg = cwd.join("config.json");
+        let config = json!({
+            "no_sandbox": true, "state_dir": cwd.join("state"), "machine_pool_size": 1,
+            "deployment_ttl_ms": ttl_ms,
+        });
+        async move {
+            std::fs::create_dir_all(&cwd)?;
+            std::fs::write(&cfg, serde_json::to_vec(&config)?)?;
+            start_node(exe, url, nc, &cfg, &[], &cwd).await
+        }
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(start().await?);
+    }
+    let result = async {
+        let seed = dir.join("issuer.nk");
+        std::fs::write(&seed, nkeys::KeyPair::new_account().seed()?)?;
+        let spec = dir.join("resched.json");
+        std::fs::write(
+            &spec,
+            serde_json::to_vec(&json!({
+                "name": "resched", "workload_type": "native", "replicas": 1,
+                "artifact": {"url": artifact.0, "sha256": artifact.1},
+            }))?,
+        )?;
+        let out = tokio::process::Command::new(exe)
+            .args(["apply", "-s", url, "--issuer"])
+            .arg(&seed)
+            .arg("-f")
+            .arg(&spec)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("nex apply: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let client = ControlClient::new(nc.clone(), Duration::from_secs(2), "default");
+        // The index of the node that runs the replica, once exactly one does.
+        let owner = |nodes: &[(tokio::process::Child, String)], skip: Option<usize>| {
+            let ids: Vec<String> = nodes.iter().map(|n| n.1.clone()).collect();
+            let client = client.clone();
+            async move {
+                let mut runs = Vec::new();
+                for (i, id) in ids.iter().enumerate() {
+                    if Some(i) == skip {
+                        continue;
+                    }
+                    let info = client.node_info(id).await.map(|i| i.machines).unwrap_or_default();
+                    if info.iter().any(|m| m.workload.name == "resched") {
+                        runs.push(i);
+                    }
+                }
+                (runs.len() == 1).then(|| runs[0])
+            }
+        };
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let settle = Instant::now() + Duration::from_secs(60);
+            let victim = loop {
+                if let Some(i) = owner(&nodes, None).await {
+                    break i;
+                }
+                if Instant::now() > settle {
+                    bail!("the deployment's replica did not start on one node within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let killed = Instant::now();
+            let _ = nodes[victim].0.start_kill();
+            let _ = nodes[victim].0.wait().await;
+            let deadline = killed + Duration::from_millis(ttl_ms) + Duration::from_secs(60);
+            while owner(&nodes, Some(victim)).await.is_none() {
+                if Instant::now() > deadline {
+                    bail!("the replica of a SIGKILLed node did not run elsewhere within {:?}", deadline - killed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            times.push(killed.elapsed());
+            nodes[victim] = start().await?;
+        }
+        let _ = tokio::process::Command::new(exe)
+            .args(["deployments", "rm", "resched", "-s", url, "--issuer"])
+            .arg(&seed)
+            .output()
+            .await;
+        Ok(stats(times))
+    }
+    .await;
+    for (mut child, _) in nodes {
+        stop_node(&mut child).await;
+    }
+    result
 }
 
 /// A sandboxed tier to measure: how to configure its node and how to find its idle agents.
