@@ -25,6 +25,15 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Fleet {
+        Fleet::start_with(|_, _| json!({})).await
+    }
+
+    /// Three nodes; node `i`'s config also has `extra(i, the deploying issuer's public key)`.
+    async fn start_with(extra: impl Fn(usize, &str) -> Value) -> Fleet {
+        let home = tempfile::tempdir().unwrap();
+        let kp = nkeys::KeyPair::new_account();
+        let seed = home.path().join("issuer.nk");
+        std::fs::write(&seed, kp.seed().unwrap()).unwrap();
         let cluster = Cluster::start(3).await;
         let nc = cluster.servers[0].connect().await;
         let js = async_nats::jetstream::new(nc.clone());
@@ -47,13 +56,11 @@ impl Fleet {
         .await
         .unwrap();
         let mut nodes = Vec::new();
-        for s in &cluster.servers {
-            nodes.push(Node::start(s, json!({"deployment_ttl_ms": TTL_MS})).await);
+        for (i, s) in cluster.servers.iter().enumerate() {
+            let mut cfg = extra(i, &kp.public_key());
+            cfg["deployment_ttl_ms"] = json!(TTL_MS);
+            nodes.push(Node::start(s, cfg).await);
         }
-        let home = tempfile::tempdir().unwrap();
-        let kp = nkeys::KeyPair::new_account();
-        let seed = home.path().join("issuer.nk");
-        std::fs::write(&seed, kp.seed().unwrap()).unwrap();
         Fleet { cluster, nodes, nc, seed: seed.to_str().unwrap().to_string(), home }
     }
 
@@ -69,9 +76,14 @@ impl Fleet {
 
     /// Applies `spec`; the bucket revision it was written as.
     fn apply(&self, spec: &Value) -> u64 {
+        self.apply_as(spec, &self.seed)
+    }
+
+    /// Applies `spec` signed with the account seed in the file `seed`.
+    fn apply_as(&self, spec: &Value, seed: &str) -> u64 {
         let p = self.home.path().join(format!("{}.json", rand_name()));
         std::fs::write(&p, spec.to_string()).unwrap();
-        let out = self.nex(&["apply", "-f", p.to_str().unwrap(), "--issuer", &self.seed]);
+        let out = self.nex(&["apply", "-f", p.to_str().unwrap(), "--issuer", seed]);
         assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
         let out = String::from_utf8_lossy(&out.stdout);
         let rev = out
@@ -224,21 +236,34 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
     // duplicate is gone within a TTL.
     let cut = fleet.nodes[1].id.clone();
     fleet.cluster.servers[1].kill();
+    let cut_at = Instant::now();
     until(Duration::from_secs(20), "the cut-off node's slot taken by another", &fleet, || async {
         let s = fleet.slots().await;
         s.len() == 3 && s.values().all(|r| r.node != cut && !r.workload_id.is_empty())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed())).await;
     fleet.cluster.servers[1].restart();
-    let back = Instant::now();
-    until(Duration::from_secs(30), "the duplicate stopped after the rejoin", &fleet, || async {
-        let c = counts(&fleet.per_node().await);
-        // Node 1 answers again and runs nothing; the slots still name three distinct replicas.
-        c[1] == 0 && c.iter().sum::<usize>() == 3 && fleet.nodes[1].log().contains("no longer owns")
+    // It rejoins when its client has reconnected (its control API answers again); within one
+    // TTL of that it runs nothing, and the slots still name three replicas on the other two.
+    let c = nex_client::ControlClient::new(fleet.nc.clone(), Duration::from_millis(500), "default");
+    until(Duration::from_secs(30), "the cut-off node reconnected", &fleet, || async {
+        c.node_info(&cut).await.is_ok()
     })
     .await;
-    assert!(back.elapsed() < Duration::from_millis(TTL_MS * 3 + 10_000), "duplicate gone in {:?}", back.elapsed());
+    let rejoined = Instant::now();
+    until(Duration::from_millis(TTL_MS), "the duplicate stopped within one TTL of the rejoin", &fleet, || async {
+        let c = counts(&fleet.per_node().await);
+        c[1] == 0 && c.iter().sum::<usize>() == 3
+    })
+    .await;
+    eprintln!("partition: duplicate gone {:?} after the rejoin", rejoined.elapsed());
+    assert!(fleet.nodes[1].log().contains("no longer owns"), "{}", fleet.nodes[1].log());
+    let s = fleet.slots().await;
+    let mut owners: Vec<_> = s.values().map(|r| r.workload_id.clone()).collect();
+    owners.sort();
+    owners.dedup();
+    assert!(s.len() == 3 && owners.len() == 3 && s.values().all(|r| r.node != cut), "{s:?}");
 
     // rm: every replica stops on every node.
     let out = fleet.nex(&["deployments", "rm", "echo", "--issuer", &fleet.seed]);
@@ -251,7 +276,9 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
-    let fleet = Fleet::start().await;
+    // Node 2 accepts only the fleet's issuer.
+    let mut fleet =
+        Fleet::start_with(|i, issuer| if i == 2 { json!({"valid_issuers": [issuer]}) } else { json!({}) }).await;
     let user = User::new(&fleet.cluster.servers[0]).await;
     let js_src =
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/js/echofunction.js"))
@@ -326,6 +353,81 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
         got += 1;
     }
     assert_eq!(got, 40, "every request answered exactly once");
+
+    // Another issuer's deployment: node 2 never takes one of its slots, though that leaves
+    // the other two running three replicas between them.
+    let other = fleet.home.path().join("other.nk");
+    std::fs::write(&other, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
+    let other = other.to_str().unwrap();
+    let mut o = spec(3, "fn.other");
+    o["name"] = json!("other");
+    fleet.apply_as(&o, other);
+    let others = |per_node: &[Vec<nex_api::control::MachineSummary>]| -> Vec<usize> {
+        per_node.iter().map(|m| m.iter().filter(|m| m.workload.name == "other").count()).collect()
+    };
+    until(Duration::from_secs(30), "3 replicas of the other issuer's deployment", &fleet, || async {
+        others(&fleet.per_node().await).iter().sum::<usize>() == 3
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(others(&fleet.per_node().await)[2], 0, "node 2 runs another issuer's replica");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(fleet.slots().await.iter().all(|(k, r)| !k.contains(".other.") || r.node != fleet.nodes[2].id));
+    let out = fleet.nex(&["deployments", "rm", "other", "--issuer", other]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(Duration::from_secs(20), "the other deployment stopped", &fleet, || async {
+        others(&fleet.per_node().await).iter().sum::<usize>() == 0
+    })
+    .await;
+
+    // SIGKILL of a node that runs a replica while requests keep coming: none is answered
+    // twice, and every one is answered but one that was on its way to the killed node (core
+    // NATS delivers at most once).
+    let per_node = fleet.per_node().await;
+    let victim = per_node.iter().position(|m| !m.is_empty()).unwrap();
+    let replies: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Default::default();
+    let inbox = fleet.nc.new_inbox();
+    let mut sub = fleet.nc.subscribe(inbox.clone()).await.unwrap();
+    nex_node::nats_ext::round_trip(&fleet.nc).await.unwrap();
+    let tally = replies.clone();
+    let collector = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            *tally.lock().unwrap().entry(v["payload"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+        }
+    });
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let nc = fleet.nc.clone();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while stop_rx.try_recv().is_err() {
+            nc.publish_with_reply("fn.echo", inbox.clone(), format!("k{sent}").into()).await.unwrap();
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dead = fleet.nodes.remove(victim);
+    dead.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    until(Duration::from_secs(15), "the killed node's replica running elsewhere", &fleet, || async {
+        let mut c = counts(&fleet.per_node().await);
+        c.sort();
+        c == [1, 1]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(()).unwrap();
+    let sent = sender.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    collector.abort();
+    let replies = replies.lock().unwrap().clone();
+    let twice: Vec<_> = replies.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "answered more than once: {twice:?}");
+    assert!(replies.len() + 1 >= sent, "{} of {sent} requests answered through the kill", replies.len());
+    drop(dead);
+    fleet.nodes.push(Node::start(&fleet.cluster.servers[victim], json!({"deployment_ttl_ms": TTL_MS})).await);
 
     // Lame duck of a node that runs a replica: the replica starts elsewhere before this node
     // stops its own, so the function answers throughout.
