@@ -185,6 +185,10 @@ pub struct PingResponse {
     /// `v<version> [<commit>] | Built-on: <date>`, as `nex --version` prints it (our addition).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub build: String,
+    /// The public fleet xkey the node holds, for deployments' sealed environments (our
+    /// addition).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fleet_xkey: String,
 }
 
 /// AUCTION request filters; every field optional.
@@ -287,6 +291,9 @@ pub struct InfoResponse {
     /// `v<version> [<commit>] | Built-on: <date>` (our addition).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub build: String,
+    /// The public fleet xkey the node holds (our addition).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fleet_xkey: String,
 }
 
 /// LAMEDUCK reply data.

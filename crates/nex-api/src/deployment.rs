@@ -23,8 +23,13 @@ pub struct Spec {
     pub artifact: Artifact,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub argv: Vec<String>,
+    /// In the spec file; `nex apply` moves it into `sealed_environment` when the fleet has an
+    /// xkey (otherwise it is stored as given, only with `--plain-environment`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub environment: BTreeMap<String, String>,
+    /// The environment sealed to the fleet's xkey: only nodes holding its seed can read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_environment: Option<SealedEnvironment>,
     /// Trigger subjects (functions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub triggers: Vec<String>,
@@ -48,6 +53,45 @@ pub struct Artifact {
     pub url: String,
     /// Lowercase hex SHA-256 of the artifact.
     pub sha256: String,
+}
+
+/// An environment sealed (nkeys `xkv1` box) from a one-off sender key to the fleet xkey, for one
+/// deployment of one issuer: the box holds the issuer, namespace and name with the variables, and
+/// a node opens it only for that deployment's revisions signed by that issuer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedEnvironment {
+    /// The public fleet xkey (X…) it is sealed to; only nodes advertising it are chosen.
+    pub fleet_xkey: String,
+    /// The public half of the one-off key `nex apply` sealed it with.
+    pub sender_xkey: String,
+    /// The box, standard base64.
+    pub sealed: String,
+    /// HMAC-SHA256, keyed by the issuer's seed, of the deployment and the variables: lets the
+    /// issuer (and no one else) tell an unchanged environment without opening the box.
+    pub mac: String,
+}
+
+/// What the sealed box holds.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    issuer: String,
+    namespace: String,
+    name: String,
+    environment: BTreeMap<String, String>,
+}
+
+/// Why a sealed environment does not open for a replica.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SealError {
+    #[error("the environment is sealed to fleet xkey {want}, and this node holds {have}: give it that seed in fleet_xkey_seed_path")]
+    WrongFleetKey { want: String, have: String },
+    #[error("the environment does not open: {0}")]
+    Open(String),
+    #[error("the environment was sealed for {sealed_for}, not for {this}: apply the deployment's own environment")]
+    NotThisDeployment { sealed_for: String, this: String },
+    #[error("unable to seal the environment: {0}")]
+    Seal(String),
 }
 
 /// Which nodes may run the replicas, and how they are spread.
@@ -121,6 +165,8 @@ pub enum SpecError {
     BadTrigger(String),
     #[error("rollout.max_surge and rollout.max_unavailable cannot both be 0: a roll-out could never make progress")]
     StuckRollout,
+    #[error("environment and sealed_environment cannot both be set: put the variables in environment and let `nex apply` seal them")]
+    TwoEnvironments,
 }
 
 impl Spec {
@@ -157,7 +203,90 @@ impl Spec {
         if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
             return Err(SpecError::StuckRollout);
         }
+        if self.sealed_environment.is_some() && !self.environment.is_empty() {
+            return Err(SpecError::TwoEnvironments);
+        }
         Ok(())
+    }
+
+    fn envelope_mac(&self, issuer: &nkeys::KeyPair) -> Result<String, SealError> {
+        use hmac::Mac;
+        let seed = issuer.seed().map_err(|e| SealError::Seal(format!("the issuer has no seed: {e}")))?;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(seed.as_bytes()).map_err(|e| SealError::Seal(e.to_string()))?;
+        let body = serde_json::to_vec(&(&self.namespace, &self.name, &self.environment)).unwrap_or_default();
+        mac.update(b"nex deployment environment\0");
+        mac.update(&body);
+        Ok(mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Moves `environment` into `sealed_environment`, sealed to `fleet_xkey` for this deployment
+    /// of `issuer`. `previous` (the revision in force) is kept when it holds the same variables
+    /// for the same key, so applying an unchanged spec changes nothing.
+    pub fn seal_environment(
+        &mut self,
+        issuer: &nkeys::KeyPair,
+        fleet_xkey: &str,
+        previous: Option<&SealedEnvironment>,
+    ) -> Result<(), SealError> {
+        if self.environment.is_empty() {
+            return Ok(());
+        }
+        let mac = self.envelope_mac(issuer)?;
+        if let Some(p) = previous.filter(|p| p.mac == mac && p.fleet_xkey == fleet_xkey) {
+            self.sealed_environment = Some(p.clone());
+            self.environment.clear();
+            return Ok(());
+        }
+        let target = nkeys::XKey::from_public_key(fleet_xkey)
+            .map_err(|e| SealError::Seal(format!("{fleet_xkey:?} is not a public xkey (X…): {e}")))?;
+        let envelope = Envelope {
+            issuer: issuer.public_key(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            environment: std::mem::take(&mut self.environment),
+        };
+        let plain = serde_json::to_vec(&envelope).map_err(|e| SealError::Seal(e.to_string()))?;
+        let sender = nkeys::XKey::new();
+        let sealed = sender.seal(&plain, &target).map_err(|e| SealError::Seal(e.to_string()))?;
+        use base64::Engine;
+        self.sealed_environment = Some(SealedEnvironment {
+            fleet_xkey: fleet_xkey.to_string(),
+            sender_xkey: sender.public_key(),
+            sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
+            mac,
+        });
+        Ok(())
+    }
+
+    /// The environment a replica of this revision, signed by `issuer`, gets: the plain one, or
+    /// the sealed one opened with the fleet key, checked to be this deployment's and issuer's.
+    pub fn open_environment(
+        &self,
+        issuer: &str,
+        fleet: Option<&nkeys::XKey>,
+    ) -> Result<BTreeMap<String, String>, SealError> {
+        let Some(s) = &self.sealed_environment else { return Ok(self.environment.clone()) };
+        let have = fleet.map(|k| k.public_key());
+        let Some(fleet) = fleet.filter(|_| have.as_deref() == Some(s.fleet_xkey.as_str())) else {
+            return Err(SealError::WrongFleetKey {
+                want: s.fleet_xkey.clone(),
+                have: have.unwrap_or_else(|| "none".into()),
+            });
+        };
+        use base64::Engine;
+        let sender = nkeys::XKey::from_public_key(&s.sender_xkey).map_err(|e| SealError::Open(e.to_string()))?;
+        let boxed =
+            base64::engine::general_purpose::STANDARD.decode(&s.sealed).map_err(|e| SealError::Open(e.to_string()))?;
+        let plain = fleet.open(&boxed, &sender).map_err(|e| SealError::Open(e.to_string()))?;
+        let e: Envelope = serde_json::from_slice(&plain).map_err(|e| SealError::Open(e.to_string()))?;
+        if e.issuer != issuer || e.namespace != self.namespace || e.name != self.name {
+            return Err(SealError::NotThisDeployment {
+                sealed_for: format!("{}/{} of issuer {}", e.namespace, e.name, e.issuer),
+                this: format!("{}/{} of issuer {issuer}", self.namespace, self.name),
+            });
+        }
+        Ok(e.environment)
     }
 
     /// SHA-256 of the spec's canonical JSON (fields in declaration order, maps sorted): what a
@@ -416,6 +545,9 @@ pub fn diff(old: &Spec, new: &Spec) -> Vec<(String, Option<serde_json::Value>, O
     paths
         .into_iter()
         .filter(|p| a.get(*p) != b.get(*p))
+        // The box and its one-off key change with every seal; the MAC says whether the
+        // variables did.
+        .filter(|p| !matches!(p.as_str(), "sealed_environment.sealed" | "sealed_environment.sender_xkey"))
         .map(|p| (p.clone(), a.get(p).cloned(), b.get(p).cloned()))
         .collect()
 }
@@ -459,6 +591,9 @@ pub struct Beat {
     /// Issuers whose workloads it accepts (`valid_issuers`); empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub issuers: Vec<String>,
+    /// The public fleet xkey it holds the seed of (`fleet_xkey_seed_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_xkey: Option<String>,
 }
 
 impl Beat {
@@ -472,6 +607,7 @@ impl Beat {
             && p.sandboxed.is_none_or(|s| !s || self.sandboxed)
             && p.os.as_ref().is_none_or(|o| *o == self.os)
             && p.arch.as_ref().is_none_or(|a| *a == self.arch)
+            && spec.sealed_environment.as_ref().is_none_or(|s| self.fleet_xkey.as_ref() == Some(&s.fleet_xkey))
     }
 }
 
@@ -638,5 +774,59 @@ mod tests {
         v2.environment.insert("MODE".into(), "fast".into());
         assert_eq!(diff(&v1, &v2)[0], ("environment.MODE".to_string(), None, Some("fast".into())));
         assert!(needs_rollout(&v1, &v2));
+    }
+
+    #[test]
+    fn deployment_environments_seal_to_the_fleet_and_open_only_for_their_own_deployment() {
+        let (a, b) = (nkeys::KeyPair::new_account(), nkeys::KeyPair::new_account());
+        let fleet = nkeys::XKey::new();
+        let mut v = spec();
+        v["environment"] = serde_json::json!({"TOKEN": "s3cret"});
+        let plain = parse(v).unwrap();
+        let mut sealed = plain.clone();
+        sealed.seal_environment(&a, &fleet.public_key(), None).unwrap();
+        assert!(sealed.environment.is_empty());
+        let text = serde_json::to_string(&sealed).unwrap();
+        assert!(!text.contains("s3cret") && !text.contains("TOKEN"), "{text}");
+        assert_eq!(sealed.open_environment(&a.public_key(), Some(&fleet)).unwrap()["TOKEN"], "s3cret");
+
+        // Applying the same variables again keeps the box (no new revision, no roll-out); new
+        // variables or another fleet key make a new one.
+        let mut again = plain.clone();
+        again.seal_environment(&a, &fleet.public_key(), sealed.sealed_environment.as_ref()).unwrap();
+        assert_eq!(again, sealed);
+        let mut changed = plain.clone();
+        changed.environment.insert("TOKEN".into(), "other".into());
+        changed.seal_environment(&a, &fleet.public_key(), sealed.sealed_environment.as_ref()).unwrap();
+        assert_ne!(changed.sealed_environment, sealed.sealed_environment);
+
+        // A node without the fleet seed, or with another, cannot open it and is not chosen.
+        let other = nkeys::XKey::new();
+        assert!(matches!(sealed.open_environment(&a.public_key(), None), Err(SealError::WrongFleetKey { .. })));
+        assert!(matches!(sealed.open_environment(&a.public_key(), Some(&other)), Err(SealError::WrongFleetKey { .. })));
+        let beat = |k: Option<&nkeys::XKey>| Beat {
+            workload_types: vec!["native".into()],
+            fleet_xkey: k.map(|k| k.public_key()),
+            ..Default::default()
+        };
+        assert!(beat(Some(&fleet)).admits(&sealed, &a.public_key()));
+        assert!(!beat(None).admits(&sealed, &a.public_key()));
+        assert!(!beat(Some(&other)).admits(&sealed, &a.public_key()));
+        assert!(beat(None).admits(&plain, &a.public_key()));
+
+        // The box copied into another issuer's deployment, or another deployment of the same
+        // issuer, does not open there.
+        let mut stolen = sealed.clone();
+        let e = stolen.open_environment(&b.public_key(), Some(&fleet)).unwrap_err();
+        assert!(e.to_string().contains("was sealed for default/echo of issuer"), "{e}");
+        stolen.name = "thief".into();
+        assert!(matches!(
+            stolen.open_environment(&a.public_key(), Some(&fleet)),
+            Err(SealError::NotThisDeployment { .. })
+        ));
+        // A spec file may not carry both forms.
+        let mut both = serde_json::to_value(&sealed).unwrap();
+        both["environment"] = serde_json::json!({"X": "1"});
+        assert_eq!(parse(both), Err(SpecError::TwoEnvironments));
     }
 }

@@ -205,7 +205,7 @@ pub enum Command {
     Plan(crate::commands::deployments::PlanArgs),
     /// Create or update a deployment: N replicas the nodes keep running (signed by its issuer)
     #[command(
-        after_help = "Examples:\n  nex apply -f echo.json --issuer ~/.nex/issuer.nk\n  nex apply -f echo.json --expect-revision 4   # only if nobody changed it since `nex plan`\n\nA spec (JSON):\n  {\"name\": \"echo\", \"workload_type\": \"native\", \"replicas\": 3,\n   \"artifact\": {\"url\": \"nats://NEXCLIFILES/echoservice\", \"sha256\": \"<sha256sum of the file>\"},\n   \"placement\": {\"spread\": \"zone\"}, \"rollout\": {\"max_surge\": 1, \"max_unavailable\": 0}}"
+        after_help = "Examples:\n  nex apply -f echo.json --issuer ~/.nex/issuer.nk\n  nex apply -f echo.json --expect-revision 4   # only if nobody changed it since `nex plan`\n\nA spec (JSON):\n  {\"name\": \"echo\", \"workload_type\": \"native\", \"replicas\": 3,\n   \"artifact\": {\"url\": \"nats://NEXCLIFILES/echoservice\", \"sha256\": \"<sha256sum of the file>\"},\n   \"placement\": {\"spread\": \"zone\"}, \"rollout\": {\"max_surge\": 1, \"max_unavailable\": 0}}\n\nThe spec's \"environment\" is sealed to the fleet xkey the live nodes advertise (their\nfleet_xkey_seed_path; see `nex node fleet-xkey`): only those nodes can read it or run the replicas."
     )]
     Apply(crate::commands::deployments::ApplyArgs),
     /// List, show, remove and roll back deployments
@@ -248,4 +248,11 @@ pub enum NodeCommand {
     /// Show a node's details and its workloads in --namespace
     #[command(after_help = "Example:\n  nex node info NBCD… --full")]
     Info(crate::commands::node::InfoArgs),
+    /// Create the fleet's xkey seed: every node given it in fleet_xkey_seed_path can run
+    /// deployments whose environment `nex apply` sealed to it
+    #[command(
+        name = "fleet-xkey",
+        after_help = "Example:\n  nex node fleet-xkey --out /etc/nex/fleet.xk   # copy it (mode 0600) to each node\n  # config.json: {\"fleet_xkey_seed_path\": \"/etc/nex/fleet.xk\"}"
+    )]
+    FleetXkey(crate::commands::node::FleetXkeyArgs),
 }

@@ -68,6 +68,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Node(NodeCommand::Up(args)) => return commands::node::up(&g, args).await,
         Command::Node(NodeCommand::Preflight(args)) => return commands::preflight::preflight(args),
+        Command::Node(NodeCommand::FleetXkey(args)) => return commands::node::fleet_xkey(args),
         Command::Up(args) => return commands::up::up(&g, args).await,
         Command::Bench(args) => return commands::bench::bench(&g, args).await,
         Command::Rootfs(args) => return commands::rootfs::rootfs(args),
@@ -88,7 +89,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Lameduck(a) => commands::lameduck::lameduck(&client, a).await,
         Command::Call(a) => commands::call::call(&nc, g.timeout, a).await,
         Command::Ui(a) => commands::ui::ui(&nc, &client, g.timeout, a).await,
-        Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_))
+        Command::Node(NodeCommand::Up(_) | NodeCommand::Preflight(_) | NodeCommand::FleetXkey(_))
         | Command::Up(_)
         | Command::Bench(_)
         | Command::Rootfs(_)

@@ -12,6 +12,9 @@ use futures::StreamExt;
 use nex_api::deployment::{SlotRecord, BUCKET};
 use serde_json::{json, Value};
 
+/// A variable of the service's environment that the bucket must never show.
+const SECRET: &str = "tok-5f1e2d9c8b7a";
+
 /// The nodes' heartbeat TTL here: a dead node's replicas move within about this long.
 const TTL_MS: u64 = 4000;
 
@@ -21,6 +24,8 @@ struct Fleet {
     nc: async_nats::Client,
     home: tempfile::TempDir,
     seed: String,
+    /// The fleet xkey seed file every node gets (unless its extra config says otherwise).
+    fleet_xk: String,
 }
 
 impl Fleet {
@@ -34,6 +39,13 @@ impl Fleet {
         let kp = nkeys::KeyPair::new_account();
         let seed = home.path().join("issuer.nk");
         std::fs::write(&seed, kp.seed().unwrap()).unwrap();
+        let fleet_xk = home.path().join("fleet.xk");
+        let out = std::process::Command::new(nex_bin())
+            .args(["node", "fleet-xkey", "--out", fleet_xk.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let fleet_xk = fleet_xk.to_str().unwrap().to_string();
         let cluster = Cluster::start(3).await;
         let nc = cluster.servers[0].connect().await;
         let js = async_nats::jetstream::new(nc.clone());
@@ -57,11 +69,19 @@ impl Fleet {
         .unwrap();
         let mut nodes = Vec::new();
         for (i, s) in cluster.servers.iter().enumerate() {
-            let mut cfg = extra(i, &kp.public_key());
-            cfg["deployment_ttl_ms"] = json!(TTL_MS);
+            let mut cfg = json!({"deployment_ttl_ms": TTL_MS, "fleet_xkey_seed_path": fleet_xk});
+            for (k, v) in extra(i, &kp.public_key()).as_object().unwrap() {
+                cfg[k] = v.clone();
+            }
             nodes.push(Node::start(s, cfg).await);
         }
-        Fleet { cluster, nodes, nc, seed: seed.to_str().unwrap().to_string(), home }
+        Fleet { cluster, nodes, nc, seed: seed.to_str().unwrap().to_string(), home, fleet_xk }
+    }
+
+    /// Starts another node, with the fleet key, on server `server`.
+    async fn add_node(&mut self, server: usize) {
+        let cfg = json!({"deployment_ttl_ms": TTL_MS, "fleet_xkey_seed_path": self.fleet_xk});
+        self.nodes.push(Node::start(&self.cluster.servers[server], cfg).await);
     }
 
     fn nex(&self, args: &[&str]) -> std::process::Output {
@@ -150,7 +170,7 @@ async fn echo_spec(fleet: &Fleet, replicas: u32, version: &str) -> Value {
         "name": "echo",
         "workload_type": "native",
         "artifact": {"url": url, "sha256": sha},
-        "environment": {"NATS_URL": fleet.cluster.servers[0].url(), "VERSION": version},
+        "environment": {"NATS_URL": fleet.cluster.servers[0].url(), "VERSION": version, "API_TOKEN": SECRET},
         "replicas": replicas,
     })
 }
@@ -190,6 +210,31 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
         assert!(get.contains(&n.id), "get shows each replica's node:\n{get}");
     }
 
+    // The environment reached the replicas (they connect with its NATS_URL), but the bucket
+    // holds it sealed to the fleet key. Copied into another issuer's deployment, the box opens
+    // nowhere: its replicas fail to start and the status says why.
+    let kv = async_nats::jetstream::new(fleet.nc.clone()).get_key_value(BUCKET).await.unwrap();
+    let raw = kv.get("spec.default.echo").await.unwrap().unwrap();
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    assert!(!raw.contains(SECRET) && !raw.contains("API_TOKEN") && raw.contains("sealed_environment"), "{raw}");
+    let record: Value = serde_json::from_str(&raw).unwrap();
+    let thief = json!({
+        "name": "thief", "workload_type": "native", "artifact": v1["artifact"].clone(),
+        "sealed_environment": record["spec"]["sealed_environment"].clone(),
+    });
+    let other = fleet.home.path().join("thief.nk");
+    std::fs::write(&other, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
+    fleet.apply_as(&thief, other.to_str().unwrap());
+    until(Duration::from_secs(20), "the copied environment refused", &fleet, || async {
+        let s = kv.get("status.default.thief").await.ok().flatten();
+        s.is_some_and(|s| String::from_utf8_lossy(&s).contains("was sealed for default/echo of issuer"))
+    })
+    .await;
+    let names: Vec<String> = fleet.per_node().await.into_iter().flatten().map(|m| m.workload.name).collect();
+    assert_eq!(names, ["echo", "echo", "echo"], "no replica of the thief runs");
+    let out = fleet.nex(&["deployments", "rm", "thief", "--issuer", other.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // SIGKILL one node: its replica runs elsewhere, and once settled there are exactly 3.
     let killed = Instant::now();
     let mut dead = fleet.nodes.remove(2);
@@ -207,7 +252,7 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
     }
     drop(dead);
     // A fresh node joins the two survivors.
-    fleet.nodes.push(Node::start(&fleet.cluster.servers[2], json!({"deployment_ttl_ms": TTL_MS})).await);
+    fleet.add_node(2).await;
 
     // Rolling update v1 → v2: at least 2 of 3 answer at every moment; only v2 remains.
     let v2 = echo_spec(&fleet, 3, "v2").await;
@@ -276,9 +321,15 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
-    // Node 2 accepts only the fleet's issuer.
-    let mut fleet =
-        Fleet::start_with(|i, issuer| if i == 2 { json!({"valid_issuers": [issuer]}) } else { json!({}) }).await;
+    // Node 2 accepts only the fleet's issuer, and does not hold the fleet key.
+    let mut fleet = Fleet::start_with(|i, issuer| {
+        if i == 2 {
+            json!({"valid_issuers": [issuer], "fleet_xkey_seed_path": ""})
+        } else {
+            json!({})
+        }
+    })
+    .await;
     let user = User::new(&fleet.cluster.servers[0]).await;
     let js_src =
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/js/echofunction.js"))
@@ -354,30 +405,42 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
     }
     assert_eq!(got, 40, "every request answered exactly once");
 
-    // Another issuer's deployment: node 2 never takes one of its slots, though that leaves
-    // the other two running three replicas between them.
+    // Node 2 never takes a slot of another issuer's deployment (its valid_issuers), nor of one
+    // whose environment is sealed to the fleet key it lacks, though that leaves the other two
+    // running three replicas of each between them.
     let other = fleet.home.path().join("other.nk");
     std::fs::write(&other, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
     let other = other.to_str().unwrap();
     let mut o = spec(3, "fn.other");
     o["name"] = json!("other");
     fleet.apply_as(&o, other);
-    let others = |per_node: &[Vec<nex_api::control::MachineSummary>]| -> Vec<usize> {
-        per_node.iter().map(|m| m.iter().filter(|m| m.workload.name == "other").count()).collect()
+    let mut sealed = spec(3, "fn.sealed");
+    sealed["name"] = json!("sealed");
+    sealed["environment"] = json!({"API_TOKEN": "x"});
+    fleet.apply(&sealed);
+    let named = |per_node: &[Vec<nex_api::control::MachineSummary>], name: &str| -> Vec<usize> {
+        per_node.iter().map(|m| m.iter().filter(|m| m.workload.name == name).count()).collect()
     };
-    until(Duration::from_secs(30), "3 replicas of the other issuer's deployment", &fleet, || async {
-        others(&fleet.per_node().await).iter().sum::<usize>() == 3
+    until(Duration::from_secs(30), "3 replicas of each", &fleet, || async {
+        let p = fleet.per_node().await;
+        named(&p, "other").iter().sum::<usize>() == 3 && named(&p, "sealed").iter().sum::<usize>() == 3
     })
     .await;
     for _ in 0..3 {
-        assert_eq!(others(&fleet.per_node().await)[2], 0, "node 2 runs another issuer's replica");
+        let p = fleet.per_node().await;
+        assert_eq!(named(&p, "other")[2], 0, "node 2 runs another issuer's replica");
+        assert_eq!(named(&p, "sealed")[2], 0, "node 2 runs a replica whose environment it cannot open");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    assert!(fleet.slots().await.iter().all(|(k, r)| !k.contains(".other.") || r.node != fleet.nodes[2].id));
-    let out = fleet.nex(&["deployments", "rm", "other", "--issuer", other]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    until(Duration::from_secs(20), "the other deployment stopped", &fleet, || async {
-        others(&fleet.per_node().await).iter().sum::<usize>() == 0
+    let n2 = fleet.nodes[2].id.clone();
+    assert!(fleet.slots().await.iter().all(|(k, r)| k.starts_with("slot.default.echofn.") || r.node != n2));
+    for (name, seed) in [("other", other), ("sealed", fleet.seed.as_str())] {
+        let out = fleet.nex(&["deployments", "rm", name, "--issuer", seed]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    until(Duration::from_secs(20), "both deployments stopped", &fleet, || async {
+        let p = fleet.per_node().await;
+        named(&p, "other").iter().sum::<usize>() + named(&p, "sealed").iter().sum::<usize>() == 0
     })
     .await;
 
@@ -427,7 +490,7 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
     assert!(replies.len() + 1 >= sent, "{} of {sent} requests answered through the kill", replies.len());
     drop(dead);
-    fleet.nodes.push(Node::start(&fleet.cluster.servers[victim], json!({"deployment_ttl_ms": TTL_MS})).await);
+    fleet.add_node(victim).await;
 
     // Lame duck of a node that runs a replica: the replica starts elsewhere before this node
     // stops its own, so the function answers throughout.

@@ -129,10 +129,14 @@ async fn deployment_specs_are_signed_owned_and_written_by_compare_and_swap() {
     with_env["environment"] = json!({"MODE": "fast"});
     let v3 = cli.write_spec("v3.json", &with_env);
     let v4 = cli.write_spec("v4.json", &echo(4));
+    // No node here advertises a fleet key: an environment is not stored in the clear unasked.
+    let e = cli.fails(&["apply", "-f", &v3, "--issuer", &a_seed]);
+    assert!(e.contains("no live node advertises a fleet xkey") && e.contains("--plain-environment"), "{e}");
+    let fleet = nkeys::XKey::new().public_key();
     let racers: Vec<_> = [&v3, &v4]
         .iter()
         .map(|f| {
-            cli.cmd(&["apply", "-f", f, "--issuer", &a_seed, "--expect-revision", "2"])
+            cli.cmd(&["apply", "-f", f, "--issuer", &a_seed, "--expect-revision", "2", "--fleet-xkey", &fleet])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

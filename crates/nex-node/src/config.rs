@@ -332,6 +332,10 @@ pub struct NodeConfig {
     /// How long the node's deployments heartbeat lives unless renewed; when it lapses, other
     /// nodes take its replicas. Renewed every third of it.
     pub deployment_ttl_ms: u64,
+    /// File with the fleet's xkey seed (SX…, mode 0600), shared by the nodes that may run
+    /// deployments whose environment `nex apply` sealed to it. Empty: none, and such
+    /// deployments are never placed here.
+    pub fleet_xkey_seed_path: String,
     /// Largest JavaScript source accepted.
     pub max_js_source_bytes: u64,
     /// Where the node keeps its run state (agent work dirs, internal NATS store).
@@ -401,6 +405,7 @@ impl Default for NodeConfig {
             agent_triggers: true,
             deployments: true,
             deployment_ttl_ms: 10_000,
+            fleet_xkey_seed_path: String::new(),
             max_js_source_bytes: 1024 * 1024,
             state_dir: String::new(),
             sandbox_dir: String::new(),
@@ -547,6 +552,7 @@ impl NodeConfig {
                 self.deployment_ttl_ms
             ));
         }
+        self.fleet_xkey()?;
         if self.deploy_max_age == 0 {
             return bad("deploy_max_age must be > 0 (seconds, or a duration like \"10m\")".into());
         }
@@ -743,6 +749,30 @@ impl NodeConfig {
             PathBuf::from("/var/lib/nex-sandbox")
         } else {
             PathBuf::from(&self.sandbox_dir)
+        }
+    }
+
+    /// The fleet xkey of `fleet_xkey_seed_path`, when set. The file must be readable by its
+    /// owner only: whoever reads it reads every sealed deployment environment.
+    pub fn fleet_xkey(&self) -> Result<Option<nkeys::XKey>, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.fleet_xkey_seed_path.as_str();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let bad = |m: String| ConfigError::Invalid(format!("fleet_xkey_seed_path: {m}"));
+        let meta = std::fs::metadata(path).map_err(|e| bad(format!("{path}: {e}")))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(bad(format!("{path} is readable by other users (mode {mode:o}): run `chmod 600 {path}`")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{path}: {e}")))?;
+        let seed = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+        match nkeys::XKey::from_seed(seed) {
+            Ok(k) if seed.starts_with("SX") => Ok(Some(k)),
+            _ => {
+                Err(bad(format!("{path} holds no xkey seed (SX…): create one with `nex node fleet-xkey --out {path}`")))
+            }
         }
     }
 
@@ -955,5 +985,30 @@ mod tests {
         assert_eq!(NodeConfig::from_json(r#"{"deploy_max_age":"1500ms"}"#).unwrap().deploy_max_age, 2);
         let e = NodeConfig::from_json(r#"{"deploy_max_age":"soon"}"#).unwrap_err().to_string();
         assert!(e.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn the_fleet_xkey_seed_must_be_private_and_an_xkey() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.xk");
+        let cfg = |p: &std::path::Path| NodeConfig {
+            fleet_xkey_seed_path: p.display().to_string(),
+            no_sandbox: true,
+            ..Default::default()
+        };
+        let key = nkeys::XKey::new();
+        std::fs::write(&path, format!("{}\n", key.seed().unwrap())).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = cfg(&path).validate().unwrap_err().to_string();
+        assert!(e.contains("readable by other users (mode 644)") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(cfg(&path).fleet_xkey().unwrap().unwrap().public_key(), key.public_key());
+        // An account seed is not a fleet key; a missing file says which.
+        std::fs::write(&path, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
+        assert!(cfg(&path).validate().unwrap_err().to_string().contains("holds no xkey seed (SX…)"));
+        let e = cfg(&dir.path().join("nope")).validate().unwrap_err().to_string();
+        assert!(e.contains("fleet_xkey_seed_path") && e.contains("nope"), "{e}");
+        assert!(NodeConfig::default().fleet_xkey().unwrap().is_none());
     }
 }

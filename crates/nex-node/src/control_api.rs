@@ -214,6 +214,7 @@ fn ping(mgr: &WorkloadManager) -> PingResponse {
         tags: id.tags.read().unwrap_or_else(|e| e.into_inner()).clone(),
         running_machines: mgr.count() as u64,
         build: nex_api::BUILD.to_string(),
+        fleet_xkey: id.fleet_xkey.as_ref().map(|k| k.public_key()).unwrap_or_default(),
     }
 }
 
@@ -266,6 +267,7 @@ fn info(mgr: &WorkloadManager, ns: &str) -> InfoResponse {
         available_agents: mgr.pool().available() as u64,
         agent_start_error: mgr.pool().last_error(),
         build: nex_api::BUILD.to_string(),
+        fleet_xkey: id.fleet_xkey.as_ref().map(|k| k.public_key()).unwrap_or_default(),
     }
 }
 

@@ -129,6 +129,7 @@ impl Reconciler {
             os: std::env::consts::OS.into(),
             arch: crate::node::go_arch().into(),
             issuers: cfg.valid_issuers.clone(),
+            fleet_xkey: self.mgr.identity().fleet_xkey.as_ref().map(|k| k.public_key()),
         }
     }
 

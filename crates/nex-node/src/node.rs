@@ -101,9 +101,17 @@ async fn run_inner(
         }
     };
     let all_tags = node_tags(&cfg, tier.as_ref());
+    let fleet_xkey = match cfg.fleet_xkey() {
+        Ok(k) => k,
+        Err(e) => {
+            tier.shutdown().await;
+            return Err(e.into());
+        }
+    };
     let ident = Arc::new(NodeIdentity {
         node_id: node_id.clone(),
         xkey: nkeys::XKey::new(),
+        fleet_xkey,
         issuer: nkeys::KeyPair::new_account(),
         nexus,
         started: Instant::now(),

@@ -27,6 +27,12 @@ pub struct PlanArgs {
     /// Print the plan as JSON
     #[arg(long)]
     pub json: bool,
+    /// Seal the environment to this fleet xkey (X…); default: the one the live nodes advertise
+    #[arg(long = "fleet-xkey", value_name = "XKEY")]
+    pub fleet_xkey: Option<String>,
+    /// Store the environment as given, readable by anyone who can read the bucket (no secrets!)
+    #[arg(long = "plain-environment", conflicts_with = "fleet_xkey")]
+    pub plain_environment: bool,
 }
 
 /// `nex apply`
@@ -225,11 +231,67 @@ fn short(key: &str) -> String {
     }
 }
 
-/// `nex plan` (and the first half of `nex apply`): what writing the spec would change.
+/// The fleet xkeys the live nodes advertise in their heartbeats.
+async fn advertised_fleet_xkeys(kv: Option<&kv::Store>) -> Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    let Some(kv) = kv else { return Ok(out) };
+    for key in keys_with_prefix(kv, "node.").await? {
+        if let Ok(Some(v)) = kv.get(key.as_str()).await {
+            if let Some(k) = serde_json::from_slice::<dep::Beat>(&v).ok().and_then(|b| b.fleet_xkey) {
+                out.insert(k);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Seals the spec's environment to the fleet xkey (`--fleet-xkey`, else the one the live nodes
+/// advertise), keeping the box of `current` when the variables are the same; a line for the plan.
+async fn seal_environment(
+    kv: Option<&kv::Store>,
+    spec: &mut Spec,
+    issuer: &nkeys::KeyPair,
+    args: &PlanArgs,
+    current: Option<&Spec>,
+) -> Result<Option<String>> {
+    if spec.environment.is_empty() {
+        return Ok(None);
+    }
+    if args.plain_environment {
+        return Ok(Some(
+            "  note: the environment is stored in the deployments bucket as given (--plain-environment); keep secrets out of it"
+                .into(),
+        ));
+    }
+    let fleet = match &args.fleet_xkey {
+        Some(k) => k.clone(),
+        None => {
+            let keys = advertised_fleet_xkeys(kv).await?;
+            match keys.len() {
+                1 => keys.into_iter().next().unwrap_or_default(),
+                0 => bail!(
+                    "no live node advertises a fleet xkey to seal the environment to, and stored as given it is readable by anyone who can read the {} bucket: give the nodes one seed in fleet_xkey_seed_path (`nex node fleet-xkey --out FILE`), pass --fleet-xkey X…, or pass --plain-environment to store it as given",
+                    dep::BUCKET
+                ),
+                _ => bail!(
+                    "the live nodes advertise {} different fleet xkeys ({}): pass the one to seal to with --fleet-xkey",
+                    keys.len(),
+                    keys.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+    };
+    spec.seal_environment(issuer, &fleet, current.and_then(|c| c.sealed_environment.as_ref()))?;
+    Ok(Some(format!("  environment: sealed to fleet xkey {fleet}")))
+}
+
+/// `nex plan` (and the first half of `nex apply`): what writing the spec would change (its
+/// environment sealed first).
 async fn plan_of(
     kv: Option<&kv::Store>,
-    spec: &Spec,
+    spec: &mut Spec,
     issuer: &nkeys::KeyPair,
+    args: &PlanArgs,
 ) -> Result<(Resolved, serde_json::Value, Vec<String>)> {
     let key = spec.key();
     let res = match kv {
@@ -238,6 +300,8 @@ async fn plan_of(
     };
     let what = format!("deployment {}/{}", spec.namespace, spec.name);
     check_owner(&res, issuer, &what)?;
+    let env_note = seal_environment(kv, spec, issuer, args, res.current.as_ref().map(|c| &c.spec)).await?;
+    let spec = &*spec;
     let mut lines = Vec::new();
     let (action, changes) = match &res.current {
         None => {
@@ -268,11 +332,7 @@ async fn plan_of(
             ("update", changes)
         }
     };
-    if !spec.environment.is_empty() {
-        lines.push(
-            "  note: the environment is stored in the deployments bucket as given; keep secrets out of it".into(),
-        );
-    }
+    lines.extend(env_note);
     let doc = json!({
         "namespace": spec.namespace,
         "name": spec.name,
@@ -287,10 +347,10 @@ async fn plan_of(
 
 /// `nex plan -f FILE`
 pub async fn plan(g: &GlobalOpts, nc: &async_nats::Client, args: PlanArgs) -> Result<()> {
-    let spec = read_spec(&args.file)?;
+    let mut spec = read_spec(&args.file)?;
     let issuer = issuer(&args.issuer)?;
     let kv = bucket(g, nc, false).await?;
-    let (_, doc, lines) = plan_of(kv.as_ref(), &spec, &issuer).await?;
+    let (_, doc, lines) = plan_of(kv.as_ref(), &mut spec, &issuer, &args).await?;
     if args.json {
         print_json(&doc);
     } else {
@@ -301,10 +361,10 @@ pub async fn plan(g: &GlobalOpts, nc: &async_nats::Client, args: PlanArgs) -> Re
 
 /// `nex apply -f FILE`
 pub async fn apply(g: &GlobalOpts, nc: &async_nats::Client, args: ApplyArgs) -> Result<()> {
-    let spec = read_spec(&args.plan.file)?;
+    let mut spec = read_spec(&args.plan.file)?;
     let issuer = issuer(&args.plan.issuer)?;
     let kv = bucket(g, nc, true).await?.context("the deployments bucket")?;
-    let (res, mut doc, lines) = plan_of(Some(&kv), &spec, &issuer).await?;
+    let (res, mut doc, lines) = plan_of(Some(&kv), &mut spec, &issuer, &args.plan).await?;
     if let Some(want) = args.expect_revision {
         if res.latest != want {
             return Err(

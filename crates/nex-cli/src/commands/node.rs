@@ -127,6 +127,32 @@ pub fn node_key(cfg: &NodeConfig) -> Result<nkeys::KeyPair> {
     Ok(kp)
 }
 
+/// `nex node fleet-xkey`
+#[derive(Debug, clap::Args)]
+pub struct FleetXkeyArgs {
+    /// Where to write the seed (mode 0600); it must not exist yet
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Writes a new fleet xkey seed and prints its public key.
+pub fn fleet_xkey(args: FleetXkeyArgs) -> Result<()> {
+    if args.out.exists() {
+        anyhow::bail!(
+            "{} exists: a new fleet key would lock every node holding the old one out of the deployments sealed to it; choose another path",
+            args.out.display()
+        );
+    }
+    let k = nkeys::XKey::new();
+    write_private(&args.out, &format!("{}\n", k.seed()?))?;
+    println!("{}", k.public_key());
+    eprintln!(
+        "Wrote the fleet xkey seed to {}. Copy it (mode 0600) to every node that may run sealed deployments and set fleet_xkey_seed_path to it.",
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// Writes a file readable only by its owner.
 pub fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
     use std::io::Write;

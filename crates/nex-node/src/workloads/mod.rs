@@ -51,6 +51,8 @@ pub struct NodeIdentity {
     pub node_id: String,
     /// Curve key that opens environments.
     pub xkey: nkeys::XKey,
+    /// The fleet's curve key (`fleet_xkey_seed_path`): opens deployments' sealed environments.
+    pub fleet_xkey: Option<nkeys::XKey>,
     /// Issuer used for autostart workloads.
     pub issuer: nkeys::KeyPair,
     /// Nexus name.
@@ -341,6 +343,7 @@ impl WorkloadManager {
             location: spec.artifact.url.clone(),
             target_node: self.ident.node_id.clone(),
             trigger_subjects: spec.triggers.clone(),
+            essential: spec.essential && wt == workload_type::NATIVE,
             ..Default::default()
         };
         let checks = validate::Checks {
@@ -359,7 +362,9 @@ impl WorkloadManager {
             namespace: ns,
             request,
             claims,
-            environment: spec.environment.clone(),
+            environment: spec
+                .open_environment(issuer, self.ident.fleet_xkey.as_ref())
+                .map_err(|e| DeployError::Environment(e.to_string()))?,
             workload_type: wt,
             expected_hash: Some(hash),
             retry_count: 0,
