@@ -47,6 +47,13 @@ struct Replica {
     digest: String,
 }
 
+impl Replica {
+    /// `rec` once this replica of spec revision `revision` runs for it.
+    fn recorded_in(&self, rec: SlotRecord, revision: u64) -> SlotRecord {
+        SlotRecord { workload_id: self.workload_id.clone(), digest: self.digest.clone(), revision, next: None, ..rec }
+    }
+}
+
 /// A deployment in force.
 struct Deployment {
     current: Current,
@@ -213,14 +220,7 @@ impl Reconciler {
             if memory.specs.get(k).is_some_and(|(r, _)| r == rev) {
                 continue;
             }
-            let mut history = Vec::new();
-            let mut h = kv.history(k.as_str()).await.with_context(|| format!("reading the history of {k}"))?;
-            while let Some(e) = h.next().await {
-                let e = e.with_context(|| format!("reading the history of {k}"))?;
-                let value = (e.operation == kv::Operation::Put).then(|| e.value.to_vec());
-                history.push(HistoryEntry { revision: e.revision, value });
-            }
-            let resolved = dep::resolve(k, &history);
+            let resolved = resolve(kv, k).await?;
             for (revision, verdict) in &resolved.entries {
                 if let Err(why) = verdict {
                     tracing::debug!(key = %k, revision, %why, "deployment revision ignored");
@@ -295,14 +295,9 @@ impl Reconciler {
                     let key = slot_of(&slot);
                     let Some(d) = deployments.get(&slot.0) else { continue };
                     let from = reading.slots.get(&key).map(|(r, _)| r.node.clone()).unwrap_or_default();
-                    let Some(replica) = self.start_replica(d, &key, memory, &mut reading).await else { continue };
-                    let rec = SlotRecord {
-                        node: self.me.clone(),
-                        workload_id: replica.workload_id.clone(),
-                        digest: replica.digest.clone(),
-                        revision: d.current.revision,
-                        ..Default::default()
-                    };
+                    let Some(replica) = self.start_replica(kv, d, &key, memory, &mut reading).await else { continue };
+                    let rec = replica
+                        .recorded_in(SlotRecord { node: self.me.clone(), ..Default::default() }, d.current.revision);
                     match cas(kv, &key, Some(expect), &rec).await {
                         Some(rev) => {
                             reading.slots.insert(key.clone(), (rec, rev));
@@ -376,14 +371,8 @@ impl Reconciler {
                 .is_some_and(|s| s.failed_digest == d.digest);
             match memory.running.get(&key) {
                 None => {
-                    let Some(replica) = self.start_replica(d, &key, memory, reading).await else { continue };
-                    let new = SlotRecord {
-                        workload_id: replica.workload_id.clone(),
-                        digest: replica.digest.clone(),
-                        revision: d.current.revision,
-                        next: None,
-                        ..rec
-                    };
+                    let Some(replica) = self.start_replica(kv, d, &key, memory, reading).await else { continue };
+                    let new = replica.recorded_in(rec, d.current.revision);
                     memory.running.insert(key.clone(), replica);
                     if let Some(r) = cas(kv, &key, Some(rev), &new).await {
                         reading.slots.insert(key, (new, r));
@@ -409,18 +398,12 @@ impl Reconciler {
                         }
                     }
                     let old = r.workload_id.clone();
-                    let Some(replica) = self.start_replica(d, &key, memory, reading).await else {
+                    let Some(replica) = self.start_replica(kv, d, &key, memory, reading).await else {
                         continue;
                     };
                     self.stop_id(&old).await;
                     let Some((rec, rev)) = reading.slots.get(&key).cloned() else { continue };
-                    let new = SlotRecord {
-                        workload_id: replica.workload_id.clone(),
-                        digest: replica.digest.clone(),
-                        revision: d.current.revision,
-                        next: None,
-                        ..rec
-                    };
+                    let new = replica.recorded_in(rec, d.current.revision);
                     memory.running.insert(key.clone(), replica);
                     if let Some(r) = cas(kv, &key, Some(rev), &new).await {
                         reading.slots.insert(key.clone(), (new, r));
@@ -449,6 +432,7 @@ impl Reconciler {
     /// the roll-out failed (the replicas of the previous revision keep running).
     async fn start_replica(
         &self,
+        kv: &kv::Store,
         d: &Deployment,
         key: &str,
         memory: &mut Memory,
@@ -476,10 +460,8 @@ impl Reconciler {
                         node: self.me.clone(),
                         error: e.to_string(),
                     };
-                    if let Ok(kv) = self.js.get_key_value(dep::BUCKET).await {
-                        let body = serde_json::to_vec(&status).unwrap_or_default();
-                        let _ = kv.put(status_key.as_str(), body.into()).await;
-                    }
+                    let body = serde_json::to_vec(&status).unwrap_or_default();
+                    let _ = kv.put(status_key.as_str(), body.into()).await;
                     reading.statuses.insert(status_key, status);
                     self.event(
                         d,
@@ -546,6 +528,19 @@ impl Reconciler {
 
 /// Writes `rec` to `key`: create-only when `expect` is `None`, else only on that revision. The
 /// new revision, or `None` when another writer won.
+/// Reads a spec key's whole history and what it amounts to (the revision in force, and why any
+/// other does not count). `nex` reads deployments with it too.
+pub async fn resolve(kv: &kv::Store, key: &str) -> Result<dep::Resolved> {
+    let mut history = Vec::new();
+    let mut h = kv.history(key).await.with_context(|| format!("reading the history of {key}"))?;
+    while let Some(e) = h.next().await {
+        let e = e.with_context(|| format!("reading the history of {key}"))?;
+        let value = (e.operation == kv::Operation::Put).then(|| e.value.to_vec());
+        history.push(HistoryEntry { revision: e.revision, value });
+    }
+    Ok(dep::resolve(key, &history))
+}
+
 async fn cas(kv: &kv::Store, key: &str, expect: Option<u64>, rec: &SlotRecord) -> Option<u64> {
     let body: bytes::Bytes = serde_json::to_vec(rec).unwrap_or_default().into();
     let res = match expect {

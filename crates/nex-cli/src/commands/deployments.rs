@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde_json::json;
 
-use nex_api::deployment::{self as dep, HistoryEntry, Record, Resolved, Spec};
+use nex_api::deployment::{self as dep, Record, Resolved, Spec};
 
 use crate::cli::GlobalOpts;
 use crate::output::{print_json, Table};
@@ -162,18 +162,7 @@ async fn bucket(g: &GlobalOpts, nc: &async_nats::Client, create: bool) -> Result
 
 /// Reads a key's history and what it amounts to.
 async fn read(kv: &kv::Store, key: &str) -> Result<Resolved> {
-    let mut history = Vec::new();
-    match kv.history(key).await {
-        Ok(mut h) => {
-            while let Some(e) = h.next().await {
-                let e = e.with_context(|| format!("reading the history of {key}"))?;
-                let value = matches!(e.operation, kv::Operation::Put).then(|| e.value.to_vec());
-                history.push(HistoryEntry { revision: e.revision, value });
-            }
-        }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the history of {key}"))),
-    }
-    Ok(dep::resolve(key, &history))
+    nex_node::deployments::resolve(kv, key).await
 }
 
 /// Writes `record` on revision `latest` (create-only when 0); a lost race is a conflict that

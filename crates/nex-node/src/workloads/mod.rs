@@ -300,17 +300,21 @@ impl WorkloadManager {
         res
     }
 
-    async fn deploy_steps(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<RunResponse, DeployError> {
-        let ns = validate::namespace(ns)?;
-        let reservation = self.state.reserve(self.cfg.node_limits.max_workloads, false)?;
-        let checks = validate::Checks {
+    /// The DEPLOY checks with this node's identity and config.
+    fn checks(&self) -> validate::Checks<'_> {
+        validate::Checks {
             cfg: &self.cfg,
             node_id: &self.ident.node_id,
             xkey: &self.ident.xkey,
             replay: &self.replay,
             default_url: &self.control_url,
-        };
-        let v = checks.run(ns, body)?;
+        }
+    }
+
+    async fn deploy_steps(self: &Arc<Self>, ns: Option<&str>, body: &[u8]) -> Result<RunResponse, DeployError> {
+        let ns = validate::namespace(ns)?;
+        let reservation = self.state.reserve(self.cfg.node_limits.max_workloads, false)?;
+        let v = self.checks().run(ns, body)?;
         let jti = v.claims.jti.clone();
         let res = self.launch(v, reservation).await;
         if res.is_err() {
@@ -346,14 +350,7 @@ impl WorkloadManager {
             essential: spec.essential && wt == workload_type::NATIVE,
             ..Default::default()
         };
-        let checks = validate::Checks {
-            cfg: &self.cfg,
-            node_id: &self.ident.node_id,
-            xkey: &self.ident.xkey,
-            replay: &self.replay,
-            default_url: &self.control_url,
-        };
-        checks.check_type_and_triggers(&request)?;
+        self.checks().check_type_and_triggers(&request)?;
         let hash = spec.artifact.sha256.to_ascii_lowercase();
         let mut claims = WorkloadClaims::new(&spec.name, Some(&hash));
         claims.iss = issuer.to_string();
