@@ -108,15 +108,20 @@ pub struct Placement {
     pub os: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
-    /// Spread replicas across nodes (the default) or across the values of this tag (`zone`).
+    /// Spread replicas across nodes (the default) or across the values of this tag (`zone`):
+    /// evenly over the values first, then over the nodes sharing a value. Nodes without the tag
+    /// run none of the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<String>,
 }
 
-/// Per-replica limits.
+/// What each replica needs of a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// Memory in MiB: only nodes that give each workload at least this much run a replica (a
+    /// service gets the node's `machine_template.memsize_mib`, a function its
+    /// `function_memory_mib`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
 }
@@ -167,6 +172,10 @@ pub enum SpecError {
     StuckRollout,
     #[error("environment and sealed_environment cannot both be set: put the variables in environment and let `nex apply` seal them")]
     TwoEnvironments,
+    #[error("placement.spread {0:?} is not a tag name: name the node tag to spread across, such as \"zone\"")]
+    BadSpread(String),
+    #[error("resources.memory_mib must be at least 1")]
+    NoMemory,
 }
 
 impl Spec {
@@ -205,6 +214,12 @@ impl Spec {
         }
         if self.sealed_environment.is_some() && !self.environment.is_empty() {
             return Err(SpecError::TwoEnvironments);
+        }
+        if let Some(t) = self.placement.spread.as_ref().filter(|t| t.is_empty() || t.trim() != t.as_str()) {
+            return Err(SpecError::BadSpread(t.clone()));
+        }
+        if self.resources.as_ref().and_then(|r| r.memory_mib) == Some(0) {
+            return Err(SpecError::NoMemory);
         }
         Ok(())
     }
@@ -594,6 +609,12 @@ pub struct Beat {
     /// The public fleet xkey it holds the seed of (`fleet_xkey_seed_path`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_xkey: Option<String>,
+    /// Memory each service gets (`machine_template.memsize_mib`), MiB.
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// Memory each function gets (`function_memory_mib`), MiB.
+    #[serde(default)]
+    pub function_memory_mib: u64,
 }
 
 impl Beat {
@@ -608,6 +629,26 @@ impl Beat {
             && p.os.as_ref().is_none_or(|o| *o == self.os)
             && p.arch.as_ref().is_none_or(|a| *a == self.arch)
             && spec.sealed_environment.as_ref().is_none_or(|s| self.fleet_xkey.as_ref() == Some(&s.fleet_xkey))
+            && p.spread.as_ref().is_none_or(|t| self.tags.contains_key(t))
+            && spec.resources.as_ref().and_then(|r| r.memory_mib).is_none_or(|m| m <= self.memory_for(&wt))
+    }
+
+    /// Memory a workload of type `workload_type` gets on this node, MiB.
+    pub fn memory_for(&self, workload_type: &str) -> u64 {
+        if crate::workload_type::is_function(workload_type) {
+            self.function_memory_mib
+        } else {
+            self.memory_mib
+        }
+    }
+
+    /// The domain `node` (whose heartbeat this is) belongs to for `spec`'s spread: the value of
+    /// the tag it spreads by, or the node itself.
+    pub fn domain(&self, spec: &Spec, node: &str) -> String {
+        match &spec.placement.spread {
+            Some(t) => format!("{t}={}", self.tags.get(t).map(String::as_str).unwrap_or_default()),
+            None => node.to_string(),
+        }
     }
 }
 
@@ -703,6 +744,12 @@ mod tests {
         let mut v = spec();
         v["rollout"] = serde_json::json!({"max_surge": 0});
         assert_eq!(parse(v), Err(SpecError::StuckRollout));
+        let mut v = spec();
+        v["placement"] = serde_json::json!({"spread": ""});
+        assert_eq!(parse(v), Err(SpecError::BadSpread("".into())));
+        let mut v = spec();
+        v["resources"] = serde_json::json!({"memory_mib": 0});
+        assert_eq!(parse(v), Err(SpecError::NoMemory));
         // A misspelt field is an error, not silently ignored.
         let mut v = spec();
         v["replica"] = 3.into();
@@ -765,6 +812,36 @@ mod tests {
     }
 
     #[test]
+    fn deployment_placement_needs_the_spread_tag_and_enough_memory() {
+        let issuer = nkeys::KeyPair::new_account().public_key();
+        let mut v = spec();
+        v["resources"] = serde_json::json!({"memory_mib": 128});
+        let service = parse(v.clone()).unwrap();
+        v["workload_type"] = "wasm".into();
+        v["triggers"] = serde_json::json!(["fn.x"]);
+        let function = parse(v).unwrap();
+        let beat = |zone: Option<&str>, memory_mib, function_memory_mib| Beat {
+            workload_types: vec!["native".into(), "wasm".into()],
+            tags: zone.map(|z| [("zone".to_string(), z.to_string())].into()).unwrap_or_default(),
+            memory_mib,
+            function_memory_mib,
+            ..Default::default()
+        };
+        assert!(beat(Some("a"), 256, 64).admits(&service, &issuer));
+        assert_eq!(beat(Some("a"), 256, 64).domain(&service, "n1"), "zone=a");
+        // No zone tag: it cannot take part in a spread across zones.
+        assert!(!beat(None, 256, 64).admits(&service, &issuer));
+        // Services are sized by memsize_mib, functions by function_memory_mib.
+        assert!(!beat(Some("a"), 64, 256).admits(&service, &issuer));
+        assert!(beat(Some("a"), 64, 256).admits(&function, &issuer));
+        assert!(!beat(Some("a"), 256, 64).admits(&function, &issuer));
+        // Without a spread tag each node is its own domain.
+        let mut plain = service.clone();
+        plain.placement.spread = None;
+        assert_eq!(beat(None, 256, 64).domain(&plain, "n1"), "n1");
+    }
+
+    #[test]
     fn deployment_plans_name_each_change_and_whether_it_rolls_out() {
         let v1 = parse(spec()).unwrap();
         let mut v2 = v1.clone();
@@ -781,6 +858,7 @@ mod tests {
         let (a, b) = (nkeys::KeyPair::new_account(), nkeys::KeyPair::new_account());
         let fleet = nkeys::XKey::new();
         let mut v = spec();
+        v["placement"] = serde_json::json!({});
         v["environment"] = serde_json::json!({"TOKEN": "s3cret"});
         let plain = parse(v).unwrap();
         let mut sealed = plain.clone();

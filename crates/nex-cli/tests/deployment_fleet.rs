@@ -321,12 +321,14 @@ async fn deployment_of_a_service_heals_rolls_out_survives_a_partition_and_is_rem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
-    // Node 2 accepts only the fleet's issuer, and does not hold the fleet key.
+    // Nodes 0 and 1 are in zone a, node 2 in zone b. Node 2 accepts only the fleet's issuer,
+    // does not hold the fleet key, and gives a function 32 MiB (the others 64).
     let mut fleet = Fleet::start_with(|i, issuer| {
         if i == 2 {
-            json!({"valid_issuers": [issuer], "fleet_xkey_seed_path": ""})
+            json!({"valid_issuers": [issuer], "fleet_xkey_seed_path": "", "function_memory_mib": 32,
+                   "tags": {"zone": "b"}})
         } else {
-            json!({})
+            json!({"tags": {"zone": "a"}})
         }
     })
     .await;
@@ -406,8 +408,8 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
     assert_eq!(got, 40, "every request answered exactly once");
 
     // Node 2 never takes a slot of another issuer's deployment (its valid_issuers), nor of one
-    // whose environment is sealed to the fleet key it lacks, though that leaves the other two
-    // running three replicas of each between them.
+    // whose environment is sealed to the fleet key it lacks, nor of one needing more memory than
+    // it gives, though that leaves the other two running three replicas of each between them.
     let other = fleet.home.path().join("other.nk");
     std::fs::write(&other, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
     let other = other.to_str().unwrap();
@@ -418,29 +420,61 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
     sealed["name"] = json!("sealed");
     sealed["environment"] = json!({"API_TOKEN": "x"});
     fleet.apply(&sealed);
+    let mut big = spec(3, "fn.big");
+    big["name"] = json!("big");
+    big["resources"] = json!({"memory_mib": 48});
+    fleet.apply(&big);
     let named = |per_node: &[Vec<nex_api::control::MachineSummary>], name: &str| -> Vec<usize> {
         per_node.iter().map(|m| m.iter().filter(|m| m.workload.name == name).count()).collect()
     };
+    let three = ["other", "sealed", "big"];
     until(Duration::from_secs(30), "3 replicas of each", &fleet, || async {
         let p = fleet.per_node().await;
-        named(&p, "other").iter().sum::<usize>() == 3 && named(&p, "sealed").iter().sum::<usize>() == 3
+        three.iter().all(|name| named(&p, name).iter().sum::<usize>() == 3)
     })
     .await;
     for _ in 0..3 {
         let p = fleet.per_node().await;
         assert_eq!(named(&p, "other")[2], 0, "node 2 runs another issuer's replica");
         assert_eq!(named(&p, "sealed")[2], 0, "node 2 runs a replica whose environment it cannot open");
+        assert_eq!(named(&p, "big")[2], 0, "node 2 runs a replica needing more memory than it gives");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let n2 = fleet.nodes[2].id.clone();
     assert!(fleet.slots().await.iter().all(|(k, r)| k.starts_with("slot.default.echofn.") || r.node != n2));
-    for (name, seed) in [("other", other), ("sealed", fleet.seed.as_str())] {
+    for (name, seed) in [("other", other), ("sealed", fleet.seed.as_str()), ("big", fleet.seed.as_str())] {
         let out = fleet.nex(&["deployments", "rm", name, "--issuer", seed]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    until(Duration::from_secs(20), "both deployments stopped", &fleet, || async {
+    until(Duration::from_secs(20), "the three deployments stopped", &fleet, || async {
         let p = fleet.per_node().await;
-        named(&p, "other").iter().sum::<usize>() + named(&p, "sealed").iter().sum::<usize>() == 0
+        three.iter().all(|name| named(&p, name).iter().sum::<usize>() == 0)
+    })
+    .await;
+
+    // Spread by zone: of 2 replicas, zone b (node 2 alone) runs one; of 4, two, while zone a's
+    // two nodes run one each. The plan says so before anything runs.
+    let mut zoned = spec(2, "fn.zoned");
+    zoned["name"] = json!("zoned");
+    zoned["placement"] = json!({"spread": "zone"});
+    let p = fleet.home.path().join("zoned.json");
+    std::fs::write(&p, zoned.to_string()).unwrap();
+    let plan = fleet.nex(&["plan", "-f", p.to_str().unwrap(), "--issuer", &fleet.seed]);
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.contains("placement: 3 of 3 live nodes can run it, spread over 2 values of zone"), "{plan}");
+    for (replicas, zone_b) in [(2usize, 1usize), (4, 2)] {
+        zoned["replicas"] = json!(replicas);
+        fleet.apply(&zoned);
+        until(Duration::from_secs(30), &format!("{replicas} replicas spread by zone"), &fleet, || async {
+            let z = named(&fleet.per_node().await, "zoned");
+            z.iter().sum::<usize>() == replicas && z[2] == zone_b && z[0].abs_diff(z[1]) <= 1
+        })
+        .await;
+    }
+    let out = fleet.nex(&["deployments", "rm", "zoned", "--issuer", &fleet.seed]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(Duration::from_secs(20), "the zoned deployment stopped", &fleet, || async {
+        named(&fleet.per_node().await, "zoned").iter().sum::<usize>() == 0
     })
     .await;
 

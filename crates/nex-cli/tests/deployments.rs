@@ -94,6 +94,8 @@ async fn deployment_specs_are_signed_owned_and_written_by_compare_and_swap() {
         plan.contains("+ create deployment default/echo: 3 × native from nats://NEXCLIFILES/echoservice"),
         "{plan}"
     );
+    // No node heartbeats here: the plan says its replicas would wait.
+    assert!(plan.contains("warning: none of the 0 live nodes can run it now (it needs workload type native"), "{plan}");
     assert!(cli.fails(&["deployments", "get", "echo"]).contains("no deployment default/echo"));
 
     // A bad spec is refused with what to change.

@@ -4,13 +4,17 @@
 //! owner. A node's liveness is its heartbeat key, which expires unless renewed. Every node reads
 //! the slots and the live heartbeats and, from that view alone, decides what to write:
 //!
+//! * replicas are spread over *domains*: each node is its own domain, or, when a deployment
+//!   spreads by a tag such as `zone`, the nodes sharing that tag's value form one; a node's load
+//!   is (its domain's replicas, its own replicas) of that deployment, compared in that order;
 //! * an unowned slot, or one whose owner's heartbeat lapsed, is claimed by the eligible nodes
-//!   that run the fewest replicas of that deployment; the write is create-only or an update on
-//!   the revision read, so when several race exactly one wins;
-//! * an owner that runs at least two replicas more of a deployment than another eligible node
-//!   (or that drains) offers one slot to that node (`handoff`); the target starts its replica,
-//!   then takes the slot on the offer's revision, and only then does the old owner, seeing the
-//!   slot is no longer its own, stop its replica (start new, then stop old);
+//!   with the least load; the write is create-only or an update on the revision read, so when
+//!   several race exactly one wins;
+//! * an owner whose domain runs at least two replicas more of a deployment than another domain,
+//!   or that runs two more than another node of its own domain (or that drains), offers one
+//!   slot to the least loaded such node (`handoff`); the target starts its replica, then takes
+//!   the slot on the offer's revision, and only then does the old owner, seeing the slot is no
+//!   longer its own, stop its replica (start new, then stop old);
 //! * an offer to a node that is gone or no longer eligible is withdrawn by the owner;
 //! * a node runs a slot only while the bucket says it is its own, and stops what is not.
 //!
@@ -49,6 +53,57 @@ pub struct View<'a> {
     pub slots: &'a BTreeMap<SlotId, Option<(Owner, u64)>>,
     /// Whether a node may run a deployment's replicas (placement).
     pub eligible: &'a dyn Fn(&str, &str) -> bool,
+    /// The domain an eligible node belongs to for a deployment's spread: the node itself, or
+    /// the value of the tag the deployment spreads by.
+    pub domain: &'a dyn Fn(&str, &str) -> String,
+}
+
+/// Replicas of one deployment per eligible node and per domain (owned slots plus offers made).
+struct Loads<'a> {
+    node: BTreeMap<&'a str, usize>,
+    domain_of: BTreeMap<&'a str, String>,
+    domain: BTreeMap<String, usize>,
+}
+
+impl<'a> Loads<'a> {
+    /// (domain load, node load) of an eligible node: the lower, the likelier it takes a replica.
+    fn key(&self, n: &str) -> Option<(usize, usize)> {
+        let load = *self.node.get(n)?;
+        Some((self.domain.get(self.domain_of.get(n)?).copied().unwrap_or(0), load))
+    }
+
+    fn add(&mut self, n: &str, more: bool) {
+        let (Some(l), Some(d)) = (self.node.get_mut(n), self.domain_of.get(n)) else { return };
+        let dl = self.domain.entry(d.clone()).or_default();
+        if more {
+            *l += 1;
+            *dl += 1;
+        } else {
+            *l = l.saturating_sub(1);
+            *dl = dl.saturating_sub(1);
+        }
+    }
+
+    /// Where one of `me`'s replicas should go to even out the spread, if anywhere: the least
+    /// loaded node of a domain with two fewer replicas than ours, else a node of our own domain
+    /// with two fewer than us; any least loaded node when we may not run the deployment.
+    fn move_target(&self, me: &str) -> Option<&'a str> {
+        let others = || self.node.keys().copied().filter(|n| *n != me);
+        let Some((my_domain, mine)) = self.key(me) else {
+            return others().min_by_key(|n| (self.key(n), *n));
+        };
+        let home = self.domain_of.get(me);
+        let across = others()
+            .filter(|n| self.domain_of.get(n) != home)
+            .min_by_key(|n| (self.key(n), *n))
+            .filter(|n| self.key(n).is_some_and(|(d, _)| d + 2 <= my_domain));
+        across.or_else(|| {
+            others()
+                .filter(|n| self.domain_of.get(n) == home)
+                .min_by_key(|n| (self.node[n], *n))
+                .filter(|n| self.node[n] + 2 <= mine)
+        })
+    }
 }
 
 /// A write to the bucket, always conditional.
@@ -67,20 +122,20 @@ impl<'a> View<'a> {
         self.live.get(node).is_some_and(|draining| !draining) && (self.eligible)(node, deployment)
     }
 
-    /// Replicas of `deployment` per eligible node: owned slots plus the offers made to it.
-    fn loads(&self, deployment: &str) -> BTreeMap<&'a str, usize> {
+    /// Replicas of `deployment` per eligible node and domain: owned slots plus offers made.
+    fn loads(&self, deployment: &str) -> Loads<'a> {
         let live: &'a BTreeMap<String, bool> = self.live;
-        let mut loads: BTreeMap<&'a str, usize> =
+        let node: BTreeMap<&'a str, usize> =
             live.keys().filter(|n| self.can_run(n, deployment)).map(|n| (n.as_str(), 0)).collect();
+        let domain_of = node.keys().map(|n| (*n, (self.domain)(n, deployment))).collect();
+        let mut loads = Loads { node, domain_of, domain: BTreeMap::new() };
         for ((d, _), s) in self.slots {
             let Some((o, _)) = s else { continue };
             if d != deployment {
                 continue;
             }
             for n in std::iter::once(&o.node).chain(o.handoff.iter()) {
-                if let Some(l) = loads.get_mut(n.as_str()) {
-                    *l += 1;
-                }
+                loads.add(n, true);
             }
         }
         loads
@@ -96,7 +151,7 @@ impl<'a> View<'a> {
         let deployments: BTreeSet<&str> = self.slots.keys().map(|(d, _)| d.as_str()).collect();
         for d in deployments {
             let mut loads = self.loads(d);
-            let mine_eligible = loads.contains_key(self.me);
+            let mine_eligible = loads.node.contains_key(self.me);
             let mut offered = false;
             for (slot, s) in self.slots.range((d.to_string(), 0)..=(d.to_string(), u32::MAX)) {
                 match s {
@@ -114,24 +169,17 @@ impl<'a> View<'a> {
                         if offered {
                             continue;
                         }
-                        // One offer at a time per deployment: to the least loaded other node,
-                        // when draining or when it runs two fewer than we do.
-                        let mine = loads.get(self.me).copied().unwrap_or(usize::MAX);
-                        let target = loads.iter().filter(|(n, _)| **n != self.me).min_by_key(|(n, l)| (**l, **n));
-                        if let Some((t, l)) = target {
-                            if !mine_eligible || *l + 2 <= mine {
-                                let t = t.to_string();
-                                *loads.entry(self.me).or_default() = mine.saturating_sub(1);
-                                if let Some(l) = loads.get_mut(t.as_str()) {
-                                    *l += 1;
-                                }
-                                actions.push(Action::Write {
-                                    slot: slot.clone(),
-                                    expect: Some(*rev),
-                                    owner: Owner { node: self.me.to_string(), handoff: Some(t) },
-                                });
-                                offered = true;
-                            }
+                        // One offer at a time per deployment: when draining, or when the spread
+                        // is uneven by two.
+                        if let Some(t) = loads.move_target(self.me) {
+                            loads.add(self.me, false);
+                            loads.add(t, true);
+                            actions.push(Action::Write {
+                                slot: slot.clone(),
+                                expect: Some(*rev),
+                                owner: Owner { node: self.me.to_string(), handoff: Some(t.to_string()) },
+                            });
+                            offered = true;
                         }
                     }
                     Some((o, rev)) if o.handoff.as_deref() == Some(self.me) && self.live.contains_key(&o.node) => {
@@ -150,19 +198,13 @@ impl<'a> View<'a> {
         actions
     }
 
-    /// Claims `slot` when no eligible node runs fewer replicas of its deployment than we do.
-    fn claim(
-        &self,
-        loads: &mut BTreeMap<&'a str, usize>,
-        slot: &SlotId,
-        expect: Option<u64>,
-        actions: &mut Vec<Action>,
-    ) {
-        let Some(mine) = loads.get(self.me).copied() else { return };
-        if loads.values().any(|l| *l < mine) {
+    /// Claims `slot` when no eligible node has less load for its deployment than we do.
+    fn claim(&self, loads: &mut Loads<'a>, slot: &SlotId, expect: Option<u64>, actions: &mut Vec<Action>) {
+        let Some(mine) = loads.key(self.me) else { return };
+        if loads.node.keys().any(|n| loads.key(n) < Some(mine)) {
             return;
         }
-        *loads.entry(self.me).or_default() += 1;
+        loads.add(self.me, true);
         actions.push(Action::Write { slot: slot.clone(), expect, owner: Owner::new(self.me) });
     }
 }
@@ -185,6 +227,28 @@ mod tests {
 
     const TTL: u64 = 30; // ticks a heartbeat lives
     const NODES: usize = 4;
+
+    /// "web" spreads by zone: n0 and n1 are in zone a, n2 in zone b, and n3 has no zone, so it
+    /// runs none. "fn" spreads by node.
+    fn zone(node: &str) -> Option<&'static str> {
+        match node {
+            "n0" | "n1" => Some("a"),
+            "n2" => Some("b"),
+            _ => None,
+        }
+    }
+    fn eligible(node: &str, deployment: &str) -> bool {
+        deployment != "web" || zone(node).is_some()
+    }
+    fn domain(node: &str, deployment: &str) -> String {
+        match deployment {
+            "web" => zone(node).unwrap_or_default().to_string(),
+            _ => node.to_string(),
+        }
+    }
+    fn by_node(node: &str, _: &str) -> String {
+        node.to_string()
+    }
 
     #[derive(Default)]
     struct Store {
@@ -238,7 +302,7 @@ mod tests {
                 node.running.remove(&slot);
             }
         }
-        let view = View { me: &node.name, live: &live, slots: &slots, eligible: &|_, _| true };
+        let view = View { me: &node.name, live: &live, slots: &slots, eligible: &eligible, domain: &domain };
         for a in view.plan() {
             match a {
                 Action::Write { slot, expect, owner } => {
@@ -360,16 +424,21 @@ mod tests {
             let runners: Vec<&str> = nodes.iter().filter(|n| n.running.contains(s)).map(|n| n.name.as_str()).collect();
             assert_eq!(runners, vec![o.node.as_str()], "seed {seed}: {s:?} owned by {} runs on {runners:?}", o.node);
         }
-        for d in ["web", "fn"] {
+        let per_node = |d: &str| {
             let mut per_node = vec![0; NODES];
             for ((sd, _), (o, _)) in &store.slots {
                 if sd == d {
                     per_node[o.node[1..].parse::<usize>().unwrap()] += 1;
                 }
             }
-            let (min, max) = (per_node.iter().min().unwrap(), per_node.iter().max().unwrap());
-            assert!(max - min <= 1, "seed {seed}: {d} spread {per_node:?}");
-        }
+            per_node
+        };
+        let even = |loads: &[usize]| loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1;
+        let fns = per_node("fn");
+        assert!(even(&fns), "seed {seed}: fn spread {fns:?}");
+        // Across zones first (a: n0 + n1, b: n2), then across the nodes of a zone; none on n3.
+        let web = per_node("web");
+        assert!(even(&[web[0] + web[1], web[2]]) && even(&web[..2]) && web[3] == 0, "seed {seed}: web spread {web:?}");
     }
 
     #[test]
@@ -386,7 +455,7 @@ mod tests {
         let mut store = Store::default();
         let plans: Vec<Vec<Action>> = ["a", "b"]
             .iter()
-            .map(|me| View { me, live: &live, slots: &slots, eligible: &|_, _| true }.plan())
+            .map(|me| View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node }.plan())
             .collect();
         let wins = plans
             .into_iter()
@@ -403,7 +472,7 @@ mod tests {
     fn a_draining_owner_offers_and_the_target_accepts_before_it_stops() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false)].into();
         let slots: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((Owner::new("a"), 7)))].into();
-        let a = View { me: "a", live: &live, slots: &slots, eligible: &|_, _| true }.plan();
+        let a = View { me: "a", live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node }.plan();
         assert_eq!(
             a,
             vec![Action::Write {
@@ -414,13 +483,18 @@ mod tests {
         );
         let offered: BTreeMap<SlotId, Option<(Owner, u64)>> =
             [(("web".into(), 0), Some((Owner { node: "a".into(), handoff: Some("b".into()) }, 8)))].into();
-        let b = View { me: "b", live: &live, slots: &offered, eligible: &|_, _| true }.plan();
+        let b = View { me: "b", live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node }.plan();
         assert_eq!(b, vec![Action::Accept { slot: ("web".into(), 0), expect: 8 }]);
         // The old owner keeps running until the slot is the target's.
         assert!(runs("a", offered[&("web".to_string(), 0)].as_ref()));
         // A node that placement excludes never claims.
-        let none =
-            View { me: "b", live: &live, slots: &[(("web".into(), 0), None)].into(), eligible: &|n, _| n != "b" };
+        let none = View {
+            me: "b",
+            live: &live,
+            slots: &[(("web".into(), 0), None)].into(),
+            eligible: &|n, _| n != "b",
+            domain: &by_node,
+        };
         assert!(none.plan().is_empty());
     }
 }

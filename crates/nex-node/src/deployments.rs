@@ -137,6 +137,8 @@ impl Reconciler {
             arch: crate::node::go_arch().into(),
             issuers: cfg.valid_issuers.clone(),
             fleet_xkey: self.mgr.identity().fleet_xkey.as_ref().map(|k| k.public_key()),
+            memory_mib: cfg.machine_template.memsize_mib,
+            function_memory_mib: cfg.function_memory_mib,
         }
     }
 
@@ -264,7 +266,11 @@ impl Reconciler {
             let (Some(b), Some(d)) = (beats.get(node), deployments.get(d)) else { return false };
             b.admits(&d.current.spec, &d.current.owner)
         };
-        let plan = View { me: &self.me, live: &live, slots: &wanted, eligible: &eligible }.plan();
+        let domain = |node: &str, d: &str| match (beats.get(node), deployments.get(d)) {
+            (Some(b), Some(d)) => b.domain(&d.current.spec, node),
+            _ => node.to_string(),
+        };
+        let plan = View { me: &self.me, live: &live, slots: &wanted, eligible: &eligible, domain: &domain }.plan();
         for action in plan {
             match action {
                 Action::Write { slot, expect, owner } => {
@@ -339,7 +345,7 @@ impl Reconciler {
                 let _ = kv.delete_expect_revision(key, Some(*rev)).await;
             }
         }
-        self.report_degraded(&deployments, &wanted, &live, &eligible, memory).await;
+        self.report_degraded(&deployments, &wanted, &live, &eligible, &domain, memory).await;
         Ok(())
     }
 
@@ -475,15 +481,16 @@ impl Reconciler {
         }
     }
 
-    /// A `deployment_degraded` event when a deployment's eligible live nodes drop below its
-    /// replicas (spread relaxed: some node runs two) or a slot finds no owner; once per episode,
-    /// from the first node in order.
+    /// A `deployment_degraded` event when a deployment's spread is relaxed (fewer eligible live
+    /// nodes, or values of its spread tag, than replicas: some run two) or a slot finds no
+    /// owner; once per episode, from the first node in order.
     async fn report_degraded(
         &self,
         deployments: &BTreeMap<String, Deployment>,
         wanted: &BTreeMap<SlotId, Option<(Owner, u64)>>,
         live: &BTreeMap<String, bool>,
         eligible: &(dyn Fn(&str, &str) -> bool + Sync),
+        domain: &(dyn Fn(&str, &str) -> String + Sync),
         memory: &mut Memory,
     ) {
         if live.keys().next().map(String::as_str) != Some(self.me.as_str()) {
@@ -491,19 +498,22 @@ impl Reconciler {
             return;
         }
         for (id, d) in deployments {
-            let nodes = live.iter().filter(|(n, draining)| !**draining && eligible(n, id)).count();
+            let nodes: Vec<&String> =
+                live.iter().filter(|(n, draining)| !**draining && eligible(n, id)).map(|(n, _)| n).collect();
+            let domains: BTreeSet<String> = nodes.iter().map(|n| domain(n, id)).collect();
             let unowned = wanted
                 .iter()
                 .filter(|(s, o)| s.0 == *id && o.as_ref().is_none_or(|(o, _)| !live.contains_key(&o.node)))
                 .count();
-            let degraded = nodes < d.current.spec.replicas as usize || unowned > 0;
+            let replicas = d.current.spec.replicas as usize;
+            let degraded = domains.len() < replicas || unowned > 0;
             if degraded && memory.degraded.insert(id.clone()) {
-                self.event(
-                    d,
-                    event_type::DEPLOYMENT_DEGRADED,
-                    json!({"replicas": d.current.spec.replicas, "eligible_nodes": nodes, "unowned": unowned}),
-                )
-                .await;
+                let mut data = json!({"replicas": replicas, "eligible_nodes": nodes.len(), "unowned": unowned});
+                if let Some(tag) = &d.current.spec.placement.spread {
+                    data["spread"] = json!(tag);
+                    data["spread_values"] = json!(domains.len());
+                }
+                self.event(d, event_type::DEPLOYMENT_DEGRADED, data).await;
             } else if !degraded {
                 memory.degraded.remove(id);
             }

@@ -220,28 +220,64 @@ fn short(key: &str) -> String {
     }
 }
 
-/// The fleet xkeys the live nodes advertise in their heartbeats.
-async fn advertised_fleet_xkeys(kv: Option<&kv::Store>) -> Result<std::collections::BTreeSet<String>> {
-    let mut out = std::collections::BTreeSet::new();
+/// The live nodes' heartbeats, by node id.
+async fn live_nodes(kv: Option<&kv::Store>) -> Result<Vec<(String, dep::Beat)>> {
+    let mut out = Vec::new();
     let Some(kv) = kv else { return Ok(out) };
     for key in keys_with_prefix(kv, "node.").await? {
         if let Ok(Some(v)) = kv.get(key.as_str()).await {
-            if let Some(k) = serde_json::from_slice::<dep::Beat>(&v).ok().and_then(|b| b.fleet_xkey) {
-                out.insert(k);
+            if let Ok(b) = serde_json::from_slice::<dep::Beat>(&v) {
+                out.push((key["node.".len()..].to_string(), b));
             }
         }
     }
     Ok(out)
 }
 
+/// Which live nodes could run the spec's replicas now: a line for the plan (a warning when none
+/// can, a note when the spread must be relaxed) and the count.
+fn placement_note(nodes: &[(String, dep::Beat)], spec: &Spec, issuer: &str) -> (String, usize) {
+    let able: Vec<&(String, dep::Beat)> = nodes.iter().filter(|(_, b)| !b.draining && b.admits(spec, issuer)).collect();
+    let domains: std::collections::BTreeSet<String> = able.iter().map(|(n, b)| b.domain(spec, n)).collect();
+    let mut needs = vec![format!("workload type {}", spec.workload_type)];
+    needs.extend(spec.placement.tags.iter().map(|(k, v)| format!("tag {k}={v}")));
+    needs.extend(spec.placement.spread.iter().map(|t| format!("a {t} tag")));
+    needs.extend(spec.resources.as_ref().and_then(|r| r.memory_mib).map(|m| format!("{m} MiB per workload")));
+    needs.extend(spec.placement.sandboxed.filter(|s| *s).map(|_| "sandboxed".to_string()));
+    needs.extend(spec.placement.os.iter().map(|o| format!("os {o}")));
+    needs.extend(spec.placement.arch.iter().map(|a| format!("arch {a}")));
+    needs.extend(spec.sealed_environment.as_ref().map(|_| "the fleet xkey".to_string()));
+    let across = match &spec.placement.spread {
+        Some(t) => format!("{} values of {t}", domains.len()),
+        None => format!("{} nodes", domains.len()),
+    };
+    let line = if able.is_empty() {
+        format!(
+            "  warning: none of the {} live nodes can run it now (it needs {}); its replicas wait until one can",
+            nodes.len(),
+            needs.join(", ")
+        )
+    } else if domains.len() < spec.replicas as usize {
+        format!(
+            "  placement: {} of {} live nodes can run it; {} replicas over {across}: some share one (spread relaxed)",
+            able.len(),
+            nodes.len(),
+            spec.replicas
+        )
+    } else {
+        format!("  placement: {} of {} live nodes can run it, spread over {across}", able.len(), nodes.len())
+    };
+    (line, able.len())
+}
+
 /// Seals the spec's environment to the fleet xkey (`--fleet-xkey`, else the one the live nodes
 /// advertise), keeping the box of `current` when the variables are the same; a line for the plan.
-async fn seal_environment(
-    kv: Option<&kv::Store>,
+fn seal_environment(
     spec: &mut Spec,
     issuer: &nkeys::KeyPair,
     args: &PlanArgs,
     current: Option<&Spec>,
+    nodes: &[(String, dep::Beat)],
 ) -> Result<Option<String>> {
     if spec.environment.is_empty() {
         return Ok(None);
@@ -255,7 +291,8 @@ async fn seal_environment(
     let fleet = match &args.fleet_xkey {
         Some(k) => k.clone(),
         None => {
-            let keys = advertised_fleet_xkeys(kv).await?;
+            let keys: std::collections::BTreeSet<String> =
+                nodes.iter().filter_map(|(_, b)| b.fleet_xkey.clone()).collect();
             match keys.len() {
                 1 => keys.into_iter().next().unwrap_or_default(),
                 0 => bail!(
@@ -289,8 +326,10 @@ async fn plan_of(
     };
     let what = format!("deployment {}/{}", spec.namespace, spec.name);
     check_owner(&res, issuer, &what)?;
-    let env_note = seal_environment(kv, spec, issuer, args, res.current.as_ref().map(|c| &c.spec)).await?;
+    let nodes = live_nodes(kv).await?;
+    let env_note = seal_environment(spec, issuer, args, res.current.as_ref().map(|c| &c.spec), &nodes)?;
     let spec = &*spec;
+    let (placement, eligible_nodes) = placement_note(&nodes, spec, &issuer.public_key());
     let mut lines = Vec::new();
     let (action, changes) = match &res.current {
         None => {
@@ -322,7 +361,9 @@ async fn plan_of(
         }
     };
     lines.extend(env_note);
+    lines.push(placement);
     let doc = json!({
+        "eligible_nodes": eligible_nodes,
         "namespace": spec.namespace,
         "name": spec.name,
         "action": action,
@@ -547,6 +588,9 @@ async fn get(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: NameArgs) -> 
     }
     if let Some(spread) = &s.placement.spread {
         println!("  spread across: {spread}");
+    }
+    if let Some(m) = s.resources.as_ref().and_then(|r| r.memory_mib) {
+        println!("  needs: {m} MiB of memory per replica");
     }
     for i in &ignored {
         println!("  ignored revision {}: {}", i["revision"], i["reason"].as_str().unwrap_or(""));

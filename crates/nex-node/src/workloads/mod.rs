@@ -340,6 +340,18 @@ impl WorkloadManager {
             return Err(DeployError::Issuer(issuer.to_string()));
         }
         let wt = workload_type::canonical(&spec.workload_type);
+        if let Some(need) = spec.resources.as_ref().and_then(|r| r.memory_mib) {
+            let have = if workload_type::is_function(&wt) {
+                self.cfg.function_memory_mib
+            } else {
+                self.cfg.machine_template.memsize_mib
+            };
+            if need > have {
+                return Err(DeployError::Deploy(format!(
+                    "the replica needs {need} MiB of memory and this node gives each workload {have} MiB"
+                )));
+            }
+        }
         let request = DeployRequest {
             argv: spec.argv.clone(),
             description: Some(format!("deployment {}/{} revision {revision}", spec.namespace, spec.name)),
