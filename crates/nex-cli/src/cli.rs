@@ -205,7 +205,7 @@ pub enum Command {
     Plan(crate::commands::deployments::PlanArgs),
     /// Create or update a deployment: N replicas the nodes keep running (signed by its issuer)
     #[command(
-        after_help = "Examples:\n  nex apply -f echo.json --issuer ~/.nex/issuer.nk\n  nex apply -f echo.json --expect-revision 4   # only if nobody changed it since `nex plan`\n\nA spec (JSON):\n  {\"name\": \"echo\", \"workload_type\": \"native\", \"replicas\": 3,\n   \"artifact\": {\"url\": \"nats://NEXCLIFILES/echoservice\", \"sha256\": \"<sha256sum of the file>\"},\n   \"placement\": {\"spread\": \"zone\"}, \"rollout\": {\"max_surge\": 1, \"max_unavailable\": 0}}\n\nThe spec's \"environment\" is sealed to the fleet xkey the live nodes advertise (their\nfleet_xkey_seed_path; see `nex node fleet-xkey`): only those nodes can read it or run the replicas."
+        after_help = "Examples:\n  nex apply -f echo.yaml --issuer ~/.nex/issuer.nk\n  nex apply -f echo.json --expect-revision 4   # only if nobody changed it since `nex plan`\n\nA spec (YAML, or the same fields as JSON):\n  name: echo\n  workload_type: native\n  replicas: 3\n  artifact: {url: nats://NEXCLIFILES/echoservice, sha256: <sha256sum of the file>}\n  environment: {PORT: 8080}\n  placement: {spread: zone, tags: {tier: web}}\n  resources: {memory_mib: 128}\n  rollout: {max_surge: 1, max_unavailable: 0}\n\nThe spec's \"environment\" is sealed to the fleet xkey the live nodes advertise (their\nfleet_xkey_seed_path; see `nex node fleet-xkey`): only those nodes can read it or run the replicas."
     )]
     Apply(crate::commands::deployments::ApplyArgs),
     /// List, show, remove and roll back deployments

@@ -114,6 +114,16 @@ async fn deployment_specs_are_signed_owned_and_written_by_compare_and_swap() {
     assert!(
         again.contains("= deployment default/echo is unchanged (revision 1)") && again.contains("Nothing to apply.")
     );
+    // The same spec in YAML is the same deployment; a misspelt field in it is named.
+    let yaml = format!(
+        "# echo, as YAML\nname: echo\nworkload_type: native\nartifact:\n  url: nats://NEXCLIFILES/echoservice\n  sha256: {DIGEST}\nreplicas: 3\nplacement:\n  spread: zone\n"
+    );
+    std::fs::write(cli.path("v1.yaml"), &yaml).unwrap();
+    let v1_yaml = cli.path("v1.yaml").to_str().unwrap().to_string();
+    assert!(cli.ok(&["apply", "-f", &v1_yaml, "--issuer", &a_seed]).contains("is unchanged (revision 1)"));
+    std::fs::write(cli.path("typo.yml"), yaml.replace("replicas:", "replica:")).unwrap();
+    let e = cli.fails(&["plan", "-f", cli.path("typo.yml").to_str().unwrap(), "--issuer", &a_seed]);
+    assert!(e.contains("typo.yml is not a valid deployment spec") && e.contains("unknown field `replica`"), "{e}");
 
     // An update: plan names the change, apply on the planned revision wins.
     let v2 = cli.write_spec("v2.json", &echo(5));

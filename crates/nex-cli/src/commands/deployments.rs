@@ -18,7 +18,7 @@ use crate::output::{print_json, Table};
 /// `nex plan`
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// The deployment spec (JSON)
+    /// The deployment spec: YAML (.yaml, .yml) or JSON
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
     /// Issuer account seed file (SA…); default ~/.nex/issuer.nk
@@ -118,9 +118,27 @@ fn issuer(path: &Option<PathBuf>) -> Result<nkeys::KeyPair> {
     }
 }
 
+/// Reads a spec file: JSON, or YAML when it is named `.yaml`/`.yml` or does not start with `{`.
 fn read_spec(path: &std::path::Path) -> Result<Spec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Spec::parse(&text).with_context(|| format!("{} is not a valid deployment spec", path.display()))
+    let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        || !text.trim_start().starts_with('{');
+    let spec = if yaml { spec_from_yaml(&text) } else { Spec::parse(&text) };
+    spec.with_context(|| format!("{} is not a valid deployment spec", path.display()))
+}
+
+/// A YAML spec, read as the JSON one would be. Environment values written as plain numbers or
+/// booleans (`PORT: 8080`) are taken as the text they are written as.
+fn spec_from_yaml(text: &str) -> Result<Spec, dep::SpecError> {
+    let mut v: serde_json::Value = yaml_serde::from_str(text).map_err(|e| dep::SpecError::Parse(e.to_string()))?;
+    if let Some(env) = v.get_mut("environment").and_then(|e| e.as_object_mut()) {
+        for value in env.values_mut() {
+            if value.is_number() || value.is_boolean() {
+                *value = serde_json::Value::String(value.to_string());
+            }
+        }
+    }
+    Spec::parse(&v.to_string())
 }
 
 /// The deployments bucket; created (with history, and per-key TTLs for node heartbeats) when
@@ -703,4 +721,23 @@ async fn rollback(g: &GlobalOpts, nc: &async_nats::Client, ns: &str, a: Rollback
     let new = write(&kv, &dep::spec_key(ns, name), res.latest, &record).await?;
     println!("Rolled {ns}/{name} back to the spec of revision {rev}, as revision {new}.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_specs_read_from_yaml_take_plain_environment_values_as_text() {
+        let yaml = "name: web\nworkload_type: native\nartifact:\n  url: nats://B/web\n  sha256: \
+                    9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n\
+                    environment:\n  PORT: 8080\n  DEBUG: true\n  RATIO: 0.5\n";
+        let s = spec_from_yaml(yaml).unwrap();
+        let env: Vec<(&str, &str)> = s.environment.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(env, [("DEBUG", "true"), ("PORT", "8080"), ("RATIO", "0.5")]);
+        // Anything else that is not text stays an error, and YAML syntax errors say where.
+        assert!(spec_from_yaml(&yaml.replace("PORT: 8080", "PORT: [1]")).is_err());
+        let e = spec_from_yaml("name: [unclosed").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
 }
