@@ -615,6 +615,9 @@ pub struct Beat {
     /// Memory each function gets (`function_memory_mib`), MiB.
     #[serde(default)]
     pub function_memory_mib: u64,
+    /// At `node_limits.max_workloads`: it keeps the replicas it runs but takes no new ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 impl Beat {

@@ -547,3 +547,33 @@ async fn deployment_of_a_function_answers_once_and_moves_off_a_draining_node() {
     let moved = fleet.nodes[free].log();
     assert!(moved.contains("replica started"), "{moved}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_replicas_skip_a_full_node_without_failing_the_revision() {
+    // Node 0 runs at most one workload.
+    let fleet =
+        Fleet::start_with(|i, _| if i == 0 { json!({"node_limits": {"max_workloads": 1}}) } else { json!({}) }).await;
+    let mut a = echo_spec(&fleet, 3, "v1").await;
+    a["name"] = json!("a");
+    fleet.apply(&a);
+    until(Duration::from_secs(30), "one replica of a per node", &fleet, || async {
+        counts(&fleet.per_node().await) == [1, 1, 1]
+    })
+    .await;
+    // Node 0 is full now: b's two replicas go to the others, and b's revision is not marked
+    // failed by node 0's refusals.
+    let mut b = a.clone();
+    b["name"] = json!("b");
+    b["replicas"] = json!(2);
+    fleet.apply(&b);
+    until(Duration::from_secs(30), "b on nodes 1 and 2", &fleet, || async {
+        counts(&fleet.per_node().await) == [1, 2, 2]
+    })
+    .await;
+    let kv = async_nats::jetstream::new(fleet.nc.clone()).get_key_value(BUCKET).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(counts(&fleet.per_node().await), [1, 2, 2]);
+        assert!(kv.get("status.default.b").await.unwrap().is_none(), "b marked failed\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -56,11 +56,16 @@ pub struct View<'a> {
     /// The domain an eligible node belongs to for a deployment's spread: the node itself, or
     /// the value of the tag the deployment spreads by.
     pub domain: &'a dyn Fn(&str, &str) -> String,
+    /// Whether a node has room for one more workload (`max_workloads`): a full node keeps what
+    /// it runs but claims nothing and is offered nothing.
+    pub room: &'a dyn Fn(&str) -> bool,
 }
 
 /// Replicas of one deployment per eligible node and per domain (owned slots plus offers made).
 struct Loads<'a> {
     node: BTreeMap<&'a str, usize>,
+    /// The eligible nodes with room for another workload.
+    room: BTreeSet<&'a str>,
     domain_of: BTreeMap<&'a str, String>,
     domain: BTreeMap<String, usize>,
 }
@@ -88,7 +93,7 @@ impl<'a> Loads<'a> {
     /// loaded node of a domain with two fewer replicas than ours, else a node of our own domain
     /// with two fewer than us; any least loaded node when we may not run the deployment.
     fn move_target(&self, me: &str) -> Option<&'a str> {
-        let others = || self.node.keys().copied().filter(|n| *n != me);
+        let others = || self.room.iter().copied().filter(|n| *n != me);
         let Some((my_domain, mine)) = self.key(me) else {
             return others().min_by_key(|n| (self.key(n), *n));
         };
@@ -128,7 +133,8 @@ impl<'a> View<'a> {
         let node: BTreeMap<&'a str, usize> =
             live.keys().filter(|n| self.can_run(n, deployment)).map(|n| (n.as_str(), 0)).collect();
         let domain_of = node.keys().map(|n| (*n, (self.domain)(n, deployment))).collect();
-        let mut loads = Loads { node, domain_of, domain: BTreeMap::new() };
+        let room = node.keys().copied().filter(|n| (self.room)(n)).collect();
+        let mut loads = Loads { node, room, domain_of, domain: BTreeMap::new() };
         for ((d, _), s) in self.slots {
             let Some((o, _)) = s else { continue };
             if d != deployment {
@@ -157,7 +163,7 @@ impl<'a> View<'a> {
                 match s {
                     Some((o, rev)) if o.node == self.me => {
                         if let Some(t) = &o.handoff {
-                            if !self.can_run(t, d) {
+                            if !self.can_run(t, d) || !(self.room)(t) {
                                 actions.push(Action::Write {
                                     slot: slot.clone(),
                                     expect: Some(*rev),
@@ -183,7 +189,7 @@ impl<'a> View<'a> {
                         }
                     }
                     Some((o, rev)) if o.handoff.as_deref() == Some(self.me) && self.live.contains_key(&o.node) => {
-                        if mine_eligible {
+                        if mine_eligible && (self.room)(self.me) {
                             actions.push(Action::Accept { slot: slot.clone(), expect: *rev });
                         }
                     }
@@ -198,10 +204,11 @@ impl<'a> View<'a> {
         actions
     }
 
-    /// Claims `slot` when no eligible node has less load for its deployment than we do.
+    /// Claims `slot` when we have room and no eligible node with room has less load for its
+    /// deployment than we do.
     fn claim(&self, loads: &mut Loads<'a>, slot: &SlotId, expect: Option<u64>, actions: &mut Vec<Action>) {
-        let Some(mine) = loads.key(self.me) else { return };
-        if loads.node.keys().any(|n| loads.key(n) < Some(mine)) {
+        let Some(mine) = loads.key(self.me).filter(|_| loads.room.contains(self.me)) else { return };
+        if loads.room.iter().any(|n| loads.key(n) < Some(mine)) {
             return;
         }
         loads.add(self.me, true);
@@ -302,7 +309,8 @@ mod tests {
                 node.running.remove(&slot);
             }
         }
-        let view = View { me: &node.name, live: &live, slots: &slots, eligible: &eligible, domain: &domain };
+        let view =
+            View { me: &node.name, live: &live, slots: &slots, eligible: &eligible, domain: &domain, room: &|_| true };
         for a in view.plan() {
             match a {
                 Action::Write { slot, expect, owner } => {
@@ -455,7 +463,10 @@ mod tests {
         let mut store = Store::default();
         let plans: Vec<Vec<Action>> = ["a", "b"]
             .iter()
-            .map(|me| View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node }.plan())
+            .map(|me| {
+                View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
+                    .plan()
+            })
             .collect();
         let wins = plans
             .into_iter()
@@ -472,7 +483,8 @@ mod tests {
     fn a_draining_owner_offers_and_the_target_accepts_before_it_stops() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false)].into();
         let slots: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((Owner::new("a"), 7)))].into();
-        let a = View { me: "a", live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node }.plan();
+        let a = View { me: "a", live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
+            .plan();
         assert_eq!(
             a,
             vec![Action::Write {
@@ -483,7 +495,9 @@ mod tests {
         );
         let offered: BTreeMap<SlotId, Option<(Owner, u64)>> =
             [(("web".into(), 0), Some((Owner { node: "a".into(), handoff: Some("b".into()) }, 8)))].into();
-        let b = View { me: "b", live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node }.plan();
+        let b =
+            View { me: "b", live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
+                .plan();
         assert_eq!(b, vec![Action::Accept { slot: ("web".into(), 0), expect: 8 }]);
         // The old owner keeps running until the slot is the target's.
         assert!(runs("a", offered[&("web".to_string(), 0)].as_ref()));
@@ -494,7 +508,39 @@ mod tests {
             slots: &[(("web".into(), 0), None)].into(),
             eligible: &|n, _| n != "b",
             domain: &by_node,
+            room: &|_| true,
         };
         assert!(none.plan().is_empty());
+    }
+
+    #[test]
+    fn a_full_node_keeps_its_replicas_but_claims_nothing_and_is_offered_nothing() {
+        let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false), ("c".into(), false)].into();
+        let room = |n: &str| n != "b";
+        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> =
+            [(("web".into(), 0), Some((Owner::new("a"), 3))), (("web".into(), 1), None)].into();
+        let view = |me| View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &room };
+        // c has room, b does not: c claims the free slot though b runs fewer, and draining a
+        // offers its slot to c.
+        assert!(view("b").plan().is_empty());
+        assert_eq!(
+            view("c").plan(),
+            vec![Action::Write { slot: ("web".into(), 1), expect: None, owner: Owner::new("c") }]
+        );
+        let offer = |to: &str| Owner { node: "a".into(), handoff: Some(to.into()) };
+        assert!(view("a").plan().contains(&Action::Write {
+            slot: ("web".into(), 0),
+            expect: Some(3),
+            owner: offer("c")
+        }));
+        // An offer made to a node that filled up meanwhile is withdrawn, and it does not accept.
+        let offered: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((offer("b"), 4)))].into();
+        let view =
+            |me| View { me, live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node, room: &room };
+        assert!(view("b").plan().is_empty());
+        assert_eq!(
+            view("a").plan(),
+            vec![Action::Write { slot: ("web".into(), 0), expect: Some(4), owner: Owner::new("a") }]
+        );
     }
 }

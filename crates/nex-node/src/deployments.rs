@@ -21,7 +21,7 @@ use nex_api::events::event_type;
 use serde_json::json;
 
 use crate::claims::{Action, Owner, SlotId, View};
-use crate::workloads::WorkloadManager;
+use crate::workloads::{DeployError, WorkloadManager};
 
 /// Failed starts of one revision on one slot before the roll-out is marked failed.
 const START_ATTEMPTS: u32 = 3;
@@ -52,6 +52,14 @@ impl Replica {
     fn recorded_in(&self, rec: SlotRecord, revision: u64) -> SlotRecord {
         SlotRecord { workload_id: self.workload_id.clone(), digest: self.digest.clone(), revision, next: None, ..rec }
     }
+}
+
+/// Why a replica did not start.
+enum NotStarted {
+    /// This node has no room for it now (full, draining, stopping).
+    NoRoom,
+    /// It failed, or its revision is marked failed.
+    Failed,
 }
 
 /// A deployment in force.
@@ -139,6 +147,7 @@ impl Reconciler {
             fleet_xkey: self.mgr.identity().fleet_xkey.as_ref().map(|k| k.public_key()),
             memory_mib: cfg.machine_template.memsize_mib,
             function_memory_mib: cfg.function_memory_mib,
+            full: !self.mgr.has_room(),
         }
     }
 
@@ -270,7 +279,12 @@ impl Reconciler {
             (Some(b), Some(d)) => b.domain(&d.current.spec, node),
             _ => node.to_string(),
         };
-        let plan = View { me: &self.me, live: &live, slots: &wanted, eligible: &eligible, domain: &domain }.plan();
+        // Our own room is known first-hand; the others' from their heartbeats.
+        let my_room = self.mgr.has_room();
+        let room = |node: &str| if node == self.me { my_room } else { beats.get(node).is_some_and(|b| !b.full) };
+        let plan =
+            View { me: &self.me, live: &live, slots: &wanted, eligible: &eligible, domain: &domain, room: &room }
+                .plan();
         for action in plan {
             match action {
                 Action::Write { slot, expect, owner } => {
@@ -301,7 +315,7 @@ impl Reconciler {
                     let key = slot_of(&slot);
                     let Some(d) = deployments.get(&slot.0) else { continue };
                     let from = reading.slots.get(&key).map(|(r, _)| r.node.clone()).unwrap_or_default();
-                    let Some(replica) = self.start_replica(kv, d, &key, memory, &mut reading).await else { continue };
+                    let Ok(replica) = self.start_replica(kv, d, &key, memory, &mut reading).await else { continue };
                     let rec = replica
                         .recorded_in(SlotRecord { node: self.me.clone(), ..Default::default() }, d.current.revision);
                     match cas(kv, &key, Some(expect), &rec).await {
@@ -377,7 +391,18 @@ impl Reconciler {
                 .is_some_and(|s| s.failed_digest == d.digest);
             match memory.running.get(&key) {
                 None => {
-                    let Some(replica) = self.start_replica(kv, d, &key, memory, reading).await else { continue };
+                    let replica = match self.start_replica(kv, d, &key, memory, reading).await {
+                        Ok(r) => r,
+                        Err(NotStarted::NoRoom) => {
+                            // Full or draining: give the slot up so a node with room takes it.
+                            if kv.delete_expect_revision(&key, Some(rev)).await.is_ok() {
+                                tracing::info!(slot = %key, "no room for the replica here; slot released");
+                                reading.slots.remove(&key);
+                            }
+                            continue;
+                        }
+                        Err(NotStarted::Failed) => continue,
+                    };
                     let new = replica.recorded_in(rec, d.current.revision);
                     memory.running.insert(key.clone(), replica);
                     if let Some(r) = cas(kv, &key, Some(rev), &new).await {
@@ -404,7 +429,9 @@ impl Reconciler {
                         }
                     }
                     let old = r.workload_id.clone();
-                    let Some(replica) = self.start_replica(kv, d, &key, memory, reading).await else {
+                    let Ok(replica) = self.start_replica(kv, d, &key, memory, reading).await else {
+                        // Failed (counted towards the revision's failure), or no room for the
+                        // surge replica yet: the old one keeps running.
                         continue;
                     };
                     self.stop_id(&old).await;
@@ -435,7 +462,8 @@ impl Reconciler {
     }
 
     /// Starts a replica of `d` for slot `key`; after repeated failures of one revision, marks
-    /// the roll-out failed (the replicas of the previous revision keep running).
+    /// the roll-out failed (the replicas of the previous revision keep running). A refusal for
+    /// this node's own state (full, draining, stopping) is not the revision's failure.
     async fn start_replica(
         &self,
         kv: &kv::Store,
@@ -443,17 +471,21 @@ impl Reconciler {
         key: &str,
         memory: &mut Memory,
         reading: &mut Reading,
-    ) -> Option<Replica> {
+    ) -> Result<Replica, NotStarted> {
         let spec = &d.current.spec;
         let status_key = dep::status_key(&spec.namespace, &spec.name);
         if reading.statuses.get(&status_key).is_some_and(|s| s.failed_digest == d.digest) {
-            return None;
+            return Err(NotStarted::Failed);
         }
         match self.mgr.deploy_replica(spec, &d.current.owner, d.current.revision).await {
             Ok(r) => {
                 memory.failures.remove(&(key.to_string(), d.digest.clone()));
                 tracing::info!(slot = %key, workload = %r.id, revision = d.current.revision, "replica started");
-                Some(Replica { workload_id: r.id, digest: d.digest.clone() })
+                Ok(Replica { workload_id: r.id, digest: d.digest.clone() })
+            }
+            Err(e @ (DeployError::AtCapacity | DeployError::LameDuck | DeployError::ShuttingDown)) => {
+                tracing::info!(slot = %key, error = %e, "replica not started here");
+                Err(NotStarted::NoRoom)
             }
             Err(e) => {
                 let n = memory.failures.entry((key.to_string(), d.digest.clone())).or_default();
@@ -476,7 +508,7 @@ impl Reconciler {
                     )
                     .await;
                 }
-                None
+                Err(NotStarted::Failed)
             }
         }
     }

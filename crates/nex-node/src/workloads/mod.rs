@@ -240,6 +240,11 @@ impl WorkloadManager {
         self.state.count()
     }
 
+    /// Whether one more workload fits under `node_limits.max_workloads`.
+    pub fn has_room(&self) -> bool {
+        self.state.has_room(self.cfg.node_limits.max_workloads)
+    }
+
     /// INFO machines in namespace `ns`.
     pub fn machines(&self, ns: &str) -> Vec<MachineSummary> {
         let tier = self.pool.tier();

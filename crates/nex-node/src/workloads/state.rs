@@ -299,4 +299,11 @@ impl Lifecycle {
     pub fn count(&self) -> usize {
         self.lock().workloads.len()
     }
+
+    /// Whether one more workload fits under `max_workloads` (0: no limit), deploys in flight
+    /// counted.
+    pub fn has_room(&self, max_workloads: u64) -> bool {
+        let s = self.lock();
+        max_workloads == 0 || ((s.workloads.len() + s.pending) as u64) < max_workloads
+    }
 }
