@@ -311,6 +311,16 @@ impl Spec {
         crate::jwt::sha256_hex(&serde_json::to_vec(self).unwrap_or_default())
     }
 
+    /// Whether spreading the replicas over `domains` eligible nodes (or values of the spread
+    /// tag) falls short: across nodes, fewer nodes than replicas (some node runs two); across a
+    /// tag, every replica in one value.
+    pub fn spread_relaxed(&self, domains: usize) -> bool {
+        match self.placement.spread {
+            None => domains < self.replicas as usize,
+            Some(_) => self.replicas > 1 && domains < 2,
+        }
+    }
+
     /// The bucket key of this spec.
     pub fn key(&self) -> String {
         spec_key(&self.namespace, &self.name)
@@ -842,6 +852,10 @@ mod tests {
         let mut plain = service.clone();
         plain.placement.spread = None;
         assert_eq!(beat(None, 256, 64).domain(&plain, "n1"), "n1");
+        // Across nodes the spread is relaxed with fewer nodes than replicas; across a tag only
+        // when every replica shares one value.
+        assert!(plain.spread_relaxed(2) && !plain.spread_relaxed(3));
+        assert!(service.spread_relaxed(1) && !service.spread_relaxed(2));
     }
 
     #[test]

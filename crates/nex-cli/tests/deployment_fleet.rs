@@ -576,4 +576,22 @@ async fn deployment_replicas_skip_a_full_node_without_failing_the_revision() {
         assert!(kv.get("status.default.b").await.unwrap().is_none(), "b marked failed\n{}", fleet.logs());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // A new revision of a: node 0 has no room for the new replica beside the old, so its slot
+    // goes to a node with room for the step, and the roll-out completes everywhere.
+    let mut a2 = echo_spec(&fleet, 3, "v2").await;
+    a2["name"] = json!("a");
+    let rev = fleet.apply(&a2);
+    until(Duration::from_secs(45), "a rolled out past the full node", &fleet, || async {
+        let a_slots: Vec<SlotRecord> =
+            fleet.slots().await.into_iter().filter(|(k, _)| k.starts_with("slot.default.a.")).map(|(_, r)| r).collect();
+        let running: Vec<_> = fleet.per_node().await.into_iter().flatten().filter(|m| m.workload.name == "a").collect();
+        a_slots.len() == 3
+            && a_slots.iter().all(|s| s.revision == rev && s.next.is_none())
+            && running.len() == 3
+            && running
+                .iter()
+                .all(|m| m.workload.description.as_deref().unwrap_or("").ends_with(&format!("revision {rev}")))
+    })
+    .await;
+    assert!(kv.get("status.default.a").await.unwrap().is_none(), "a marked failed\n{}", fleet.logs());
 }

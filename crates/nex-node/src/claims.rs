@@ -57,8 +57,11 @@ pub struct View<'a> {
     /// the value of the tag the deployment spreads by.
     pub domain: &'a dyn Fn(&str, &str) -> String,
     /// Whether a node has room for one more workload (`max_workloads`): a full node keeps what
-    /// it runs but claims nothing and is offered nothing.
+    /// it runs but claims nothing, and declines what it is offered.
     pub room: &'a dyn Fn(&str) -> bool,
+    /// Slots of ours whose replica we cannot replace here (no room for a roll-out's new
+    /// replica): offered to another node as a draining node's are.
+    pub shed: &'a BTreeSet<SlotId>,
 }
 
 /// Replicas of one deployment per eligible node and per domain (owned slots plus offers made).
@@ -91,10 +94,11 @@ impl<'a> Loads<'a> {
 
     /// Where one of `me`'s replicas should go to even out the spread, if anywhere: the least
     /// loaded node of a domain with two fewer replicas than ours, else a node of our own domain
-    /// with two fewer than us; any least loaded node when we may not run the deployment.
-    fn move_target(&self, me: &str) -> Option<&'a str> {
+    /// with two fewer than us; any least loaded node when we may not run the deployment or must
+    /// give this replica up (`leaving`).
+    fn move_target(&self, me: &str, leaving: bool) -> Option<&'a str> {
         let others = || self.room.iter().copied().filter(|n| *n != me);
-        let Some((my_domain, mine)) = self.key(me) else {
+        let Some((my_domain, mine)) = self.key(me).filter(|_| !leaving) else {
             return others().min_by_key(|n| (self.key(n), *n));
         };
         let home = self.domain_of.get(me);
@@ -158,12 +162,19 @@ impl<'a> View<'a> {
         for d in deployments {
             let mut loads = self.loads(d);
             let mine_eligible = loads.node.contains_key(self.me);
-            let mut offered = false;
-            for (slot, s) in self.slots.range((d.to_string(), 0)..=(d.to_string(), u32::MAX)) {
+            let range = (d.to_string(), 0)..=(d.to_string(), u32::MAX);
+            // Evening out the spread moves one replica at a time per deployment, the one in
+            // flight included (a draining node offers them all at once).
+            let mut offered = mine_eligible
+                && self
+                    .slots
+                    .range(range.clone())
+                    .any(|(_, s)| s.as_ref().is_some_and(|(o, _)| o.node == self.me && o.handoff.is_some()));
+            for (slot, s) in self.slots.range(range) {
                 match s {
                     Some((o, rev)) if o.node == self.me => {
                         if let Some(t) = &o.handoff {
-                            if !self.can_run(t, d) || !(self.room)(t) {
+                            if !self.can_run(t, d) {
                                 actions.push(Action::Write {
                                     slot: slot.clone(),
                                     expect: Some(*rev),
@@ -172,12 +183,11 @@ impl<'a> View<'a> {
                             }
                             continue;
                         }
-                        if offered {
+                        let leaving = self.shed.contains(slot);
+                        if offered && !leaving {
                             continue;
                         }
-                        // One offer at a time per deployment: when draining, or when the spread
-                        // is uneven by two.
-                        if let Some(t) = loads.move_target(self.me) {
+                        if let Some(t) = loads.move_target(self.me, leaving) {
                             loads.add(self.me, false);
                             loads.add(t, true);
                             actions.push(Action::Write {
@@ -185,12 +195,20 @@ impl<'a> View<'a> {
                                 expect: Some(*rev),
                                 owner: Owner { node: self.me.to_string(), handoff: Some(t.to_string()) },
                             });
-                            offered = true;
+                            offered |= !leaving;
                         }
                     }
                     Some((o, rev)) if o.handoff.as_deref() == Some(self.me) && self.live.contains_key(&o.node) => {
                         if mine_eligible && (self.room)(self.me) {
                             actions.push(Action::Accept { slot: slot.clone(), expect: *rev });
+                        } else {
+                            // Full, or no longer eligible: decline, so the owner offers it
+                            // elsewhere.
+                            actions.push(Action::Write {
+                                slot: slot.clone(),
+                                expect: Some(*rev),
+                                owner: Owner::new(&o.node),
+                            });
                         }
                     }
                     Some((o, rev)) if !self.live.contains_key(&o.node) => {
@@ -309,8 +327,15 @@ mod tests {
                 node.running.remove(&slot);
             }
         }
-        let view =
-            View { me: &node.name, live: &live, slots: &slots, eligible: &eligible, domain: &domain, room: &|_| true };
+        let view = View {
+            me: &node.name,
+            live: &live,
+            slots: &slots,
+            eligible: &eligible,
+            domain: &domain,
+            room: &|_| true,
+            shed: &BTreeSet::new(),
+        };
         for a in view.plan() {
             match a {
                 Action::Write { slot, expect, owner } => {
@@ -464,8 +489,16 @@ mod tests {
         let plans: Vec<Vec<Action>> = ["a", "b"]
             .iter()
             .map(|me| {
-                View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
-                    .plan()
+                View {
+                    me,
+                    live: &live,
+                    slots: &slots,
+                    eligible: &|_, _| true,
+                    domain: &by_node,
+                    room: &|_| true,
+                    shed: &BTreeSet::new(),
+                }
+                .plan()
             })
             .collect();
         let wins = plans
@@ -483,8 +516,16 @@ mod tests {
     fn a_draining_owner_offers_and_the_target_accepts_before_it_stops() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false)].into();
         let slots: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((Owner::new("a"), 7)))].into();
-        let a = View { me: "a", live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
-            .plan();
+        let a = View {
+            me: "a",
+            live: &live,
+            slots: &slots,
+            eligible: &|_, _| true,
+            domain: &by_node,
+            room: &|_| true,
+            shed: &BTreeSet::new(),
+        }
+        .plan();
         assert_eq!(
             a,
             vec![Action::Write {
@@ -495,9 +536,16 @@ mod tests {
         );
         let offered: BTreeMap<SlotId, Option<(Owner, u64)>> =
             [(("web".into(), 0), Some((Owner { node: "a".into(), handoff: Some("b".into()) }, 8)))].into();
-        let b =
-            View { me: "b", live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node, room: &|_| true }
-                .plan();
+        let b = View {
+            me: "b",
+            live: &live,
+            slots: &offered,
+            eligible: &|_, _| true,
+            domain: &by_node,
+            room: &|_| true,
+            shed: &BTreeSet::new(),
+        }
+        .plan();
         assert_eq!(b, vec![Action::Accept { slot: ("web".into(), 0), expect: 8 }]);
         // The old owner keeps running until the slot is the target's.
         assert!(runs("a", offered[&("web".to_string(), 0)].as_ref()));
@@ -509,17 +557,27 @@ mod tests {
             eligible: &|n, _| n != "b",
             domain: &by_node,
             room: &|_| true,
+            shed: &BTreeSet::new(),
         };
         assert!(none.plan().is_empty());
     }
 
     #[test]
-    fn a_full_node_keeps_its_replicas_but_claims_nothing_and_is_offered_nothing() {
+    fn a_full_node_keeps_its_replicas_but_claims_nothing_and_declines_offers() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false), ("c".into(), false)].into();
         let room = |n: &str| n != "b";
         let slots: BTreeMap<SlotId, Option<(Owner, u64)>> =
             [(("web".into(), 0), Some((Owner::new("a"), 3))), (("web".into(), 1), None)].into();
-        let view = |me| View { me, live: &live, slots: &slots, eligible: &|_, _| true, domain: &by_node, room: &room };
+        let none = BTreeSet::new();
+        let view = |me| View {
+            me,
+            live: &live,
+            slots: &slots,
+            eligible: &|_, _| true,
+            domain: &by_node,
+            room: &room,
+            shed: &none,
+        };
         // c has room, b does not: c claims the free slot though b runs fewer, and draining a
         // offers its slot to c.
         assert!(view("b").plan().is_empty());
@@ -533,14 +591,38 @@ mod tests {
             expect: Some(3),
             owner: offer("c")
         }));
-        // An offer made to a node that filled up meanwhile is withdrawn, and it does not accept.
+        // A node offered a slot after it filled up declines it rather than accept, and the owner
+        // keeps the slot until then.
         let offered: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((offer("b"), 4)))].into();
-        let view =
-            |me| View { me, live: &live, slots: &offered, eligible: &|_, _| true, domain: &by_node, room: &room };
-        assert!(view("b").plan().is_empty());
+        let shed = BTreeSet::new();
+        let view = |me| View {
+            me,
+            live: &live,
+            slots: &offered,
+            eligible: &|_, _| true,
+            domain: &by_node,
+            room: &room,
+            shed: &shed,
+        };
         assert_eq!(
-            view("a").plan(),
+            view("b").plan(),
             vec![Action::Write { slot: ("web".into(), 0), expect: Some(4), owner: Owner::new("a") }]
         );
+        assert!(view("a").plan().is_empty());
+        // A slot whose roll-out has no room on its owner is offered though the spread is even.
+        let live: BTreeMap<String, bool> = [("a".into(), false), ("c".into(), false)].into();
+        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> =
+            [(("web".into(), 0), Some((Owner::new("a"), 5))), (("web".into(), 1), Some((Owner::new("c"), 6)))].into();
+        let shed: BTreeSet<SlotId> = [("web".into(), 0)].into();
+        let view = View {
+            me: "a",
+            live: &live,
+            slots: &slots,
+            eligible: &|_, _| true,
+            domain: &by_node,
+            room: &room,
+            shed: &shed,
+        };
+        assert_eq!(view.plan(), vec![Action::Write { slot: ("web".into(), 0), expect: Some(5), owner: offer("c") }]);
     }
 }

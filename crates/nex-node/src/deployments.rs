@@ -85,6 +85,9 @@ struct Memory {
     specs: BTreeMap<String, (u64, Option<Current>)>,
     failures: BTreeMap<(String, String), u32>,
     degraded: BTreeSet<String>,
+    /// Slot keys of ours whose roll-out found no room here for the new replica: offered to
+    /// another node, which starts it before this one stops the old.
+    shed: BTreeSet<String>,
 }
 
 fn slot_of(id: &SlotId) -> String {
@@ -282,9 +285,18 @@ impl Reconciler {
         // Our own room is known first-hand; the others' from their heartbeats.
         let my_room = self.mgr.has_room();
         let room = |node: &str| if node == self.me { my_room } else { beats.get(node).is_some_and(|b| !b.full) };
-        let plan =
-            View { me: &self.me, live: &live, slots: &wanted, eligible: &eligible, domain: &domain, room: &room }
-                .plan();
+        memory.shed.retain(|k| reading.slots.get(k).is_some_and(|(r, _)| r.node == self.me));
+        let shed: BTreeSet<SlotId> = wanted.keys().filter(|s| memory.shed.contains(&slot_of(s))).cloned().collect();
+        let plan = View {
+            me: &self.me,
+            live: &live,
+            slots: &wanted,
+            eligible: &eligible,
+            domain: &domain,
+            room: &room,
+            shed: &shed,
+        }
+        .plan();
         for action in plan {
             match action {
                 Action::Write { slot, expect, owner } => {
@@ -394,8 +406,9 @@ impl Reconciler {
                     let replica = match self.start_replica(kv, d, &key, memory, reading).await {
                         Ok(r) => r,
                         Err(NotStarted::NoRoom) => {
-                            // Full or draining: give the slot up so a node with room takes it.
-                            if kv.delete_expect_revision(&key, Some(rev)).await.is_ok() {
+                            // Full or draining: give the slot up so a node with room takes it
+                            // (unless it is being handed over already).
+                            if rec.handoff.is_none() && kv.delete_expect_revision(&key, Some(rev)).await.is_ok() {
                                 tracing::info!(slot = %key, "no room for the replica here; slot released");
                                 reading.slots.remove(&key);
                             }
@@ -429,10 +442,18 @@ impl Reconciler {
                         }
                     }
                     let old = r.workload_id.clone();
-                    let Ok(replica) = self.start_replica(kv, d, &key, memory, reading).await else {
-                        // Failed (counted towards the revision's failure), or no room for the
-                        // surge replica yet: the old one keeps running.
-                        continue;
+                    let replica = match self.start_replica(kv, d, &key, memory, reading).await {
+                        Ok(r) => r,
+                        Err(NotStarted::NoRoom) => {
+                            // No room here for the new replica beside the old: the next pass
+                            // offers the slot to a node with room, which starts it there.
+                            if memory.shed.insert(key.clone()) {
+                                tracing::info!(slot = %key, "no room here for the new revision's replica; offering the slot");
+                            }
+                            continue;
+                        }
+                        // Counted towards the revision's failure; the old replica keeps running.
+                        Err(NotStarted::Failed) => continue,
                     };
                     self.stop_id(&old).await;
                     let Some((rec, rev)) = reading.slots.get(&key).cloned() else { continue };
@@ -514,7 +535,7 @@ impl Reconciler {
     }
 
     /// A `deployment_degraded` event when a deployment's spread is relaxed (fewer eligible live
-    /// nodes, or values of its spread tag, than replicas: some run two) or a slot finds no
+    /// nodes than replicas, or all of them in one value of its spread tag) or a slot finds no
     /// owner; once per episode, from the first node in order.
     async fn report_degraded(
         &self,
@@ -538,7 +559,7 @@ impl Reconciler {
                 .filter(|(s, o)| s.0 == *id && o.as_ref().is_none_or(|(o, _)| !live.contains_key(&o.node)))
                 .count();
             let replicas = d.current.spec.replicas as usize;
-            let degraded = domains.len() < replicas || unowned > 0;
+            let degraded = d.current.spec.spread_relaxed(domains.len()) || unowned > 0;
             if degraded && memory.degraded.insert(id.clone()) {
                 let mut data = json!({"replicas": replicas, "eligible_nodes": nodes.len(), "unowned": unowned});
                 if let Some(tag) = &d.current.spec.placement.spread {

@@ -255,7 +255,12 @@ async fn live_nodes(kv: Option<&kv::Store>) -> Result<Vec<(String, dep::Beat)>> 
 /// Which live nodes could run the spec's replicas now: a line for the plan (a warning when none
 /// can, a note when the spread must be relaxed) and the count.
 fn placement_note(nodes: &[(String, dep::Beat)], spec: &Spec, issuer: &str) -> (String, usize) {
-    let able: Vec<&(String, dep::Beat)> = nodes.iter().filter(|(_, b)| !b.draining && b.admits(spec, issuer)).collect();
+    let admitted = nodes.iter().filter(|(_, b)| !b.draining && b.admits(spec, issuer));
+    let (able, full): (Vec<&(String, dep::Beat)>, Vec<_>) = admitted.partition(|(_, b)| !b.full);
+    let full = match full.len() {
+        0 => String::new(),
+        n => format!(" ({n} more at max_workloads)"),
+    };
     let domains: std::collections::BTreeSet<String> = able.iter().map(|(n, b)| b.domain(spec, n)).collect();
     let mut needs = vec![format!("workload type {}", spec.workload_type)];
     needs.extend(spec.placement.tags.iter().map(|(k, v)| format!("tag {k}={v}")));
@@ -271,19 +276,19 @@ fn placement_note(nodes: &[(String, dep::Beat)], spec: &Spec, issuer: &str) -> (
     };
     let line = if able.is_empty() {
         format!(
-            "  warning: none of the {} live nodes can run it now (it needs {}); its replicas wait until one can",
+            "  warning: none of the {} live nodes can run it now{full} (it needs {}); its replicas wait until one can",
             nodes.len(),
             needs.join(", ")
         )
-    } else if domains.len() < spec.replicas as usize {
+    } else if spec.spread_relaxed(domains.len()) {
         format!(
-            "  placement: {} of {} live nodes can run it; {} replicas over {across}: some share one (spread relaxed)",
+            "  placement: {} of {} live nodes can run it{full}; {} replicas over {across}: spread relaxed",
             able.len(),
             nodes.len(),
             spec.replicas
         )
     } else {
-        format!("  placement: {} of {} live nodes can run it, spread over {across}", able.len(), nodes.len())
+        format!("  placement: {} of {} live nodes can run it{full}, spread over {across}", able.len(), nodes.len())
     };
     (line, able.len())
 }
