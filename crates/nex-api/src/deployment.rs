@@ -648,11 +648,7 @@ impl Beat {
 
     /// Memory a workload of type `workload_type` gets on this node, MiB.
     pub fn memory_for(&self, workload_type: &str) -> u64 {
-        if crate::workload_type::is_function(workload_type) {
-            self.function_memory_mib
-        } else {
-            self.memory_mib
-        }
+        memory_for(workload_type, self.memory_mib, self.function_memory_mib)
     }
 
     /// The domain `node` (whose heartbeat this is) belongs to for `spec`'s spread: the value of
@@ -662,6 +658,16 @@ impl Beat {
             Some(t) => format!("{t}={}", self.tags.get(t).map(String::as_str).unwrap_or_default()),
             None => node.to_string(),
         }
+    }
+}
+
+/// Memory a workload of type `workload_type` gets on a node that gives services `service_mib`
+/// and functions `function_mib`.
+pub fn memory_for(workload_type: &str, service_mib: u64, function_mib: u64) -> u64 {
+    if crate::workload_type::is_function(workload_type) {
+        function_mib
+    } else {
+        service_mib
     }
 }
 

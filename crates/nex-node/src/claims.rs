@@ -333,8 +333,8 @@ mod tests {
             slots: &slots,
             eligible: &eligible,
             domain: &domain,
-            room: &|_| true,
-            shed: &BTreeSet::new(),
+            room: &roomy,
+            shed: &SHED_NONE,
         };
         for a in view.plan() {
             match a {
@@ -481,26 +481,29 @@ mod tests {
         }
     }
 
+    type Slots = BTreeMap<SlotId, Option<(Owner, u64)>>;
+
+    static SHED_NONE: BTreeSet<SlotId> = BTreeSet::new();
+
+    fn everyone(_: &str, _: &str) -> bool {
+        true
+    }
+
+    fn roomy(_: &str) -> bool {
+        true
+    }
+
+    /// `me`'s view when every node is eligible, its own domain and has room, and nothing is shed.
+    fn plain<'a>(me: &'a str, live: &'a BTreeMap<String, bool>, slots: &'a Slots) -> View<'a> {
+        View { me, live, slots, eligible: &everyone, domain: &by_node, room: &roomy, shed: &SHED_NONE }
+    }
+
     #[test]
     fn racing_claims_of_one_slot_have_one_winner() {
         let live: BTreeMap<String, bool> = [("a".into(), false), ("b".into(), false)].into();
-        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), None)].into();
+        let slots: Slots = [(("web".into(), 0), None)].into();
         let mut store = Store::default();
-        let plans: Vec<Vec<Action>> = ["a", "b"]
-            .iter()
-            .map(|me| {
-                View {
-                    me,
-                    live: &live,
-                    slots: &slots,
-                    eligible: &|_, _| true,
-                    domain: &by_node,
-                    room: &|_| true,
-                    shed: &BTreeSet::new(),
-                }
-                .plan()
-            })
-            .collect();
+        let plans: Vec<Vec<Action>> = ["a", "b"].iter().map(|me| plain(me, &live, &slots).plan()).collect();
         let wins = plans
             .into_iter()
             .flatten()
@@ -515,50 +518,23 @@ mod tests {
     #[test]
     fn a_draining_owner_offers_and_the_target_accepts_before_it_stops() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false)].into();
-        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((Owner::new("a"), 7)))].into();
-        let a = View {
-            me: "a",
-            live: &live,
-            slots: &slots,
-            eligible: &|_, _| true,
-            domain: &by_node,
-            room: &|_| true,
-            shed: &BTreeSet::new(),
-        }
-        .plan();
+        let slots: Slots = [(("web".into(), 0), Some((Owner::new("a"), 7)))].into();
         assert_eq!(
-            a,
+            plain("a", &live, &slots).plan(),
             vec![Action::Write {
                 slot: ("web".into(), 0),
                 expect: Some(7),
                 owner: Owner { node: "a".into(), handoff: Some("b".into()) }
             }]
         );
-        let offered: BTreeMap<SlotId, Option<(Owner, u64)>> =
+        let offered: Slots =
             [(("web".into(), 0), Some((Owner { node: "a".into(), handoff: Some("b".into()) }, 8)))].into();
-        let b = View {
-            me: "b",
-            live: &live,
-            slots: &offered,
-            eligible: &|_, _| true,
-            domain: &by_node,
-            room: &|_| true,
-            shed: &BTreeSet::new(),
-        }
-        .plan();
-        assert_eq!(b, vec![Action::Accept { slot: ("web".into(), 0), expect: 8 }]);
+        assert_eq!(plain("b", &live, &offered).plan(), vec![Action::Accept { slot: ("web".into(), 0), expect: 8 }]);
         // The old owner keeps running until the slot is the target's.
         assert!(runs("a", offered[&("web".to_string(), 0)].as_ref()));
         // A node that placement excludes never claims.
-        let none = View {
-            me: "b",
-            live: &live,
-            slots: &[(("web".into(), 0), None)].into(),
-            eligible: &|n, _| n != "b",
-            domain: &by_node,
-            room: &|_| true,
-            shed: &BTreeSet::new(),
-        };
+        let unowned: Slots = [(("web".into(), 0), None)].into();
+        let none = View { eligible: &|n, _| n != "b", ..plain("b", &live, &unowned) };
         assert!(none.plan().is_empty());
     }
 
@@ -566,18 +542,8 @@ mod tests {
     fn a_full_node_keeps_its_replicas_but_claims_nothing_and_declines_offers() {
         let live: BTreeMap<String, bool> = [("a".into(), true), ("b".into(), false), ("c".into(), false)].into();
         let room = |n: &str| n != "b";
-        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> =
-            [(("web".into(), 0), Some((Owner::new("a"), 3))), (("web".into(), 1), None)].into();
-        let none = BTreeSet::new();
-        let view = |me| View {
-            me,
-            live: &live,
-            slots: &slots,
-            eligible: &|_, _| true,
-            domain: &by_node,
-            room: &room,
-            shed: &none,
-        };
+        let slots: Slots = [(("web".into(), 0), Some((Owner::new("a"), 3))), (("web".into(), 1), None)].into();
+        let view = |me| View { room: &room, ..plain(me, &live, &slots) };
         // c has room, b does not: c claims the free slot though b runs fewer, and draining a
         // offers its slot to c.
         assert!(view("b").plan().is_empty());
@@ -593,17 +559,8 @@ mod tests {
         }));
         // A node offered a slot after it filled up declines it rather than accept, and the owner
         // keeps the slot until then.
-        let offered: BTreeMap<SlotId, Option<(Owner, u64)>> = [(("web".into(), 0), Some((offer("b"), 4)))].into();
-        let shed = BTreeSet::new();
-        let view = |me| View {
-            me,
-            live: &live,
-            slots: &offered,
-            eligible: &|_, _| true,
-            domain: &by_node,
-            room: &room,
-            shed: &shed,
-        };
+        let offered: Slots = [(("web".into(), 0), Some((offer("b"), 4)))].into();
+        let view = |me| View { room: &room, ..plain(me, &live, &offered) };
         assert_eq!(
             view("b").plan(),
             vec![Action::Write { slot: ("web".into(), 0), expect: Some(4), owner: Owner::new("a") }]
@@ -611,18 +568,10 @@ mod tests {
         assert!(view("a").plan().is_empty());
         // A slot whose roll-out has no room on its owner is offered though the spread is even.
         let live: BTreeMap<String, bool> = [("a".into(), false), ("c".into(), false)].into();
-        let slots: BTreeMap<SlotId, Option<(Owner, u64)>> =
+        let slots: Slots =
             [(("web".into(), 0), Some((Owner::new("a"), 5))), (("web".into(), 1), Some((Owner::new("c"), 6)))].into();
         let shed: BTreeSet<SlotId> = [("web".into(), 0)].into();
-        let view = View {
-            me: "a",
-            live: &live,
-            slots: &slots,
-            eligible: &|_, _| true,
-            domain: &by_node,
-            room: &room,
-            shed: &shed,
-        };
+        let view = View { shed: &shed, ..plain("a", &live, &slots) };
         assert_eq!(view.plan(), vec![Action::Write { slot: ("web".into(), 0), expect: Some(5), owner: offer("c") }]);
     }
 }

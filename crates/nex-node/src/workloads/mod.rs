@@ -346,11 +346,11 @@ impl WorkloadManager {
         }
         let wt = workload_type::canonical(&spec.workload_type);
         if let Some(need) = spec.resources.as_ref().and_then(|r| r.memory_mib) {
-            let have = if workload_type::is_function(&wt) {
-                self.cfg.function_memory_mib
-            } else {
-                self.cfg.machine_template.memsize_mib
-            };
+            let have = nex_api::deployment::memory_for(
+                &wt,
+                self.cfg.machine_template.memsize_mib,
+                self.cfg.function_memory_mib,
+            );
             if need > have {
                 return Err(DeployError::Deploy(format!(
                     "the replica needs {need} MiB of memory and this node gives each workload {have} MiB"
